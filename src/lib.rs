@@ -1,0 +1,4 @@
+//! score-proxy (skeleton, being written).
+#![forbid(unsafe_code)]
+
+pub mod simulator;
