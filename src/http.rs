@@ -1,0 +1,364 @@
+//! The HTTP surface: routes, the per-request observation layer, and the handlers.
+//!
+//! Every request passes [`observe`], which opens the server span (continuing an incoming
+//! `traceparent`), counts and times the request, puts the trace id on the response and
+//! writes the one access-log line. Handlers only produce responses; only `error.rs` decides
+//! what a failure looks like.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{MatchedPath, RawQuery, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::cache::ScoreCache;
+use crate::error::ProxyError;
+use crate::metrics::{self, CacheResult, Route};
+use crate::proxy::{Answer, App, Lifecycle, LookupReport};
+use crate::telemetry;
+
+/// The public router (port 8000): the lookup, health, status, and `/metrics` unless
+/// `--public-metrics false`.
+pub fn router(app: Arc<App>) -> Router {
+    let mut router = Router::new()
+        .route("/proxy/score", get(score))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/status", get(status));
+    if app.config.public_metrics {
+        router = router.route("/metrics", get(metrics_negotiated));
+    }
+    finish(router, app)
+}
+
+/// The admin router (`--admin-listen`): operators' endpoints only, `/metrics` always in the
+/// Prometheus format.
+pub fn admin_router(app: Arc<App>) -> Router {
+    let router = Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics_prometheus));
+    finish(router, app)
+}
+
+fn finish(router: Router<Arc<App>>, app: Arc<App>) -> Router {
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(app.clone(), observe))
+        .with_state(app)
+}
+
+/// What a handler tells [`observe`] about the request, through response extensions.
+#[derive(Clone, Copy, Debug)]
+struct Outcome(&'static str);
+
+async fn observe(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or(Route::Unmatched, |m| Route::from_path(m.as_str()));
+    let _in_flight = metrics::GaugeGuard::new(app.metrics.http_in_flight(route));
+    let (span, ids) = telemetry::server_span(
+        route,
+        request.method(),
+        request.uri().path(),
+        request.headers(),
+    );
+    let mut request = request;
+    request.extensions_mut().insert(ids);
+
+    let mut response = next.run(request).instrument(span.clone()).await;
+
+    let elapsed = started.elapsed();
+    let status = response.status();
+    let outcome = response
+        .extensions()
+        .get::<Outcome>()
+        .map(|o| o.0)
+        .or_else(|| {
+            response
+                .extensions()
+                .get::<ProxyError>()
+                .map(ProxyError::kind)
+        })
+        .unwrap_or(if route == Route::Unmatched {
+            metrics::OUTCOME_NOT_FOUND
+        } else if status.is_success() {
+            metrics::OUTCOME_OK
+        } else {
+            metrics::OUTCOME_ERROR
+        });
+    app.metrics
+        .http_request(route, status.as_u16(), outcome, elapsed);
+
+    span.record("http.response.status_code", status.as_u16());
+    span.record("score_proxy.outcome", outcome);
+    if status.is_server_error() {
+        span.record("error.type", outcome);
+        span.record("otel.status_code", "ERROR");
+    }
+    let report = response
+        .extensions()
+        .get::<LookupReport>()
+        .copied()
+        .unwrap_or_default();
+    if let Some(cache) = report.cache {
+        span.record("score_proxy.cache", cache.as_str());
+    }
+
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&ids.traceparent()) {
+        headers.insert("traceparent", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&ids.trace_id.to_string()) {
+        headers.insert("x-trace-id", v);
+    }
+
+    // The access log: one line per request, with nothing that identifies a person.
+    if route != Route::Metrics && route != Route::Health {
+        tracing::info!(
+            target: "score_proxy::access",
+            trace_id = %ids.trace_id,
+            route = route.as_str(),
+            status = status.as_u16(),
+            outcome,
+            cache = report.cache.map(CacheResult::as_str),
+            queue_wait_ms = report.flight.queue_wait.map(millis),
+            upstream_status = report.flight.upstream_status,
+            upstream_ms = report.flight.upstream_took.map(millis),
+            duration_ms = millis(elapsed),
+            "request"
+        );
+    }
+    response
+}
+
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+async fn score(
+    State(app): State<Arc<App>>,
+    axum::Extension(ids): axum::Extension<telemetry::TraceIds>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let mut report = LookupReport::default();
+    let mut response = match app.lookup(query.as_deref(), &ids, &mut report).await {
+        Ok(answer) => answer_response(answer),
+        Err(e) => e.into_response(),
+    };
+    response.extensions_mut().insert(report);
+    response
+}
+
+fn answer_response(answer: Answer) -> Response {
+    let mut response = (
+        StatusCode::OK,
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            // Personal data: no shared cache downstream should keep it.
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        answer.body,
+    )
+        .into_response();
+    let headers = response.headers_mut();
+    headers.insert("x-cache", HeaderValue::from_static(answer.cache.header()));
+    if matches!(answer.cache, CacheResult::Hit | CacheResult::Stale) {
+        headers.insert(header::AGE, HeaderValue::from(answer.age.as_secs()));
+    }
+    response
+        .extensions_mut()
+        .insert(Outcome(answer.cache.as_str()));
+    response
+}
+
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+}
+
+/// Liveness: answers at once, whatever the queue holds (it touches no shared lock).
+async fn health() -> axum::Json<Health> {
+    axum::Json(Health { status: "ok" })
+}
+
+#[derive(Serialize)]
+struct Readiness {
+    status: &'static str,
+    lifecycle: &'static str,
+    penalty_active: bool,
+}
+
+/// Readiness: 503 once shutdown has begun, so load balancers stop sending new lookups.
+async fn ready(State(app): State<Arc<App>>) -> Response {
+    let lifecycle = app.lifecycle();
+    let body = Readiness {
+        status: if lifecycle == Lifecycle::Running {
+            "ready"
+        } else {
+            "not_ready"
+        },
+        lifecycle: lifecycle_name(lifecycle),
+        penalty_active: app.limiter.penalty_until().is_some(),
+    };
+    let code = if lifecycle == Lifecycle::Running {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(body)).into_response()
+}
+
+fn lifecycle_name(l: Lifecycle) -> &'static str {
+    match l {
+        Lifecycle::Running => "running",
+        Lifecycle::Draining => "draining",
+        Lifecycle::Closed => "closed",
+    }
+}
+
+/// `/status` (and the original's JSON `/metrics`): the original's four fields first, then
+/// more that help.
+#[derive(Serialize)]
+pub struct Status {
+    pub queue_size: usize,
+    pub cache_size: u64,
+    pub processing: i64,
+    pub system_status: &'static str,
+    pub queue_capacity: usize,
+    pub pending_start: bool,
+    pub rate_per_second: f64,
+    pub interval_seconds: f64,
+    pub penalty_active: bool,
+    pub penalty_remaining_seconds: f64,
+    pub lifecycle: &'static str,
+    pub uptime_seconds: f64,
+    pub version: &'static str,
+}
+
+fn current_status(app: &App) -> Status {
+    app.cache.sync();
+    let queue_size = app.scheduler.queue_len();
+    let queue_capacity = app.scheduler.queue_capacity();
+    let penalty = app.limiter.penalty_until();
+    let lifecycle = app.lifecycle();
+    let system_status = if lifecycle != Lifecycle::Running {
+        "draining"
+    } else if penalty.is_some() {
+        "penalized"
+    } else if queue_size * 5 >= queue_capacity * 4 {
+        "busy"
+    } else {
+        "healthy"
+    };
+    Status {
+        queue_size,
+        cache_size: app.cache.entry_count(),
+        processing: app.processing(),
+        system_status,
+        queue_capacity,
+        pending_start: app.scheduler.has_pending(),
+        rate_per_second: app.config.rate_per_second,
+        interval_seconds: app.limiter.interval().as_secs_f64(),
+        penalty_active: penalty.is_some(),
+        penalty_remaining_seconds: penalty.map_or(0.0, |t| {
+            t.saturating_duration_since(Instant::now()).as_secs_f64()
+        }),
+        lifecycle: lifecycle_name(lifecycle),
+        uptime_seconds: app.started_at.elapsed().as_secs_f64(),
+        version: env!("CARGO_PKG_VERSION"),
+    }
+}
+
+async fn status(State(app): State<Arc<App>>) -> axum::Json<Status> {
+    axum::Json(current_status(&app))
+}
+
+/// `/metrics` on the public listener: Prometheus text for anyone who asks for it (Prometheus
+/// always does, in `Accept`), the original proxy's JSON for everyone else, so the scripts
+/// written against the original keep working. `?format=prometheus|json` overrides.
+async fn metrics_negotiated(
+    State(app): State<Arc<App>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    if wants_prometheus(query.as_deref(), &headers) {
+        metrics_prometheus(State(app)).await
+    } else {
+        axum::Json(current_status(&app)).into_response()
+    }
+}
+
+fn wants_prometheus(query: Option<&str>, headers: &HeaderMap) -> bool {
+    match query {
+        Some(q) if q.split('&').any(|p| p == "format=prometheus") => return true,
+        Some(q) if q.split('&').any(|p| p == "format=json") => return false,
+        _ => {}
+    }
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/plain") || v.contains("openmetrics"))
+}
+
+async fn metrics_prometheus(State(app): State<Arc<App>>) -> Response {
+    app.cache.sync();
+    app.metrics.set_cache_entries(app.cache.entry_count());
+    app.metrics
+        .set_penalty_active(app.limiter.penalty_until().is_some());
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    error: &'static str,
+    message: &'static str,
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(ErrorBody {
+            error: "not_found",
+            message: "no such endpoint; lookups are GET /proxy/score?cpf=...&client_id=...",
+        }),
+    )
+        .into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    let mut response = (
+        StatusCode::METHOD_NOT_ALLOWED,
+        axum::Json(ErrorBody {
+            error: "method_not_allowed",
+            message: "only GET (and HEAD) are supported",
+        }),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    response
+}

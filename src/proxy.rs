@@ -1,0 +1,235 @@
+//! The application: every stage wired together, and a lookup's path through them.
+//!
+//! [`App::lookup`] reads top to bottom as the pipeline: validation, cache, coalescing and
+//! admission, then waiting while the dispatcher paces and makes the call.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
+use tracing::{Instrument, field};
+
+use crate::cache::{CacheConfig, CacheLookup, CachedScore, LocalCache, ScoreCache};
+use crate::config::Config;
+use crate::dispatch::Dispatcher;
+use crate::error::ProxyError;
+use crate::metrics::{CacheResult, Metrics, MetricsConfig};
+use crate::pacing::{Limiter, LocalLimiter};
+use crate::redact;
+use crate::scheduler::{FlightInfo, Joined, Scheduler};
+use crate::telemetry::{self, FlightOrigin, TraceIds};
+use crate::upstream::UpstreamClient;
+use crate::validation::{self, ClientId};
+
+/// A score, and how it was obtained.
+#[derive(Debug)]
+pub struct Answer {
+    pub body: Bytes,
+    pub cache: CacheResult,
+    /// How old the answer is (for `Age`).
+    pub age: Duration,
+}
+
+/// What one lookup went through, for its access log line and span attributes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LookupReport {
+    pub cache: Option<CacheResult>,
+    pub flight: FlightInfo,
+}
+
+/// Shutdown progress, as lookups see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifecycle {
+    Running,
+    /// Not accepting connections; queued lookups may still finish.
+    Draining,
+    /// The grace period is over: whatever still waits is answered 503.
+    Closed,
+}
+
+pub struct App {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub cache: Arc<LocalCache>,
+    pub scheduler: Arc<Scheduler>,
+    pub limiter: Arc<dyn Limiter>,
+    pub dispatcher: Arc<Dispatcher>,
+    lifecycle: watch::Sender<Lifecycle>,
+    pub started_at: Instant,
+}
+
+impl App {
+    /// Builds every stage from a validated configuration. Spawns nothing: see
+    /// [`crate::server`] for the tasks.
+    pub fn new(config: Config) -> anyhow::Result<Arc<App>> {
+        if let Some(key) = &config.redaction_key {
+            redact::set_key(key);
+        }
+        let limiter: Arc<dyn Limiter> =
+            Arc::new(LocalLimiter::new(config.rate_per_second, config.rate_guard));
+        let metrics = Arc::new(Metrics::new(&MetricsConfig {
+            rate_per_second: config.rate_per_second,
+            interval: limiter.interval(),
+            queue_capacity: config.queue_capacity,
+            queue_timeout: config.queue_timeout,
+        }));
+        let cache = {
+            let metrics = metrics.clone();
+            Arc::new(LocalCache::new(
+                &CacheConfig {
+                    ttl: config.cache_ttl,
+                    stale_for: Duration::ZERO,
+                    max_entries: config.cache_max_entries,
+                },
+                move |cause| metrics.cache_evicted(cause),
+            ))
+        };
+        let scheduler = Scheduler::new(
+            config.queue_capacity,
+            config.queue_timeout,
+            limiter.clone(),
+            cache.clone(),
+            metrics.clone(),
+        );
+        let upstream = Arc::new(UpstreamClient::new(
+            config.upstream_url.clone(),
+            config.upstream_timeout,
+        )?);
+        let dispatcher = Arc::new(Dispatcher {
+            scheduler: scheduler.clone(),
+            limiter: limiter.clone(),
+            upstream,
+            metrics: metrics.clone(),
+            in_flight: Arc::new(Semaphore::new(config.upstream_max_in_flight)),
+            default_penalty: config.upstream_penalty,
+            guard: config.rate_guard,
+        });
+        Ok(Arc::new(App {
+            config,
+            metrics,
+            cache,
+            scheduler,
+            limiter,
+            dispatcher,
+            lifecycle: watch::channel(Lifecycle::Running).0,
+            started_at: Instant::now(),
+        }))
+    }
+
+    pub fn default_client_id(&self) -> Option<&ClientId> {
+        self.config.client_id.as_ref()
+    }
+
+    /// One `/proxy/score` lookup, from the raw query string to an answer or an error.
+    pub async fn lookup(
+        &self,
+        raw_query: Option<&str>,
+        trace: &TraceIds,
+        report: &mut LookupReport,
+    ) -> Result<Answer, ProxyError> {
+        let request_span = tracing::Span::current();
+
+        // 1. Validation: a bad CPF or client id is refused here and costs no upstream budget.
+        let key = {
+            let _span = tracing::info_span!("validation").entered();
+            validation::parse_lookup(raw_query, self.default_client_id()).map_err(|e| {
+                self.metrics.validation_rejected(e.reason());
+                ProxyError::InvalidQuery(e)
+            })?
+        };
+        request_span.record("score_proxy.cpf", redact::cpf(key.cpf));
+        request_span.record("score_proxy.client", redact::client(&key.client_id));
+
+        // 2. Cache, keyed by client id and CPF: a hit never leaves this process.
+        let cached = {
+            let span = tracing::info_span!("cache.lookup", score_proxy.cache.result = field::Empty);
+            let _entered = span.enter();
+            let cached = self.cache.get(&key);
+            let result = match cached {
+                CacheLookup::Fresh(_) => "hit",
+                CacheLookup::Stale(_) | CacheLookup::Miss => "miss",
+            };
+            span.record("score_proxy.cache.result", result);
+            cached
+        };
+        if let CacheLookup::Fresh(hit) = cached {
+            return Ok(self.answer(hit, CacheResult::Hit, report));
+        }
+
+        // 3. Coalescing and admission: join an identical lookup already on its way, or
+        //    queue a new one, or be refused at once (429 when full, 503 when it could not
+        //    start before its deadline). Never a wait that ends in nothing.
+        let joined = self
+            .scheduler
+            .join(&key, || FlightOrigin::new(request_span.clone(), *trace))?;
+
+        // 4. Wait while the dispatcher paces and calls. If the client hangs up, axum drops
+        //    this future, the waiter leaves, and an unstarted lookup leaves the queue.
+        let (mut waiter, cache_result) = match joined {
+            Joined::Cached(hit) => return Ok(self.answer(hit, CacheResult::Hit, report)),
+            Joined::Leader(mut waiter, position) => {
+                waiter
+                    .started()
+                    .instrument(tracing::info_span!(
+                        "queue.wait",
+                        score_proxy.queue.position = position
+                    ))
+                    .await;
+                (waiter, CacheResult::Miss)
+            }
+            Joined::Follower(waiter) => (waiter, CacheResult::Coalesced),
+        };
+        self.metrics.cache_lookup(cache_result);
+        report.cache = Some(cache_result);
+
+        let mut closed = self.lifecycle.subscribe();
+        let wait_span = match cache_result {
+            CacheResult::Coalesced => tracing::info_span!("coalesce.wait"),
+            _ => tracing::info_span!("upstream.wait"),
+        };
+        let result = tokio::select! {
+            result = waiter.wait().instrument(wait_span.clone()) => result,
+            _ = closed.wait_for(|l| *l == Lifecycle::Closed) => Err(ProxyError::ShuttingDown),
+        };
+        if cache_result == CacheResult::Coalesced {
+            telemetry::link_to_call(&wait_span, waiter.flight());
+        }
+        report.flight = waiter.flight().info();
+        result.map(|score| self.answer(score, cache_result, report))
+    }
+
+    fn answer(&self, score: CachedScore, cache: CacheResult, report: &mut LookupReport) -> Answer {
+        if cache == CacheResult::Hit {
+            self.metrics.cache_lookup(CacheResult::Hit);
+        }
+        report.cache = Some(cache);
+        Answer {
+            age: score.fetched_at.elapsed(),
+            body: score.body,
+            cache,
+        }
+    }
+
+    pub fn lifecycle(&self) -> Lifecycle {
+        *self.lifecycle.borrow()
+    }
+
+    /// Shutdown has begun: admit only what can start within `grace`.
+    pub fn begin_drain(&self, grace: Duration) {
+        self.scheduler.begin_drain(Instant::now() + grace);
+        self.lifecycle.send_replace(Lifecycle::Draining);
+    }
+
+    /// The grace period is over: answer everything still waiting with 503.
+    pub fn close(&self) {
+        self.scheduler.close();
+        self.lifecycle.send_replace(Lifecycle::Closed);
+    }
+
+    /// Upstream calls under way.
+    pub fn processing(&self) -> i64 {
+        self.metrics.upstream_in_flight().get()
+    }
+}

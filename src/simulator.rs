@@ -1,1 +1,0 @@
-//! Upstream simulator (being written).
