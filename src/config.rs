@@ -38,7 +38,8 @@ pub mod defaults {
     name = "score-proxy",
     version,
     about = "A paced, cached, coalescing proxy in front of a rate-limited credit-score API",
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    args_override_self = true
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -56,6 +57,23 @@ pub enum Command {
     SimulateUpstream(SimulateArgs),
     /// Run the proxy on :8000 against an in-process simulator: a working proxy offline.
     Demo(DemoArgs),
+    /// Exit 0 if the proxy's /health answers 200 (for container health checks: the image
+    /// has no curl).
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct HealthcheckArgs {
+    /// The URL to probe.
+    #[arg(
+        long,
+        env = "SCORE_PROXY_HEALTHCHECK_URL",
+        default_value = "http://127.0.0.1:8000/health"
+    )]
+    pub url: String,
+    /// How long to wait for the answer.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
 }
 
 #[derive(Args, Debug, Clone)]

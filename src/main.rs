@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use score_proxy::config::{Cli, Command, Config, DemoArgs, ServeArgs};
+use score_proxy::config::{Cli, Command, Config, DemoArgs, HealthcheckArgs, ServeArgs};
 use score_proxy::server::{Server, shutdown_signal};
 use score_proxy::simulator::{self, SimulateArgs, Simulator};
 use score_proxy::telemetry;
@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::SimulateUpstream(args) => simulate(args),
         Command::Demo(args) => demo(args),
+        Command::Healthcheck(args) => healthcheck(args),
     }
 }
 
@@ -118,6 +119,21 @@ fn demo(args: DemoArgs) -> ExitCode {
         );
         server.run(shutdown_signal()).await
     });
+    exit_code(result)
+}
+
+fn healthcheck(args: HealthcheckArgs) -> ExitCode {
+    let probe = async {
+        let client = reqwest::Client::builder().timeout(args.timeout).build()?;
+        let status = client.get(&args.url).send().await?.status();
+        anyhow::ensure!(status.is_success(), "{} answered {status}", args.url);
+        Ok(())
+    };
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts")
+        .block_on(probe);
     exit_code(result)
 }
 

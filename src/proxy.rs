@@ -167,22 +167,22 @@ impl App {
 
         // 4. Wait while the dispatcher paces and calls. If the client hangs up, axum drops
         //    this future, the waiter leaves, and an unstarted lookup leaves the queue.
-        let (mut waiter, cache_result) = match joined {
+        let (mut waiter, cache_result, position) = match joined {
             Joined::Cached(hit) => return Ok(self.answer(hit, CacheResult::Hit, report)),
-            Joined::Leader(mut waiter, position) => {
-                waiter
-                    .started()
-                    .instrument(tracing::info_span!(
-                        "queue.wait",
-                        score_proxy.queue.position = position
-                    ))
-                    .await;
-                (waiter, CacheResult::Miss)
-            }
-            Joined::Follower(waiter) => (waiter, CacheResult::Coalesced),
+            Joined::Leader(waiter, position) => (waiter, CacheResult::Miss, Some(position)),
+            Joined::Follower(waiter) => (waiter, CacheResult::Coalesced, None),
         };
         self.metrics.cache_lookup(cache_result);
         report.cache = Some(cache_result);
+        if let Some(position) = position {
+            waiter
+                .started()
+                .instrument(tracing::info_span!(
+                    "queue.wait",
+                    score_proxy.queue.position = position
+                ))
+                .await;
+        }
 
         let mut closed = self.lifecycle.subscribe();
         let wait_span = match cache_result {

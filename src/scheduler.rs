@@ -141,6 +141,8 @@ struct State {
 pub struct Scheduler {
     state: Mutex<State>,
     work: Notify,
+    /// The queue's depth, for whoever wants to await a change (tests, `/status` streams).
+    depth: watch::Sender<usize>,
     limiter: Arc<dyn Limiter>,
     cache: Arc<dyn ScoreCache>,
     metrics: Arc<Metrics>,
@@ -163,6 +165,7 @@ impl Scheduler {
                 draining_until: None,
             }),
             work: Notify::new(),
+            depth: watch::channel(0).0,
             limiter,
             cache,
             metrics,
@@ -235,7 +238,7 @@ impl Scheduler {
                 flight.job.store(job.raw(), Ordering::Relaxed);
                 state.flights.insert(key.clone(), flight.clone());
                 self.metrics.queue_admitted();
-                self.metrics.set_queue_depth(state.queue.len());
+                self.set_depth(state.queue.len());
                 drop(state);
                 self.work.notify_one();
                 Ok(Joined::Leader(Waiter::new(self.clone(), flight), position))
@@ -246,6 +249,17 @@ impl Scheduler {
                 Err(self.refused(refusal, draining))
             }
         }
+    }
+
+    fn set_depth(&self, depth: usize) {
+        self.metrics.set_queue_depth(depth);
+        self.depth
+            .send_if_modified(|d| std::mem::replace(d, depth) != depth);
+    }
+
+    /// Watches the queue's depth.
+    pub fn depth(&self) -> watch::Receiver<usize> {
+        self.depth.subscribe()
     }
 
     fn refused(&self, refusal: Refusal, draining: bool) -> ProxyError {
@@ -285,7 +299,7 @@ impl Scheduler {
             flight.job.store(NO_JOB, Ordering::Relaxed);
             unregister(&mut state, flight);
             self.metrics.queue_abandoned();
-            self.metrics.set_queue_depth(state.queue.len());
+            self.set_depth(state.queue.len());
         }
     }
 
@@ -309,7 +323,7 @@ impl Scheduler {
         let (_, flight) = state.queue.pop()?;
         flight.job.store(NO_JOB, Ordering::Relaxed);
         state.pending = Some(flight.clone());
-        self.metrics.set_queue_depth(state.queue.len());
+        self.set_depth(state.queue.len());
         Some(flight)
     }
 
@@ -340,7 +354,7 @@ impl Scheduler {
                 f
             });
         };
-        self.metrics.set_queue_depth(state.queue.len());
+        self.set_depth(state.queue.len());
         drop(state);
         for flight in late {
             self.metrics.queue_refused(QueueRefusal::Expired);
@@ -389,7 +403,7 @@ impl Scheduler {
             Ok(job) => {
                 flight.job.store(job.raw(), Ordering::Relaxed);
                 flight.state.send_replace(FlightState::Waiting);
-                self.metrics.set_queue_depth(state.queue.len());
+                self.set_depth(state.queue.len());
                 drop(state);
                 self.metrics.upstream_retry();
                 self.work.notify_one();
@@ -422,7 +436,7 @@ impl Scheduler {
             flight.job.store(NO_JOB, Ordering::Relaxed);
             unregister(&mut state, flight);
         }
-        self.metrics.set_queue_depth(state.queue.len());
+        self.set_depth(state.queue.len());
         drop(state);
         for (flight, refusal) in doomed {
             self.metrics.queue_refused(QueueRefusal::Expired);
@@ -452,7 +466,7 @@ impl Scheduler {
         for flight in &left {
             unregister(&mut state, flight);
         }
-        self.metrics.set_queue_depth(0);
+        self.set_depth(0);
         drop(state);
         for flight in left {
             self.metrics.queue_refused(QueueRefusal::Shutdown);

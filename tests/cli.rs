@@ -1,0 +1,186 @@
+//! The binary itself: configuration errors, signals, and the original's users' scripts
+//! against the real processes at the real rate.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_score-proxy");
+
+/// A command with none of the proxy's variables inherited from the environment.
+fn command() -> Command {
+    let mut cmd = Command::new(BIN);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("SCORE_PROXY_")
+            || key.starts_with("OTEL_")
+            || key.starts_with("SIM_")
+            || key == "CLIENT_ID"
+        {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("RUST_LOG", "info");
+    cmd
+}
+
+/// A running process, killed on drop.
+struct Proc(Option<Child>);
+
+impl Proc {
+    fn id(&self) -> u32 {
+        self.0.as_ref().expect("running").id()
+    }
+
+    /// Waits for the process to exit, for at most `limit`.
+    fn wait_for_exit(mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut child = self.0.take().expect("running");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        rx.recv_timeout(limit)
+            .expect("the process exits in time")
+            .expect("wait succeeds")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts `cmd` and reads its log until the line that says it is listening; returns the
+/// address from that line. The rest of the output keeps draining on a thread.
+fn start(mut cmd: Command, marker: &str) -> (Proc, String) {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let mut child = cmd.spawn().expect("the binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let marker = marker.to_owned();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if !sent && line.contains(&marker) {
+                let addr = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("address="))
+                    .map(|a| a.trim_matches('"').to_owned());
+                let _ = tx.send(addr);
+                sent = true;
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the process reports its address")
+        .expect("the line has an address");
+    (Proc(Some(child)), addr)
+}
+
+#[test]
+fn bad_configuration_exits_2_and_lists_every_problem() {
+    let output = command()
+        .args([
+            "--rate",
+            "0",
+            "--queue-capacity",
+            "lots",
+            "--cache-ttl",
+            "5",
+        ])
+        .env("SCORE_PROXY_QUEUE_TIMEOUT", "forever")
+        .env("SCORE_PROXY_UPSTREAM_URL", "not a url")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for setting in [
+        "--rate (SCORE_PROXY_RATE_PER_SECOND)",
+        "--queue-capacity (SCORE_PROXY_QUEUE_CAPACITY)",
+        "--cache-ttl (SCORE_PROXY_CACHE_TTL)",
+        "--queue-timeout (SCORE_PROXY_QUEUE_TIMEOUT)",
+        "--upstream-url (SCORE_PROXY_UPSTREAM_URL)",
+    ] {
+        assert!(
+            stderr.contains(setting),
+            "{setting} missing from:\n{stderr}"
+        );
+    }
+    // Nothing was bound: the default port is not taken by a failed start.
+    assert!(!stderr.contains("listening"));
+}
+
+#[test]
+fn an_unknown_flag_also_exits_2() {
+    let output = command().arg("--no-such-flag").output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_stops_it_cleanly_with_exit_0() {
+    let mut cmd = command();
+    cmd.args(["--listen", "127.0.0.1:0", "--shutdown-grace", "2s"]);
+    let (proc, _addr) = start(cmd, "listening");
+    let pid = proc.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let exit = proc.wait_for_exit(Duration::from_secs(10));
+    assert_eq!(exit.code(), Some(0));
+}
+
+/// The original's users send bursts of twenty with a 30 s client timeout. At the real
+/// pace (1 call/s, strict simulator with its 2 s penalty), every one must succeed, and the
+/// simulator must see no violation. This takes about twenty seconds by design.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_originals_burst_of_twenty_at_the_real_rate() {
+    let mut sim = command();
+    sim.args(["simulate-upstream", "--listen", "127.0.0.1:0"]);
+    let (_sim, sim_addr) = start(sim, "listening");
+
+    let mut proxy = command();
+    proxy.args(["--listen", "127.0.0.1:0"]).env(
+        "SCORE_PROXY_UPSTREAM_URL",
+        format!("http://{sim_addr}/api/score"),
+    );
+    let (_proxy, proxy_addr) = start(proxy, "listening");
+
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let burst: Vec<_> = (0..20)
+        .map(|i| {
+            let url = format!(
+                "http://{proxy_addr}/proxy/score?cpf={}&client_id=000",
+                common::cpf(i)
+            );
+            let client = client.clone();
+            tokio::spawn(async move { client.get(url).send().await.map(|r| r.status()) })
+        })
+        .collect();
+    for lookup in burst {
+        let status = lookup.await.unwrap().expect("answered within 30 s");
+        assert_eq!(status, 200);
+    }
+    let stats: serde_json::Value = serde_json::from_str(
+        &client
+            .get(format!("http://{sim_addr}/__sim/stats?arrivals=false"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stats["calls"], 20, "{stats}");
+    assert_eq!(stats["violations"], 0, "{stats}");
+    assert!(stats["min_gap_seconds"].as_f64().unwrap() >= 1.0, "{stats}");
+}
