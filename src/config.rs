@@ -134,6 +134,9 @@ pub struct ServeArgs {
     /// Serve /metrics on the main listener too (set false when an admin listener serves it).
     #[arg(long, env = "SCORE_PROXY_PUBLIC_METRICS", default_value = defaults::PUBLIC_METRICS)]
     pub public_metrics: String,
+    /// Record per-request metrics (false only to measure what telemetry costs).
+    #[arg(long, env = "SCORE_PROXY_METRICS", default_value = "true")]
+    pub metrics: String,
     /// Log line format: text or json.
     #[arg(long, env = "SCORE_PROXY_LOG_FORMAT", default_value = defaults::LOG_FORMAT)]
     pub log_format: String,
@@ -161,6 +164,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub admin_listen: Option<SocketAddr>,
     pub public_metrics: bool,
+    pub metrics_enabled: bool,
     pub log_format: LogFormat,
     pub redaction_key: Option<String>,
     pub otel: OtelSettings,
@@ -304,6 +308,7 @@ impl ServeArgs {
             "SCORE_PROXY_PUBLIC_METRICS",
             parse_bool(&self.public_metrics),
         );
+        let metrics_enabled = p.check("metrics", "SCORE_PROXY_METRICS", parse_bool(&self.metrics));
         let log_format = p.check(
             "log-format",
             "SCORE_PROXY_LOG_FORMAT",
@@ -317,6 +322,7 @@ impl ServeArgs {
 
         if let (Some(listen), Some(Some(admin))) = (listen, admin_listen)
             && listen == admin
+            && listen.port() != 0
         {
             p.0.push(ConfigProblem {
                 setting: "--admin-listen (SCORE_PROXY_ADMIN_LISTEN)".into(),
@@ -346,6 +352,7 @@ impl ServeArgs {
             shutdown_grace,
             admin_listen,
             public_metrics,
+            metrics_enabled,
             log_format,
             otel,
         ) {
@@ -365,6 +372,7 @@ impl ServeArgs {
                 Some(shutdown_grace),
                 Some(admin_listen),
                 Some(public_metrics),
+                Some(metrics_enabled),
                 Some(log_format),
                 Some(otel),
             ) if p.0.is_empty() => Ok(Config {
@@ -383,6 +391,7 @@ impl ServeArgs {
                 shutdown_grace,
                 admin_listen,
                 public_metrics,
+                metrics_enabled,
                 log_format,
                 redaction_key: self.redaction_key.clone().filter(|k| !k.is_empty()),
                 otel,

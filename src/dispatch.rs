@@ -97,7 +97,7 @@ impl Dispatcher {
         };
         let attempt = flight.start_attempt();
         let in_flight = crate::metrics::GaugeGuard::new(self.metrics.upstream_in_flight());
-        let span = telemetry::upstream_span(&flight, attempt);
+        let span = telemetry::upstream_span(&flight, attempt, self.upstream.url());
         let traceparent = telemetry::traceparent_for(&span, &flight.origin.trace);
         let result = self
             .upstream

@@ -67,7 +67,10 @@ async fn observe(State(app): State<Arc<App>>, request: Request, next: Next) -> R
         .extensions()
         .get::<MatchedPath>()
         .map_or(Route::Unmatched, |m| Route::from_path(m.as_str()));
-    let _in_flight = metrics::GaugeGuard::new(app.metrics.http_in_flight(route));
+    let _in_flight = app
+        .metrics
+        .enabled()
+        .then(|| metrics::GaugeGuard::new(app.metrics.http_in_flight(route)));
     let (span, ids) = telemetry::server_span(
         route,
         request.method(),
@@ -77,9 +80,18 @@ async fn observe(State(app): State<Arc<App>>, request: Request, next: Next) -> R
     let mut request = request;
     request.extensions_mut().insert(ids);
 
+    // If the client hangs up first, axum drops this future: the guard still records the
+    // request (as 499, nginx's "client closed request"), so it is not silently lost.
+    let mut unanswered = Unanswered {
+        app: &app,
+        route,
+        started,
+        ids,
+        answered: false,
+    };
     let mut response = next.run(request).instrument(span.clone()).await;
+    unanswered.answered = true;
 
-    let elapsed = started.elapsed();
     let status = response.status();
     let outcome = response
         .extensions()
@@ -98,8 +110,11 @@ async fn observe(State(app): State<Arc<App>>, request: Request, next: Next) -> R
         } else {
             metrics::OUTCOME_ERROR
         });
-    app.metrics
-        .http_request(route, status.as_u16(), outcome, elapsed);
+    let report = response
+        .extensions()
+        .get::<LookupReport>()
+        .copied()
+        .unwrap_or_default();
 
     span.record("http.response.status_code", status.as_u16());
     span.record("score_proxy.outcome", outcome);
@@ -107,11 +122,6 @@ async fn observe(State(app): State<Arc<App>>, request: Request, next: Next) -> R
         span.record("error.type", outcome);
         span.record("otel.status_code", "ERROR");
     }
-    let report = response
-        .extensions()
-        .get::<LookupReport>()
-        .copied()
-        .unwrap_or_default();
     if let Some(cache) = report.cache {
         span.record("score_proxy.cache", cache.as_str());
     }
@@ -123,14 +133,61 @@ async fn observe(State(app): State<Arc<App>>, request: Request, next: Next) -> R
     if let Ok(v) = HeaderValue::from_str(&ids.trace_id.to_string()) {
         headers.insert("x-trace-id", v);
     }
+    record(
+        &app,
+        route,
+        status.as_u16(),
+        outcome,
+        started,
+        &ids,
+        &report,
+    );
+    response
+}
 
-    // The access log: one line per request, with nothing that identifies a person.
+struct Unanswered<'a> {
+    app: &'a App,
+    route: Route,
+    started: Instant,
+    ids: telemetry::TraceIds,
+    answered: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            record(
+                self.app,
+                self.route,
+                metrics::CODE_CLIENT_CLOSED,
+                metrics::OUTCOME_CLIENT_CLOSED,
+                self.started,
+                &self.ids,
+                &LookupReport::default(),
+            );
+        }
+    }
+}
+
+/// Counts and times one request and writes its access-log line: one line per request,
+/// with nothing that identifies a person.
+fn record(
+    app: &App,
+    route: Route,
+    status: u16,
+    outcome: &'static str,
+    started: Instant,
+    ids: &telemetry::TraceIds,
+    report: &LookupReport,
+) {
+    let elapsed = started.elapsed();
+    app.metrics.http_request(route, status, outcome, elapsed);
     if route != Route::Metrics && route != Route::Health {
         tracing::info!(
             target: "score_proxy::access",
             trace_id = %ids.trace_id,
             route = route.as_str(),
-            status = status.as_u16(),
+            status,
             outcome,
             cache = report.cache.map(CacheResult::as_str),
             queue_wait_ms = report.flight.queue_wait.map(millis),
@@ -140,7 +197,6 @@ async fn observe(State(app): State<Arc<App>>, request: Request, next: Next) -> R
             "request"
         );
     }
-    response
 }
 
 fn millis(d: Duration) -> f64 {

@@ -187,19 +187,28 @@ pub fn status_class(status: Option<u16>) -> &'static str {
 }
 
 /// Status codes the proxy answers with, pre-registered so their series exist from the start.
-const KNOWN_CODES: [u16; 14] = [
-    200, 400, 401, 404, 405, 408, 413, 414, 429, 431, 500, 502, 503, 504,
+const KNOWN_CODES: [u16; 15] = [
+    200, 400, 401, 404, 405, 408, 413, 414, 429, 431, 499, 500, 502, 503, 504,
 ];
+
+/// The code recorded for a request whose client hung up before the answer (nginx's 499).
+pub const CODE_CLIENT_CLOSED: u16 = 499;
 
 /// Outcomes of non-lookup routes.
 pub const OUTCOME_OK: &str = "ok";
 pub const OUTCOME_ERROR: &str = "error";
 pub const OUTCOME_NOT_FOUND: &str = "not_found";
+pub const OUTCOME_CLIENT_CLOSED: &str = "client_closed";
 
 fn outcomes() -> Vec<&'static str> {
     let mut all: Vec<&'static str> = CacheResult::ALL.iter().map(|c| c.as_str()).collect();
     all.extend(ProxyError::KINDS);
-    all.extend([OUTCOME_OK, OUTCOME_ERROR, OUTCOME_NOT_FOUND]);
+    all.extend([
+        OUTCOME_OK,
+        OUTCOME_ERROR,
+        OUTCOME_NOT_FOUND,
+        OUTCOME_CLIENT_CLOSED,
+    ]);
     all
 }
 
@@ -223,6 +232,9 @@ const UPSTREAM_BUCKETS: &[f64] = &[
 
 /// Settings that shape the metrics (gauges of configuration, bucket ranges).
 pub struct MetricsConfig {
+    /// `false` skips per-request recording (HTTP, validation and cache families), the only
+    /// recording on the cache-hit path. It exists to measure what telemetry costs.
+    pub enabled: bool,
     pub rate_per_second: f64,
     pub interval: Duration,
     pub queue_capacity: usize,
@@ -231,6 +243,7 @@ pub struct MetricsConfig {
 
 pub struct Metrics {
     registry: Registry,
+    enabled: bool,
 
     http_requests: HashMap<(Route, u16), IntCounter>,
     http_requests_vec: IntCounterVec,
@@ -343,8 +356,8 @@ impl Metrics {
         for route in Route::ALL {
             let route_outcomes: Vec<&'static str> = match route {
                 Route::Score => outcomes(),
-                Route::Unmatched => vec![OUTCOME_NOT_FOUND],
-                _ => vec![OUTCOME_OK, OUTCOME_ERROR],
+                Route::Unmatched => vec![OUTCOME_NOT_FOUND, OUTCOME_CLIENT_CLOSED],
+                _ => vec![OUTCOME_OK, OUTCOME_ERROR, OUTCOME_CLIENT_CLOSED],
             };
             for outcome in route_outcomes {
                 let child = http_duration_vec.with_label_values(&[route.as_str(), outcome]);
@@ -620,6 +633,7 @@ impl Metrics {
 
         Metrics {
             registry,
+            enabled: config.enabled,
             http_requests,
             http_requests_vec,
             http_duration,
@@ -662,7 +676,15 @@ impl Metrics {
 
     // HTTP
 
+    /// Whether per-request recording is on.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     pub fn http_request(&self, route: Route, code: u16, outcome: &'static str, elapsed: Duration) {
+        if !self.enabled {
+            return;
+        }
         match self.http_requests.get(&(route, code)) {
             Some(c) => c.inc(),
             None => self
@@ -687,6 +709,9 @@ impl Metrics {
     // Validation
 
     pub fn validation_rejected(&self, reason: &'static str) {
+        if !self.enabled {
+            return;
+        }
         if let Some(c) = self.validation_rejections.get(reason) {
             c.inc();
         }
@@ -695,6 +720,9 @@ impl Metrics {
     // Cache
 
     pub fn cache_lookup(&self, result: CacheResult) {
+        if !self.enabled {
+            return;
+        }
         self.cache_lookups[&result].inc();
     }
 
@@ -796,6 +824,7 @@ mod tests {
 
     fn metrics() -> Metrics {
         Metrics::new(&MetricsConfig {
+            enabled: true,
             rate_per_second: 1.0,
             interval: Duration::from_millis(1010),
             queue_capacity: 20,

@@ -70,6 +70,7 @@ impl App {
         let limiter: Arc<dyn Limiter> =
             Arc::new(LocalLimiter::new(config.rate_per_second, config.rate_guard));
         let metrics = Arc::new(Metrics::new(&MetricsConfig {
+            enabled: config.metrics_enabled,
             rate_per_second: config.rate_per_second,
             interval: limiter.interval(),
             queue_capacity: config.queue_capacity,

@@ -132,16 +132,35 @@ fn tracing_on() -> bool {
     TRACING_ON.get().copied().unwrap_or(false)
 }
 
-/// Installs the global subscriber. Call once, before serving.
+/// Installs the global subscriber, logging to stdout with `RUST_LOG` (default `info`).
+/// Call once, before serving.
 pub fn init(format: LogFormat, otel: &OtelSettings) -> anyhow::Result<TelemetryGuard> {
-    let env_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with(format, otel, None, std::io::stdout)
+}
+
+/// [`init`] with the log filter and the log writer given (tests capture logs this way).
+pub fn init_with<W>(
+    format: LogFormat,
+    otel: &OtelSettings,
+    filter: Option<&str>,
+    writer: W,
+) -> anyhow::Result<TelemetryGuard>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let env_filter = match filter {
+        Some(f) => EnvFilter::new(f),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
     let events_only = filter_fn(|meta| meta.is_event());
     let log_layer = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
             .with_target(true)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .with_ansi(filter.is_none() && std::io::IsTerminal::is_terminal(&std::io::stdout()))
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
             .json()
             .flatten_event(true)
             .with_current_span(false)
@@ -248,10 +267,9 @@ pub fn server_span(
     path: &str,
     headers: &HeaderMap,
 ) -> (Span, TraceIds) {
-    let name = format!("{method} {}", route.as_str());
     let span = tracing::info_span!(
         "http.server",
-        otel.name = %name,
+        otel.name = %SpanName(method, route),
         otel.kind = "server",
         otel.status_code = field::Empty,
         http.request.method = %method,
@@ -304,6 +322,15 @@ pub fn server_span(
     (span, ids)
 }
 
+/// `{method} {route}`, formatted only if a subscriber records it.
+struct SpanName<'a>(&'a http::Method, Route);
+
+impl std::fmt::Display for SpanName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.0, self.1.as_str())
+    }
+}
+
 /// Only the path, and only a known route's: an unmatched path is whatever a client typed,
 /// which may hold anything.
 fn redacted_path(route: Route, path: &str) -> &str {
@@ -343,8 +370,9 @@ pub fn permit_span(flight: &Flight) -> Span {
     tracing::info_span!(parent: &flight.origin.span, "pacing.permit")
 }
 
-/// The client span of one upstream attempt, a child of the leader's request span.
-pub fn upstream_span(flight: &Flight, attempt: u64) -> Span {
+/// The client span of one upstream attempt, a child of the leader's request span. `url` is
+/// the upstream's address without the query (which holds the CPF).
+pub fn upstream_span(flight: &Flight, attempt: u64, url: &url::Url) -> Span {
     let span = tracing::info_span!(
         parent: &flight.origin.span,
         "http.client",
@@ -352,6 +380,9 @@ pub fn upstream_span(flight: &Flight, attempt: u64) -> Span {
         otel.kind = "client",
         otel.status_code = field::Empty,
         http.request.method = "GET",
+        server.address = url.host_str().unwrap_or(""),
+        server.port = url.port_or_known_default().unwrap_or(0),
+        url.full = url.as_str(),
         http.response.status_code = field::Empty,
         error.type = field::Empty,
         http.request.resend_count = attempt.saturating_sub(1),

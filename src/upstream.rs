@@ -70,6 +70,11 @@ impl CallResult {
 }
 
 impl UpstreamClient {
+    /// The upstream's address (no query).
+    pub fn url(&self) -> &Url {
+        &self.url
+    }
+
     pub fn new(url: Url, timeout: Duration) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(timeout)

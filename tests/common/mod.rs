@@ -73,6 +73,8 @@ impl Setup {
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The admin listener, when `--admin-listen` was given.
+    pub admin: Option<SocketAddr>,
     pub app: Arc<App>,
     pub sim: SimulatorHandle,
     pub client: reqwest::Client,
@@ -114,6 +116,7 @@ pub async fn spawn(setup: Setup) -> TestApp {
     let config = config(&sim.url(), &setup.args);
     let server = Server::bind(config).await.expect("proxy binds");
     let addr = server.local_addr();
+    let admin = server.admin_addr();
     let app = server.app();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(server.run(async {
@@ -121,6 +124,7 @@ pub async fn spawn(setup: Setup) -> TestApp {
     }));
     TestApp {
         addr,
+        admin,
         app,
         sim,
         client: reqwest::Client::builder()
@@ -213,6 +217,18 @@ impl TestApp {
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self.metrics().await;
         metric_value(&text, series)
+    }
+
+    /// Waits until a series reaches `value` (for steps that have no other event to await,
+    /// such as a lookup joining a flight: the coalesced counter moves when it joins).
+    pub async fn metric_reaches(&self, series: &str, value: f64) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while self.metric(series).await < value {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{series} never reached {value}"));
     }
 
     /// Waits until the queue holds exactly `depth` lookups.
