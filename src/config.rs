@@ -29,6 +29,11 @@ pub mod defaults {
     pub const UPSTREAM_MAX_IN_FLIGHT: &str = "16";
     pub const UPSTREAM_PENALTY: &str = "2s";
     pub const SHUTDOWN_GRACE: &str = "10s";
+    pub const STALE_IF_ERROR: &str = "0s";
+    pub const BREAKER_FAILURES: &str = "5";
+    pub const BREAKER_COOLDOWN: &str = "30s";
+    pub const MAX_CONNECTIONS: &str = "10000";
+    pub const HEADER_READ_TIMEOUT: &str = "10s";
     pub const PUBLIC_METRICS: &str = "true";
     pub const LOG_FORMAT: &str = "text";
 }
@@ -57,6 +62,8 @@ pub enum Command {
     SimulateUpstream(SimulateArgs),
     /// Run the proxy on :8000 against an in-process simulator: a working proxy offline.
     Demo(DemoArgs),
+    /// Send a realistic mix of lookups to a proxy (for the compose stack and the checks).
+    Loadgen(crate::loadgen::LoadgenArgs),
     /// Exit 0 if the proxy's /health answers 200 (for container health checks: the image
     /// has no curl).
     Healthcheck(HealthcheckArgs),
@@ -125,6 +132,23 @@ pub struct ServeArgs {
     /// Client id used when a lookup gives none (SCORE_PROXY_CLIENT_ID, else CLIENT_ID).
     #[arg(long, env = "SCORE_PROXY_CLIENT_ID")]
     pub client_id: Option<String>,
+    /// How long past the TTL an answer may still be served when the upstream fails
+    /// (X-Cache: STALE); 0s turns stale-if-error off.
+    #[arg(long, env = "SCORE_PROXY_STALE_IF_ERROR", default_value = defaults::STALE_IF_ERROR)]
+    pub stale_if_error: String,
+    /// Consecutive upstream failures that open the circuit breaker (0 disables it).
+    #[arg(long, env = "SCORE_PROXY_BREAKER_FAILURES", default_value = defaults::BREAKER_FAILURES)]
+    pub breaker_failures: String,
+    /// How long an open circuit breaker refuses lookups before letting one probe through.
+    #[arg(long, env = "SCORE_PROXY_BREAKER_COOLDOWN", default_value = defaults::BREAKER_COOLDOWN)]
+    pub breaker_cooldown: String,
+    /// Most client connections open at once on the main listener; beyond it, new connections
+    /// get a 503 and are closed.
+    #[arg(long, env = "SCORE_PROXY_MAX_CONNECTIONS", default_value = defaults::MAX_CONNECTIONS)]
+    pub max_connections: String,
+    /// Longest a client may take to send a request head (slow clients, idle keep-alive).
+    #[arg(long, env = "SCORE_PROXY_HEADER_READ_TIMEOUT", default_value = defaults::HEADER_READ_TIMEOUT)]
+    pub header_read_timeout: String,
     /// On SIGTERM/Ctrl-C, how long queued and running lookups get to finish.
     #[arg(long, env = "SCORE_PROXY_SHUTDOWN_GRACE", default_value = defaults::SHUTDOWN_GRACE)]
     pub shutdown_grace: String,
@@ -162,6 +186,11 @@ pub struct Config {
     pub upstream_penalty: Duration,
     pub client_id: Option<ClientId>,
     pub shutdown_grace: Duration,
+    pub stale_if_error: Duration,
+    pub breaker_failures: u32,
+    pub breaker_cooldown: Duration,
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
     pub admin_listen: Option<SocketAddr>,
     pub public_metrics: bool,
     pub metrics_enabled: bool,
@@ -294,6 +323,43 @@ impl ServeArgs {
                 Duration::from_secs(3600),
             ),
         );
+        let stale_if_error = p.check(
+            "stale-if-error",
+            "SCORE_PROXY_STALE_IF_ERROR",
+            parse_duration(
+                &self.stale_if_error,
+                Duration::ZERO,
+                Duration::from_secs(30 * 86400),
+            ),
+        );
+        let breaker_failures = p.check(
+            "breaker-failures",
+            "SCORE_PROXY_BREAKER_FAILURES",
+            parse_int(&self.breaker_failures, 0, 1_000_000),
+        );
+        let breaker_cooldown = p.check(
+            "breaker-cooldown",
+            "SCORE_PROXY_BREAKER_COOLDOWN",
+            parse_duration(
+                &self.breaker_cooldown,
+                Duration::from_millis(1),
+                Duration::from_secs(3600),
+            ),
+        );
+        let max_connections = p.check(
+            "max-connections",
+            "SCORE_PROXY_MAX_CONNECTIONS",
+            parse_int(&self.max_connections, 1, 1_000_000),
+        );
+        let header_read_timeout = p.check(
+            "header-read-timeout",
+            "SCORE_PROXY_HEADER_READ_TIMEOUT",
+            parse_duration(
+                &self.header_read_timeout,
+                Duration::from_millis(1),
+                Duration::from_secs(3600),
+            ),
+        );
         let admin_listen = match &self.admin_listen {
             None => Some(None),
             Some(raw) if raw.is_empty() => Some(None),
@@ -350,6 +416,13 @@ impl ServeArgs {
             penalty,
             client_id,
             shutdown_grace,
+            (
+                stale_if_error,
+                breaker_failures,
+                breaker_cooldown,
+                max_connections,
+                header_read_timeout,
+            ),
             admin_listen,
             public_metrics,
             metrics_enabled,
@@ -370,6 +443,13 @@ impl ServeArgs {
                 Some(upstream_penalty),
                 Some(client_id),
                 Some(shutdown_grace),
+                (
+                    Some(stale_if_error),
+                    Some(breaker_failures),
+                    Some(breaker_cooldown),
+                    Some(max_connections),
+                    Some(header_read_timeout),
+                ),
                 Some(admin_listen),
                 Some(public_metrics),
                 Some(metrics_enabled),
@@ -389,6 +469,11 @@ impl ServeArgs {
                 upstream_penalty,
                 client_id,
                 shutdown_grace,
+                stale_if_error,
+                breaker_failures: breaker_failures as u32,
+                breaker_cooldown,
+                max_connections: max_connections as usize,
+                header_read_timeout,
                 admin_listen,
                 public_metrics,
                 metrics_enabled,

@@ -17,6 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::breaker::{Breaker, BreakerState, CallVerdict};
 use crate::cache::CachedScore;
 use crate::metrics::{Metrics, UpstreamOutcome};
 use crate::pacing::Limiter;
@@ -27,6 +28,7 @@ use crate::upstream::UpstreamClient;
 pub struct Dispatcher {
     pub scheduler: Arc<Scheduler>,
     pub limiter: Arc<dyn Limiter>,
+    pub breaker: Arc<Breaker>,
     pub upstream: Arc<UpstreamClient>,
     pub metrics: Arc<Metrics>,
     pub in_flight: Arc<Semaphore>,
@@ -34,6 +36,7 @@ pub struct Dispatcher {
     pub default_penalty: Duration,
     /// Added to every penalty, as to every interval: our clock and the upstream's differ.
     pub guard: Duration,
+    pub breaker_cooldown: Duration,
 }
 
 impl Dispatcher {
@@ -48,7 +51,11 @@ impl Dispatcher {
                 .await
                 .expect("the semaphore is never closed");
 
+            // The breaker: nothing starts while it is open, one probe while half-open.
+            self.sweeping(self.breaker_allows()).await;
+
             let Some(next) = self.scheduler.pop_next() else {
+                self.breaker.start_cancelled();
                 continue;
             };
 
@@ -62,11 +69,27 @@ impl Dispatcher {
 
             let Some(flight) = self.scheduler.claim(started) else {
                 self.metrics.unused_slot();
+                self.breaker.start_cancelled();
                 continue;
             };
             self.metrics
                 .queue_wait(started.saturating_duration_since(flight.admitted_at));
             tokio::spawn(self.clone().call(flight, slot, started));
+        }
+    }
+
+    /// Resolves once the breaker lets a call start (at once while it is closed).
+    async fn breaker_allows(&self) {
+        loop {
+            let mut changed = self.breaker.changed();
+            if self.breaker.may_start(Instant::now()) {
+                return;
+            }
+            let reopen = self.breaker.open_until();
+            tokio::select! {
+                _ = changed.changed() => {}
+                () = sleep_until_opt(reopen) => {}
+            }
         }
     }
 
@@ -114,6 +137,25 @@ impl Dispatcher {
             info.upstream_status = result.status;
             info.upstream_took = Some(took);
         });
+
+        let verdict = match result.outcome {
+            UpstreamOutcome::Ok => CallVerdict::Success,
+            UpstreamOutcome::Unauthorized
+            | UpstreamOutcome::RejectedInput
+            | UpstreamOutcome::Penalty => CallVerdict::Neutral,
+            UpstreamOutcome::ServerError
+            | UpstreamOutcome::UnexpectedStatus
+            | UpstreamOutcome::BadBody
+            | UpstreamOutcome::Timeout
+            | UpstreamOutcome::ConnectError => CallVerdict::Failure,
+        };
+        if self.breaker.record(verdict, result.finished_at) == Some(BreakerState::Open) {
+            tracing::warn!(
+                cooldown_seconds = self.breaker_cooldown.as_secs_f64(),
+                "circuit breaker open: the upstream keeps failing"
+            );
+            self.scheduler.fail_queued(self.breaker_cooldown);
+        }
 
         match result.outcome {
             UpstreamOutcome::Ok => {

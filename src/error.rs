@@ -53,6 +53,13 @@ pub enum ProxyError {
     #[error("the upstream did not answer within the upstream timeout")]
     UpstreamTimeout,
 
+    /// The upstream has been failing; the circuit breaker refuses lookups until its
+    /// cool-down ends.
+    #[error(
+        "the upstream is failing; lookups are refused until the circuit breaker's cool-down ends"
+    )]
+    CircuitOpen { retry_after: Duration },
+
     /// The proxy is stopping and this lookup could not finish within the grace period.
     #[error("the proxy is shutting down")]
     ShuttingDown,
@@ -71,12 +78,13 @@ impl ProxyError {
             ProxyError::UpstreamFailed { .. } => "upstream_error",
             ProxyError::UpstreamBadBody => "upstream_bad_body",
             ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::CircuitOpen { .. } => "circuit_open",
             ProxyError::ShuttingDown => "shutting_down",
         }
     }
 
     /// Every `kind`, so metrics can pre-register them.
-    pub const KINDS: [&'static str; 10] = [
+    pub const KINDS: [&'static str; 11] = [
         "invalid_request",
         "queue_full",
         "deadline_unreachable",
@@ -86,6 +94,7 @@ impl ProxyError {
         "upstream_error",
         "upstream_bad_body",
         "upstream_timeout",
+        "circuit_open",
         "shutting_down",
     ];
 
@@ -98,6 +107,7 @@ impl ProxyError {
             ProxyError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::DeadlineUnreachable { .. }
             | ProxyError::UpstreamPenalty { .. }
+            | ProxyError::CircuitOpen { .. }
             | ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamFailed { .. } | ProxyError::UpstreamBadBody => {
                 StatusCode::BAD_GATEWAY
@@ -111,12 +121,28 @@ impl ProxyError {
         let wait = match self {
             ProxyError::QueueFull { retry_after }
             | ProxyError::DeadlineUnreachable { retry_after }
-            | ProxyError::UpstreamPenalty { retry_after } => *retry_after,
+            | ProxyError::UpstreamPenalty { retry_after }
+            | ProxyError::CircuitOpen { retry_after } => *retry_after,
             // A restarting proxy is usually back within seconds.
             ProxyError::ShuttingDown => Duration::from_secs(1),
             _ => return None,
         };
         Some(whole_seconds_ceil(wait))
+    }
+
+    /// Whether an expired cached answer may stand in for this failure (stale-if-error): when
+    /// the upstream failed or could not be reached in time, not when it refused the caller.
+    pub fn stale_ok(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::QueueFull { .. }
+                | ProxyError::DeadlineUnreachable { .. }
+                | ProxyError::UpstreamPenalty { .. }
+                | ProxyError::UpstreamFailed { .. }
+                | ProxyError::UpstreamBadBody
+                | ProxyError::UpstreamTimeout
+                | ProxyError::CircuitOpen { .. }
+        )
     }
 
     /// The reason label of a rejected query, for the validation metrics.
@@ -193,6 +219,9 @@ mod tests {
             ProxyError::UpstreamFailed { detail: "x" },
             ProxyError::UpstreamBadBody,
             ProxyError::UpstreamTimeout,
+            ProxyError::CircuitOpen {
+                retry_after: Duration::ZERO,
+            },
             ProxyError::ShuttingDown,
         ];
         let kinds: Vec<_> = samples.iter().map(ProxyError::kind).collect();

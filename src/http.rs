@@ -18,6 +18,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::breaker::BreakerState;
 use crate::cache::ScoreCache;
 use crate::error::ProxyError;
 use crate::metrics::{self, CacheResult, Route};
@@ -31,7 +32,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/proxy/score", get(score))
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/status", get(status));
+        .route("/status", get(status))
+        .route("/openapi.json", get(openapi));
     if app.config.public_metrics {
         router = router.route("/metrics", get(metrics_negotiated));
     }
@@ -89,7 +91,10 @@ async fn observe(State(app): State<Arc<App>>, request: Request, next: Next) -> R
         ids,
         answered: false,
     };
-    let mut response = next.run(request).instrument(span.clone()).await;
+    let mut response = match oversized(&request) {
+        Some(refusal) => refusal,
+        None => next.run(request).instrument(span.clone()).await,
+    };
     unanswered.answered = true;
 
     let status = response.status();
@@ -143,6 +148,52 @@ async fn observe(State(app): State<Arc<App>>, request: Request, next: Next) -> R
         &report,
     );
     response
+}
+
+/// Longest request target accepted (path and query); beyond it, `414`. A lookup's is under
+/// 200 bytes.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// Most header bytes accepted (names and values); beyond it, `431`. (hyper itself refuses
+/// heads over `server::MAX_HEADER_BYTES`.)
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Refuses a request whose target or headers are too large, before any handler runs.
+fn oversized(request: &Request) -> Option<Response> {
+    let uri_len = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |pq| pq.as_str().len());
+    let header_len: usize = request
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    let (status, kind, message) = if uri_len > MAX_URI_BYTES {
+        (
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            "the request target is longer than 8 KiB",
+        )
+    } else if header_len > MAX_HEADER_BYTES {
+        (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            "the request headers are larger than 16 KiB",
+        )
+    } else {
+        return None;
+    };
+    let mut response = (
+        status,
+        axum::Json(ErrorBody {
+            error: kind,
+            message,
+        }),
+    )
+        .into_response();
+    response.extensions_mut().insert(Outcome(kind));
+    Some(response)
 }
 
 struct Unanswered<'a> {
@@ -236,6 +287,13 @@ fn answer_response(answer: Answer) -> Response {
     if matches!(answer.cache, CacheResult::Hit | CacheResult::Stale) {
         headers.insert(header::AGE, HeaderValue::from(answer.age.as_secs()));
     }
+    if answer.cache == CacheResult::Stale {
+        // RFC 7234's warn-code 110; deprecated by RFC 9111 but still what tools recognise.
+        headers.insert(
+            header::WARNING,
+            HeaderValue::from_static("110 score-proxy \"Response is Stale\""),
+        );
+    }
     response
         .extensions_mut()
         .insert(Outcome(answer.cache.as_str()));
@@ -301,6 +359,7 @@ pub struct Status {
     pub interval_seconds: f64,
     pub penalty_active: bool,
     pub penalty_remaining_seconds: f64,
+    pub breaker: &'static str,
     pub lifecycle: &'static str,
     pub uptime_seconds: f64,
     pub version: &'static str,
@@ -312,8 +371,11 @@ fn current_status(app: &App) -> Status {
     let queue_capacity = app.scheduler.queue_capacity();
     let penalty = app.limiter.penalty_until();
     let lifecycle = app.lifecycle();
+    let breaker = app.breaker.state();
     let system_status = if lifecycle != Lifecycle::Running {
         "draining"
+    } else if breaker != BreakerState::Closed {
+        "degraded"
     } else if penalty.is_some() {
         "penalized"
     } else if queue_size * 5 >= queue_capacity * 4 {
@@ -334,6 +396,7 @@ fn current_status(app: &App) -> Status {
         penalty_remaining_seconds: penalty.map_or(0.0, |t| {
             t.saturating_duration_since(Instant::now()).as_secs_f64()
         }),
+        breaker: breaker.as_str(),
         lifecycle: lifecycle_name(lifecycle),
         uptime_seconds: app.started_at.elapsed().as_secs_f64(),
         version: env!("CARGO_PKG_VERSION"),
@@ -383,6 +446,18 @@ async fn metrics_prometheus(State(app): State<Arc<App>>) -> Response {
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         )],
         app.metrics.render(),
+    )
+        .into_response()
+}
+
+/// The OpenAPI 3 description of the public API.
+async fn openapi() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        include_str!("openapi.json"),
     )
         .into_response()
 }

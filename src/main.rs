@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         Command::SimulateUpstream(args) => simulate(args),
         Command::Demo(args) => demo(args),
         Command::Healthcheck(args) => healthcheck(args),
+        Command::Loadgen(args) => loadgen(args),
     }
 }
 
@@ -54,6 +55,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    score_proxy::server::raise_fd_limit();
     let result = runtime().block_on(async {
         let server = Server::bind(config).await?;
         tracing::info!(address = %server.local_addr(), admin = ?server.admin_addr(), "listening");
@@ -97,6 +99,7 @@ fn demo(args: DemoArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    score_proxy::server::raise_fd_limit();
     let result = runtime().block_on(async {
         let sim = Simulator::spawn(simulator::SimulatorConfig {
             latency,
@@ -118,6 +121,16 @@ fn demo(args: DemoArgs) -> ExitCode {
             humantime::format_duration(latency),
         );
         server.run(shutdown_signal()).await
+    });
+    exit_code(result)
+}
+
+fn loadgen(args: score_proxy::loadgen::LoadgenArgs) -> ExitCode {
+    let _telemetry = telemetry::init(telemetry::LogFormat::Text, &Default::default());
+    let result = runtime().block_on(async {
+        let report = score_proxy::loadgen::run(args).await?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        Ok(())
     });
     exit_code(result)
 }

@@ -112,14 +112,17 @@ pub enum QueueRefusal {
     Expired,
     /// The proxy is shutting down.
     Shutdown,
+    /// The circuit breaker is open (refused at admission, or queued when it opened).
+    CircuitOpen,
 }
 
 impl QueueRefusal {
-    pub const ALL: [QueueRefusal; 4] = [
+    pub const ALL: [QueueRefusal; 5] = [
         QueueRefusal::Full,
         QueueRefusal::Deadline,
         QueueRefusal::Expired,
         QueueRefusal::Shutdown,
+        QueueRefusal::CircuitOpen,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -128,6 +131,7 @@ impl QueueRefusal {
             QueueRefusal::Deadline => "deadline",
             QueueRefusal::Expired => "expired",
             QueueRefusal::Shutdown => "shutdown",
+            QueueRefusal::CircuitOpen => "circuit_open",
         }
     }
 }
@@ -170,6 +174,64 @@ impl UpstreamOutcome {
             UpstreamOutcome::BadBody => "bad_body",
             UpstreamOutcome::Timeout => "timeout",
             UpstreamOutcome::ConnectError => "connect_error",
+        }
+    }
+}
+
+/// Which listener a connection came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Listener {
+    Public,
+    Admin,
+}
+
+impl Listener {
+    pub const ALL: [Listener; 2] = [Listener::Public, Listener::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Listener::Public => "public",
+            Listener::Admin => "admin",
+        }
+    }
+}
+
+/// Why a connection was turned away before any request was read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConnectionRefusal {
+    /// `max-connections` were already open.
+    Limit,
+    /// The proxy is shutting down.
+    Shutdown,
+}
+
+/// How a connection ended badly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConnectionError {
+    /// The request head did not arrive within `header-read-timeout` (slowloris, or an idle
+    /// keep-alive connection reaching the limit).
+    HeaderTimeout,
+    /// Not HTTP, or a head too large.
+    Parse,
+    /// Reset or broken by the peer.
+    Io,
+    Other,
+}
+
+impl ConnectionError {
+    const ALL: [ConnectionError; 4] = [
+        ConnectionError::HeaderTimeout,
+        ConnectionError::Parse,
+        ConnectionError::Io,
+        ConnectionError::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionError::HeaderTimeout => "header_timeout",
+            ConnectionError::Parse => "parse",
+            ConnectionError::Io => "io",
+            ConnectionError::Other => "other",
         }
     }
 }
@@ -274,6 +336,13 @@ pub struct Metrics {
     upstream_duration: HashMap<UpstreamOutcome, Histogram>,
     upstream_in_flight: IntGauge,
     upstream_retries: IntCounter,
+
+    breaker_state: IntGauge,
+    breaker_transitions: HashMap<&'static str, IntCounter>,
+
+    connections_open: HashMap<Listener, IntGauge>,
+    connections_refused: HashMap<(Listener, ConnectionRefusal), IntCounter>,
+    connection_errors: HashMap<(Listener, ConnectionError), IntCounter>,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -631,6 +700,92 @@ impl Metrics {
             .expect("valid"),
         );
 
+        // Circuit breaker
+        let breaker_state = reg(
+            &registry,
+            IntGauge::with_opts(opts(
+                "breaker_state",
+                "Circuit breaker state: 0 closed, 1 half-open (one probe call), 2 open \
+                 (lookups refused).",
+            ))
+            .expect("valid"),
+        );
+        let transitions_vec = reg(
+            &registry,
+            IntCounterVec::new(
+                opts(
+                    "breaker_transitions_total",
+                    "Circuit breaker state changes, by the state entered.",
+                ),
+                &["to"],
+            )
+            .expect("valid"),
+        );
+        let breaker_transitions = ["closed", "half_open", "open"]
+            .into_iter()
+            .map(|to| (to, transitions_vec.with_label_values(&[to])))
+            .collect();
+
+        // Connections
+        let open_vec = reg(
+            &registry,
+            IntGaugeVec::new(
+                opts(
+                    "http_connections_open",
+                    "Client connections open, by listener.",
+                ),
+                &["listener"],
+            )
+            .expect("valid"),
+        );
+        let connections_open = Listener::ALL
+            .into_iter()
+            .map(|l| (l, open_vec.with_label_values(&[l.as_str()])))
+            .collect();
+        let refused_vec = reg(
+            &registry,
+            IntCounterVec::new(
+                opts(
+                    "http_connections_refused_total",
+                    "Connections answered 503 and closed before any request was read, by \
+                     listener and reason (limit: max-connections reached; shutdown).",
+                ),
+                &["listener", "reason"],
+            )
+            .expect("valid"),
+        );
+        let mut connections_refused = HashMap::new();
+        for l in Listener::ALL {
+            for (r, name) in [
+                (ConnectionRefusal::Limit, "limit"),
+                (ConnectionRefusal::Shutdown, "shutdown"),
+            ] {
+                connections_refused
+                    .insert((l, r), refused_vec.with_label_values(&[l.as_str(), name]));
+            }
+        }
+        let errors_vec = reg(
+            &registry,
+            IntCounterVec::new(
+                opts(
+                    "http_connection_errors_total",
+                    "Connections that ended in an error, by listener and kind (header_timeout \
+                     counts slow or idle clients cut off by header-read-timeout).",
+                ),
+                &["listener", "kind"],
+            )
+            .expect("valid"),
+        );
+        let mut connection_errors = HashMap::new();
+        for l in Listener::ALL {
+            for k in ConnectionError::ALL {
+                connection_errors.insert(
+                    (l, k),
+                    errors_vec.with_label_values(&[l.as_str(), k.as_str()]),
+                );
+            }
+        }
+
         Metrics {
             registry,
             enabled: config.enabled,
@@ -658,6 +813,11 @@ impl Metrics {
             upstream_duration,
             upstream_in_flight,
             upstream_retries,
+            breaker_state,
+            breaker_transitions,
+            connections_open,
+            connections_refused,
+            connection_errors,
         }
     }
 
@@ -798,6 +958,27 @@ impl Metrics {
 
     pub fn upstream_retry(&self) {
         self.upstream_retries.inc();
+    }
+
+    // Circuit breaker
+
+    pub fn breaker_transition(&self, state: crate::breaker::BreakerState) {
+        self.breaker_state.set(state.level());
+        self.breaker_transitions[state.as_str()].inc();
+    }
+
+    // Connections
+
+    pub fn connections_open(&self, listener: Listener) -> &IntGauge {
+        &self.connections_open[&listener]
+    }
+
+    pub fn connection_refused(&self, listener: Listener, reason: ConnectionRefusal) {
+        self.connections_refused[&(listener, reason)].inc();
+    }
+
+    pub fn connection_error(&self, listener: Listener, kind: ConnectionError) {
+        self.connection_errors[&(listener, kind)].inc();
     }
 }
 

@@ -11,6 +11,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tracing::{Instrument, field};
 
+use crate::breaker::Breaker;
 use crate::cache::{CacheConfig, CacheLookup, CachedScore, LocalCache, ScoreCache};
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
@@ -55,6 +56,7 @@ pub struct App {
     pub cache: Arc<LocalCache>,
     pub scheduler: Arc<Scheduler>,
     pub limiter: Arc<dyn Limiter>,
+    pub breaker: Arc<Breaker>,
     pub dispatcher: Arc<Dispatcher>,
     lifecycle: watch::Sender<Lifecycle>,
     pub started_at: Instant,
@@ -76,12 +78,20 @@ impl App {
             queue_capacity: config.queue_capacity,
             queue_timeout: config.queue_timeout,
         }));
+        let breaker = {
+            let metrics = metrics.clone();
+            Arc::new(Breaker::new(
+                config.breaker_failures,
+                config.breaker_cooldown,
+                move |state| metrics.breaker_transition(state),
+            ))
+        };
         let cache = {
             let metrics = metrics.clone();
             Arc::new(LocalCache::new(
                 &CacheConfig {
                     ttl: config.cache_ttl,
-                    stale_for: Duration::ZERO,
+                    stale_for: config.stale_if_error,
                     max_entries: config.cache_max_entries,
                 },
                 move |cause| metrics.cache_evicted(cause),
@@ -91,6 +101,7 @@ impl App {
             config.queue_capacity,
             config.queue_timeout,
             limiter.clone(),
+            breaker.clone(),
             cache.clone(),
             metrics.clone(),
         );
@@ -101,11 +112,13 @@ impl App {
         let dispatcher = Arc::new(Dispatcher {
             scheduler: scheduler.clone(),
             limiter: limiter.clone(),
+            breaker: breaker.clone(),
             upstream,
             metrics: metrics.clone(),
             in_flight: Arc::new(Semaphore::new(config.upstream_max_in_flight)),
             default_penalty: config.upstream_penalty,
             guard: config.rate_guard,
+            breaker_cooldown: config.breaker_cooldown,
         });
         Ok(Arc::new(App {
             config,
@@ -113,6 +126,7 @@ impl App {
             cache,
             scheduler,
             limiter,
+            breaker,
             dispatcher,
             lifecycle: watch::channel(Lifecycle::Running).0,
             started_at: Instant::now(),
@@ -155,16 +169,42 @@ impl App {
             span.record("score_proxy.cache.result", result);
             cached
         };
-        if let CacheLookup::Fresh(hit) = cached {
-            return Ok(self.answer(hit, CacheResult::Hit, report));
-        }
+        let stale = match cached {
+            CacheLookup::Fresh(hit) => return Ok(self.answer(hit, CacheResult::Hit, report)),
+            CacheLookup::Stale(old) => Some(old),
+            CacheLookup::Miss => None,
+        };
 
+        // 3-4. Fetch through the queue, the pacer and the upstream.
+        match self.fetch(&key, trace, &request_span, report).await {
+            // Stale-if-error: an expired answer beats an error the caller can do nothing
+            // about (the upstream failing or out of reach in time), never one that concerns
+            // the caller (a rejected client id).
+            Err(e) if e.stale_ok() && stale.is_some() => {
+                let old = stale.expect("checked");
+                self.metrics.cache_lookup(CacheResult::Stale);
+                request_span.record("score_proxy.stale_after", e.kind());
+                Ok(self.answer(old, CacheResult::Stale, report))
+            }
+            other => other,
+        }
+    }
+
+    /// Stages 3 and 4: coalescing, admission, and the wait for the dispatcher.
+    async fn fetch(
+        &self,
+        key: &validation::LookupKey,
+        trace: &TraceIds,
+        request_span: &tracing::Span,
+        report: &mut LookupReport,
+    ) -> Result<Answer, ProxyError> {
         // 3. Coalescing and admission: join an identical lookup already on its way, or
         //    queue a new one, or be refused at once (429 when full, 503 when it could not
-        //    start before its deadline). Never a wait that ends in nothing.
+        //    start before its deadline or the breaker is open). Never a wait that ends in
+        //    nothing.
         let joined = self
             .scheduler
-            .join(&key, || FlightOrigin::new(request_span.clone(), *trace))?;
+            .join(key, || FlightOrigin::new(request_span.clone(), *trace))?;
 
         // 4. Wait while the dispatcher paces and calls. If the client hangs up, axum drops
         //    this future, the waiter leaves, and an unstarted lookup leaves the queue.

@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use crate::breaker::Breaker;
 use crate::cache::{CacheLookup, CachedScore, ScoreCache};
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, QueueRefusal};
@@ -144,6 +145,7 @@ pub struct Scheduler {
     /// The queue's depth, for whoever wants to await a change (tests, `/status` streams).
     depth: watch::Sender<usize>,
     limiter: Arc<dyn Limiter>,
+    breaker: Arc<Breaker>,
     cache: Arc<dyn ScoreCache>,
     metrics: Arc<Metrics>,
     queue_timeout: Duration,
@@ -154,6 +156,7 @@ impl Scheduler {
         queue_capacity: usize,
         queue_timeout: Duration,
         limiter: Arc<dyn Limiter>,
+        breaker: Arc<Breaker>,
         cache: Arc<dyn ScoreCache>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
@@ -167,6 +170,7 @@ impl Scheduler {
             work: Notify::new(),
             depth: watch::channel(0).0,
             limiter,
+            breaker,
             cache,
             metrics,
             queue_timeout,
@@ -213,6 +217,12 @@ impl Scheduler {
             return Ok(Joined::Cached(hit));
         }
 
+        // A failing upstream: refuse now rather than queue what cannot succeed.
+        if let Err(retry_after) = self.breaker.admit(now) {
+            drop(state);
+            self.metrics.queue_refused(QueueRefusal::CircuitOpen);
+            return Err(ProxyError::CircuitOpen { retry_after });
+        }
         let mut deadline = now + self.queue_timeout;
         if let Some(until) = state.draining_until {
             deadline = deadline.min(until);
@@ -445,6 +455,27 @@ impl Scheduler {
                 Refusal::Closed => Duration::ZERO,
             };
             flight.complete(Err(self.missed_deadline(now, by)));
+        }
+    }
+
+    /// The circuit breaker opened: answer everything queued (and the lookup waiting for the
+    /// pacer) at once, since none of it can succeed before the cool-down ends.
+    pub fn fail_queued(&self, retry_after: Duration) {
+        let mut state = self.lock();
+        let mut failed = Vec::new();
+        while let Some((_, flight)) = state.queue.pop() {
+            failed.push(flight);
+        }
+        failed.extend(state.pending.take());
+        for flight in &failed {
+            flight.job.store(NO_JOB, Ordering::Relaxed);
+            unregister(&mut state, flight);
+        }
+        self.set_depth(state.queue.len());
+        drop(state);
+        for flight in failed {
+            self.metrics.queue_refused(QueueRefusal::CircuitOpen);
+            flight.complete(Err(ProxyError::CircuitOpen { retry_after }));
         }
     }
 

@@ -282,6 +282,7 @@ pub fn server_span(
         score_proxy.cache = field::Empty,
         score_proxy.cpf = field::Empty,
         score_proxy.client = field::Empty,
+        score_proxy.stale_after = field::Empty,
     );
     let parent = if headers.contains_key("traceparent") {
         propagator().extract(&HeaderExtractor(headers))

@@ -1,0 +1,2346 @@
+//! score-proxy against the rival a user would pick instead: nginx, with `limit_req` for
+//! pacing and `proxy_cache` for caching, both in front of the project's upstream simulator,
+//! in one run, on one machine.
+//!
+//! ```text
+//! cargo build --release
+//! cargo bench --bench compare -- [--quick] [--only SCENARIO[,SCENARIO...]] [--out PATH]
+//! ```
+//!
+//! (`scripts/bench.sh` does both and checks that `nginx` and `wrk` are installed.)
+//!
+//! Everything under test runs as a separate process on loopback: the simulator
+//! (`score-proxy simulate-upstream`), the release build of the proxy, and nginx with the
+//! configuration rendered from `bench/nginx.conf.template`. The client side of the bursts
+//! and of the overload is here, in Rust (one connection per lookup, per-request latencies);
+//! cache-hit load comes from `wrk` with `bench/wrk.lua`. The memory scenario measures the
+//! cache component in a child process of this binary.
+//!
+//! Scenarios (`--only` takes these names): `burst`, `identical`, `hits`, `overload`,
+//! `telemetry`, `memory`. The full run writes `BENCHMARKS.md` (keeping its hand-written part,
+//! everything after the `HAND-WRITTEN` marker) and the nginx configurations it used to
+//! `bench/nginx-*.generated.conf`; `--quick` (the CI smoke test) and `--only` write under
+//! `target/bench-report/` instead. Missed targets are reported, never a failure: timings on
+//! shared machines are noisy. A step that fails (a process that does not start, a status
+//! code that is deterministic and wrong) makes the run exit non-zero. Every child process
+//! and the temporary directory are cleaned up however the run ends.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use score_proxy::cache::{CacheConfig, CachedScore, LocalCache, ScoreCache};
+use score_proxy::simulator::SimStats;
+use score_proxy::validation::{Cpf, parse_lookup};
+
+const SCENARIOS: [&str; 6] = [
+    "burst",
+    "identical",
+    "hits",
+    "overload",
+    "telemetry",
+    "memory",
+];
+
+/// The nginx configuration, with `{{PLACEHOLDERS}}` for paths, ports, rate and burst.
+const NGINX_TEMPLATE: &str = include_str!("../bench/nginx.conf.template");
+
+/// The client id every benchmark lookup carries.
+const CLIENT_ID: &str = "bench-client";
+
+/// The proxy's defaults that the targets are stated against (see `src/config.rs`).
+const PROXY_RATE_GUARD: Duration = Duration::from_millis(10);
+
+fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Seconds since the harness started: the clock of every client-side timestamp.
+fn now_s() -> f64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_secs_f64()
+}
+
+// ---------------------------------------------------------------------------------------
+// Command line and plan
+// ---------------------------------------------------------------------------------------
+
+struct Args {
+    quick: bool,
+    only: Option<Vec<String>>,
+    out: Option<PathBuf>,
+    memory_child: Option<usize>,
+}
+
+const USAGE: &str =
+    "usage: cargo bench --bench compare -- [--quick] [--only SCENARIO[,SCENARIO...]] [--out PATH]
+scenarios: burst, identical, hits, overload, telemetry, memory
+the proxy binary is target/release/score-proxy (build it with `cargo build --release`)
+or $SCORE_PROXY_BIN; nginx and wrk must be on PATH (apt-get install -y nginx wrk)";
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        quick: false,
+        only: None,
+        out: None,
+        memory_child: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |name: &str| -> Result<String> {
+            inline
+                .clone()
+                .or_else(|| it.next())
+                .with_context(|| format!("{name} needs a value\n{USAGE}"))
+        };
+        match flag.as_str() {
+            // `cargo bench` passes `--bench` to every bench target.
+            "--bench" => {}
+            "--quick" => args.quick = true,
+            "--only" => {
+                let list: Vec<String> = value("--only")?
+                    .split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                for s in &list {
+                    ensure!(
+                        SCENARIOS.contains(&s.as_str()),
+                        "unknown scenario '{s}'\n{USAGE}"
+                    );
+                }
+                args.only = Some(list);
+            }
+            "--out" => args.out = Some(PathBuf::from(value("--out")?)),
+            "--memory-child" => {
+                args.memory_child = Some(value("--memory-child")?.parse()?);
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument '{other}'\n{USAGE}"),
+        }
+    }
+    Ok(args)
+}
+
+/// How big each scenario is: the issue's sizes in a full run, small ones in `--quick`.
+struct Plan {
+    quick: bool,
+    /// (distinct lookups, upstream latency in ms)
+    bursts: Vec<(usize, u64)>,
+    identical: usize,
+    hit_keysets: Vec<usize>,
+    wrk_threads: u32,
+    wrk_connections: u32,
+    wrk_seconds: u32,
+    /// Alternating measurement rounds (proxy, nginx, proxy, nginx...).
+    rounds: usize,
+    overload_clients: usize,
+    overload_timeout: Duration,
+    /// How long the upstream is watched after the overload's clients have given up.
+    overload_watch: Duration,
+    memory_entries: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Plan {
+                quick,
+                bursts: vec![(5, 0), (5, 500)],
+                identical: 200,
+                hit_keysets: vec![1, 1000],
+                wrk_threads: 2,
+                wrk_connections: 32,
+                wrk_seconds: 2,
+                rounds: 1,
+                overload_clients: 300,
+                overload_timeout: Duration::from_secs(2),
+                overload_watch: Duration::from_secs(3),
+                memory_entries: 100_000,
+            }
+        } else {
+            Plan {
+                quick,
+                bursts: vec![(20, 0), (20, 500), (60, 0), (60, 500)],
+                identical: 1000,
+                hit_keysets: vec![1, 10_000],
+                wrk_threads: 2,
+                wrk_connections: 64,
+                wrk_seconds: 10,
+                rounds: 2,
+                overload_clients: 2000,
+                overload_timeout: Duration::from_secs(2),
+                overload_watch: Duration::from_secs(25),
+                memory_entries: 1_000_000,
+            }
+        }
+    }
+
+    fn wrk_args(&self) -> String {
+        format!(
+            "-t{} -c{} -d{}s",
+            self.wrk_threads, self.wrk_connections, self.wrk_seconds
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes, ports, temporary directory
+// ---------------------------------------------------------------------------------------
+
+/// The run's temporary directory; removed when dropped.
+struct Workspace {
+    dir: PathBuf,
+}
+
+impl Workspace {
+    fn new() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "score-proxy-bench-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or_default()
+        ));
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Workspace { dir })
+    }
+
+    fn subdir(&self, name: &str) -> Result<PathBuf> {
+        let d = self.dir.join(name);
+        fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        Ok(d)
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A child process that is stopped when dropped. nginx is stopped through its master
+/// (SIGTERM, so that it takes its workers with it), then anything left is killed.
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    nginx: bool,
+}
+
+impl Proc {
+    fn spawn(name: &str, mut cmd: Command, log: PathBuf, nginx: bool) -> Result<Proc> {
+        let out = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({cmd:?})"))?;
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+            log,
+            nginx,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// The process and its descendants (nginx's workers, cache manager and loader).
+    fn tree(&self) -> Vec<u32> {
+        let mut all = vec![self.pid()];
+        let mut i = 0;
+        while i < all.len() {
+            all.extend(children_of(all[i]));
+            i += 1;
+        }
+        all
+    }
+
+    /// Peak resident memory (VmHWM) of the process and its descendants, in bytes.
+    fn peak_rss(&self) -> u64 {
+        self.tree()
+            .iter()
+            .filter_map(|&p| proc_status_kb(p, "VmHWM:"))
+            .sum::<u64>()
+            * 1024
+    }
+
+    fn rss(&self) -> u64 {
+        self.tree()
+            .iter()
+            .filter_map(|&p| proc_status_kb(p, "VmRSS:"))
+            .sum::<u64>()
+            * 1024
+    }
+
+    fn stop(&mut self) {
+        if self.exited().is_some() {
+            return;
+        }
+        if self.nginx {
+            let tree = self.tree();
+            signal(self.pid(), "TERM");
+            let until = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < until && self.exited().is_none() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            for pid in tree.into_iter().skip(1) {
+                if Path::new(&format!("/proc/{pid}")).exists() {
+                    signal(pid, "KILL");
+                }
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            if let Ok(text) = fs::read_to_string(task.path().join("children")) {
+                out.extend(
+                    text.split_whitespace()
+                        .filter_map(|s| s.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    out
+}
+
+fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// A free loopback port (bound and released: another process could take it in between,
+/// in which case the server that wanted it fails to start and the run says so).
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn proxy_bin() -> Result<PathBuf> {
+    let bin = std::env::var_os("SCORE_PROXY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest_dir().join("target/release/score-proxy"));
+    ensure!(
+        bin.is_file(),
+        "the proxy binary {} does not exist: build it first with `cargo build --release` \
+         (or point SCORE_PROXY_BIN at one); scripts/bench.sh does both",
+        bin.display()
+    );
+    // A stale binary would benchmark old code: say so loudly (not fatal, it may be wanted).
+    if let Ok(built) = fs::metadata(&bin).and_then(|m| m.modified()) {
+        let newest_src = newest_mtime(&manifest_dir().join("src"));
+        if newest_src.is_some_and(|src| src > built) {
+            eprintln!(
+                "compare: WARNING: {} is older than src/: run `cargo build --release` first",
+                bin.display()
+            );
+        }
+    }
+    Ok(bin)
+}
+
+fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for entry in fs::read_dir(dir).ok()?.flatten() {
+        let p = entry.path();
+        let t = if p.is_dir() {
+            newest_mtime(&p)
+        } else {
+            entry.metadata().ok().and_then(|m| m.modified().ok())
+        };
+        newest = newest.max(t);
+    }
+    newest
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP client side
+// ---------------------------------------------------------------------------------------
+
+fn client() -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .no_proxy()
+        .pool_idle_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .build()?)
+}
+
+/// A client that opens a new connection for every request, as distinct users would.
+fn fresh_client() -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .tcp_nodelay(true)
+        .build()?)
+}
+
+#[derive(Clone, Debug)]
+enum Outcome {
+    Status(u16),
+    Timeout,
+    Error(String),
+}
+
+/// One lookup as the client saw it. Times are [`now_s`] seconds.
+#[derive(Clone, Debug)]
+struct Sample {
+    cpf: String,
+    start: f64,
+    end: f64,
+    outcome: Outcome,
+}
+
+impl Sample {
+    fn status(&self) -> Option<u16> {
+        match self.outcome {
+            Outcome::Status(s) => Some(s),
+            _ => None,
+        }
+    }
+    fn latency(&self) -> f64 {
+        self.end - self.start
+    }
+}
+
+/// Sends every lookup at once (all tasks wait on a barrier, then go) and collects what each
+/// got. Returns the launch time and the samples.
+async fn fire(
+    client: &reqwest::Client,
+    base: &str,
+    cpfs: &[String],
+    timeout: Duration,
+) -> (f64, Vec<Sample>) {
+    let barrier = Arc::new(tokio::sync::Barrier::new(cpfs.len() + 1));
+    let mut tasks = Vec::with_capacity(cpfs.len());
+    for cpf in cpfs {
+        let url = format!("{base}/proxy/score?cpf={cpf}&client_id={CLIENT_ID}");
+        let client = client.clone();
+        let barrier = barrier.clone();
+        let cpf = cpf.clone();
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            let start = now_s();
+            let outcome = match client.get(&url).timeout(timeout).send().await {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    match resp.bytes().await {
+                        Ok(_) => Outcome::Status(status),
+                        Err(e) if e.is_timeout() => Outcome::Timeout,
+                        Err(e) => Outcome::Error(e.to_string()),
+                    }
+                }
+                Err(e) if e.is_timeout() => Outcome::Timeout,
+                Err(e) => Outcome::Error(format!("{e:#}")),
+            };
+            Sample {
+                cpf,
+                start,
+                end: now_s(),
+                outcome,
+            }
+        }));
+    }
+    barrier.wait().await;
+    let launched = now_s();
+    let mut samples = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        if let Ok(s) = t.await {
+            samples.push(s);
+        }
+    }
+    (launched, samples)
+}
+
+/// Looks every key up once, `concurrency` at a time, and insists on a `200` for each.
+async fn warm(
+    client: &reqwest::Client,
+    base: &str,
+    paths: &[String],
+    concurrency: usize,
+) -> Result<()> {
+    let results: Vec<Result<()>> = futures_util::stream::iter(paths.iter().cloned())
+        .map(|path| {
+            let client = client.clone();
+            let url = format!("{base}{path}");
+            async move {
+                let resp = client
+                    .get(&url)
+                    .timeout(Duration::from_secs(30))
+                    .send()
+                    .await
+                    .with_context(|| format!("warming {url}"))?;
+                let status = resp.status();
+                let body = resp.bytes().await?;
+                ensure!(
+                    status == 200,
+                    "warming {url}: {status} {}",
+                    String::from_utf8_lossy(&body)
+                );
+                Ok(())
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+async fn wait_ready(client: &reqwest::Client, url: &str, proc: &mut Proc) -> Result<()> {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = proc.exited() {
+            bail!(
+                "{} exited ({status}) before it was ready; its log:\n{}",
+                proc.name,
+                proc.log_tail()
+            );
+        }
+        if let Ok(resp) = client
+            .get(url)
+            .timeout(Duration::from_millis(500))
+            .send()
+            .await
+            && resp.status().is_success()
+        {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            bail!(
+                "{} did not answer {url} within 20 s; its log:\n{}",
+                proc.name,
+                proc.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Distinct valid CPFs, never repeated within a run (so no run sees another's cache).
+fn next_cpfs(n: usize) -> Vec<String> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let i = NEXT.fetch_add(1, Ordering::Relaxed);
+        if let Some(cpf) = Cpf::from_base(200_000_000 + i * 37) {
+            out.push(cpf.to_string());
+        }
+    }
+    out
+}
+
+fn lookup_path(cpf: &str) -> String {
+    format!("/proxy/score?cpf={cpf}&client_id={CLIENT_ID}")
+}
+
+// ---------------------------------------------------------------------------------------
+// The simulator
+// ---------------------------------------------------------------------------------------
+
+struct Sim {
+    base: String,
+    port: u16,
+    client: reqwest::Client,
+    /// Simulator clock minus harness clock ([`now_s`]), in seconds.
+    offset: f64,
+    /// Half the round trip of the probe that measured `offset`: its uncertainty.
+    offset_error: f64,
+    proc: Proc,
+}
+
+impl Sim {
+    async fn start(bin: &Path, ws: &Workspace, client: &reqwest::Client) -> Result<Sim> {
+        let port = free_port()?;
+        let mut cmd = Command::new(bin);
+        cmd.env_clear().env("RUST_LOG", "off").args([
+            "simulate-upstream",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ]);
+        let mut proc = Proc::spawn(
+            "the upstream simulator",
+            cmd,
+            ws.dir.join("simulator.log"),
+            false,
+        )?;
+        let base = format!("http://127.0.0.1:{port}");
+        wait_ready(client, &format!("{base}/health"), &mut proc).await?;
+        let mut sim = Sim {
+            base,
+            port,
+            client: client.clone(),
+            offset: 0.0,
+            offset_error: 0.0,
+            proc,
+        };
+        sim.measure_offset().await?;
+        Ok(sim)
+    }
+
+    /// Aligns the simulator's arrival clock with ours: five direct probe calls, keeping the
+    /// one with the shortest round trip (its arrival is stamped between send and answer).
+    async fn measure_offset(&mut self) -> Result<()> {
+        self.configure(0, 0).await?;
+        let mut best: Option<(f64, f64)> = None;
+        for cpf in next_cpfs(5) {
+            self.reset().await?;
+            let t0 = now_s();
+            let resp = self
+                .client
+                .get(format!("{}/api/score?cpf={cpf}", self.base))
+                .header("client-id", CLIENT_ID)
+                .send()
+                .await?;
+            ensure!(resp.status() == 200, "simulator probe: {}", resp.status());
+            let t1 = now_s();
+            let stats = self.stats().await?;
+            let at = stats
+                .arrivals
+                .iter()
+                .find(|a| a.cpf == cpf)
+                .context("the probe's arrival is not in the simulator's record")?
+                .at
+                .as_secs_f64();
+            let rtt = t1 - t0;
+            if best.is_none_or(|(r, _)| rtt < r) {
+                best = Some((rtt, at - (t0 + t1) / 2.0));
+            }
+        }
+        let (rtt, offset) = best.context("no probe")?;
+        self.offset = offset;
+        self.offset_error = rtt / 2.0;
+        self.reset().await
+    }
+
+    async fn configure(&self, latency_ms: u64, min_interval_ms: u64) -> Result<()> {
+        let body = serde_json::json!({
+            "latency_ms": latency_ms,
+            "min_interval_ms": min_interval_ms,
+            "penalty_ms": 2000,
+            "fault": "none",
+        });
+        let resp = self
+            .client
+            .put(format!("{}/__sim/config", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await?;
+        ensure!(
+            resp.status() == 200,
+            "configuring the simulator: {}",
+            resp.status()
+        );
+        Ok(())
+    }
+
+    async fn reset(&self) -> Result<()> {
+        let resp = self
+            .client
+            .post(format!("{}/__sim/reset", self.base))
+            .send()
+            .await?;
+        ensure!(
+            resp.status().is_success(),
+            "simulator reset: {}",
+            resp.status()
+        );
+        Ok(())
+    }
+
+    async fn stats(&self) -> Result<SimStats> {
+        let resp = self
+            .client
+            .get(format!("{}/__sim/stats", self.base))
+            .send()
+            .await?;
+        ensure!(resp.status() == 200, "simulator stats: {}", resp.status());
+        let body = resp.bytes().await?;
+        serde_json::from_slice(&body).context("parsing /__sim/stats")
+    }
+
+    /// An arrival's time on the harness clock.
+    fn to_harness(&self, at: Duration) -> f64 {
+        at.as_secs_f64() - self.offset
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Contenders
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+enum Rival {
+    Proxy,
+    Nginx { rate: &'static str, burst: u32 },
+}
+
+#[derive(Clone, Debug)]
+struct Contender {
+    label: &'static str,
+    rival: Rival,
+    /// Upstream calls per second the contender is configured for.
+    rate: f64,
+}
+
+fn paced_contenders() -> Vec<Contender> {
+    vec![
+        Contender {
+            label: "score-proxy",
+            rival: Rival::Proxy,
+            rate: 1.0,
+        },
+        Contender {
+            label: "nginx 1r/s",
+            rival: Rival::Nginx {
+                rate: "1r/s",
+                burst: 20,
+            },
+            rate: 1.0,
+        },
+        Contender {
+            label: "nginx 59r/m",
+            rival: Rival::Nginx {
+                rate: "59r/m",
+                burst: 20,
+            },
+            rate: 59.0 / 60.0,
+        },
+    ]
+}
+
+/// A running contender; its processes stop when this is dropped.
+struct Running {
+    label: String,
+    base: String,
+    proc: Proc,
+}
+
+struct Suite {
+    plan: Plan,
+    bin: PathBuf,
+    ws: Workspace,
+    client: reqwest::Client,
+    sim: Sim,
+    conf_dir: PathBuf,
+    written_confs: Vec<PathBuf>,
+    instances: AtomicU64,
+    report: Report,
+}
+
+/// How the proxy's telemetry is set up for one run (scenario 5 compares them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Telemetry {
+    /// `SCORE_PROXY_METRICS=false RUST_LOG=off`, no OTLP endpoint.
+    Off,
+    /// `SCORE_PROXY_METRICS=true RUST_LOG=off`.
+    Metrics,
+    /// Metrics, and every span exported to the harness's OTLP sink.
+    Tracing(u16),
+    /// The shipped default: metrics, and the access log at `info` (to a file).
+    Default,
+}
+
+impl Telemetry {
+    fn label(self) -> &'static str {
+        match self {
+            Telemetry::Off => "off",
+            Telemetry::Metrics => "metrics only",
+            Telemetry::Tracing(_) => "metrics + tracing (always_on, OTLP)",
+            Telemetry::Default => "default (metrics + access log at info)",
+        }
+    }
+
+    fn env(self) -> Vec<(&'static str, String)> {
+        match self {
+            Telemetry::Off => vec![
+                ("SCORE_PROXY_METRICS", "false".into()),
+                ("RUST_LOG", "off".into()),
+            ],
+            Telemetry::Metrics => vec![
+                ("SCORE_PROXY_METRICS", "true".into()),
+                ("RUST_LOG", "off".into()),
+            ],
+            Telemetry::Tracing(port) => vec![
+                ("SCORE_PROXY_METRICS", "true".into()),
+                ("RUST_LOG", "off".into()),
+                (
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    format!("http://127.0.0.1:{port}"),
+                ),
+                ("OTEL_TRACES_SAMPLER", "always_on".into()),
+            ],
+            Telemetry::Default => vec![("SCORE_PROXY_METRICS", "true".into())],
+        }
+    }
+}
+
+impl Suite {
+    fn instance_dir(&self, what: &str) -> Result<PathBuf> {
+        let n = self.instances.fetch_add(1, Ordering::Relaxed);
+        self.ws.subdir(&format!("{what}-{n}"))
+    }
+
+    async fn start(&mut self, c: &Contender) -> Result<Running> {
+        match &c.rival {
+            Rival::Proxy => self.start_proxy(c.label, &[], Telemetry::Metrics).await,
+            Rival::Nginx { rate, burst } => self.start_nginx(c.label, rate, *burst).await,
+        }
+    }
+
+    /// The release binary, on a free port, in front of the simulator. `extra` flags come
+    /// after the defaults; the environment is cleared and then set from `telemetry`.
+    async fn start_proxy(
+        &self,
+        label: &str,
+        extra: &[&str],
+        telemetry: Telemetry,
+    ) -> Result<Running> {
+        let dir = self.instance_dir("proxy")?;
+        let port = free_port()?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.env_clear();
+        for (k, v) in telemetry.env() {
+            cmd.env(k, v);
+        }
+        cmd.args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--upstream-url",
+            &format!("http://127.0.0.1:{}/api/score", self.sim.port),
+        ])
+        .args(extra);
+        let mut proc = Proc::spawn(label, cmd, dir.join("proxy.log"), false)?;
+        let base = format!("http://127.0.0.1:{port}");
+        wait_ready(&self.client, &format!("{base}/health"), &mut proc).await?;
+        Ok(Running {
+            label: label.to_owned(),
+            base,
+            proc,
+        })
+    }
+
+    fn nginx_conf(&self, prefix: &Path, outer: u16, inner: u16, rate: &str, burst: u32) -> String {
+        NGINX_TEMPLATE
+            .replace("{{PREFIX}}", &prefix.display().to_string())
+            .replace("{{OUTER_PORT}}", &outer.to_string())
+            .replace("{{INNER_PORT}}", &inner.to_string())
+            .replace("{{SIM_PORT}}", &self.sim.port.to_string())
+            .replace("{{RATE}}", rate)
+            .replace("{{BURST}}", &burst.to_string())
+    }
+
+    async fn start_nginx(&mut self, label: &str, rate: &str, burst: u32) -> Result<Running> {
+        let nginx =
+            on_path("nginx").context("nginx is not installed (apt-get install -y nginx)")?;
+        let dir = self.instance_dir("nginx")?;
+        let (outer, inner) = (free_port()?, free_port()?);
+        let conf = self.nginx_conf(&dir, outer, inner, rate, burst);
+        let conf_path = dir.join("nginx.conf");
+        fs::write(&conf_path, &conf)?;
+        // The exact configuration used, next to the report (once per rate).
+        let kept = self.conf_dir.join(format!(
+            "nginx-{}.generated.conf",
+            rate.replace('/', "-per-")
+        ));
+        if !self.written_confs.contains(&kept) {
+            fs::create_dir_all(&self.conf_dir)?;
+            fs::write(
+                &kept,
+                format!(
+                    "# Generated by benches/compare.rs from bench/nginx.conf.template for the\n\
+                     # \"{label}\" runs; paths and ports are those of the run that wrote it.\n{conf}"
+                ),
+            )?;
+            self.written_confs.push(kept);
+        }
+        let mut cmd = Command::new(nginx);
+        cmd.arg("-p")
+            .arg(&dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(&conf_path)
+            .args(["-g", "daemon off;"]);
+        let mut proc = Proc::spawn(label, cmd, dir.join("nginx.out"), true)?;
+        let base = format!("http://127.0.0.1:{outer}");
+        wait_ready(&self.client, &format!("{base}/health"), &mut proc)
+            .await
+            .with_context(|| {
+                format!(
+                    "nginx error log:\n{}",
+                    fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+                )
+            })?;
+        Ok(Running {
+            label: label.to_owned(),
+            base,
+            proc,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Statistics and report
+// ---------------------------------------------------------------------------------------
+
+/// The p-th percentile (nearest rank) of unsorted values.
+fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+fn ms(s: f64) -> String {
+    if s.is_nan() {
+        "n/a".into()
+    } else if s < 0.01 {
+        format!("{:.2} ms", s * 1e3)
+    } else {
+        format!("{:.1} ms", s * 1e3)
+    }
+}
+
+fn secs(s: f64) -> String {
+    if s.is_nan() {
+        "n/a".into()
+    } else {
+        format!("{s:.3} s")
+    }
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b == 0.0 || a.is_nan() || b.is_nan() {
+        "n/a".into()
+    } else {
+        format!("{:.2}x", a / b)
+    }
+}
+
+fn statuses(samples: &[Sample]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for s in samples {
+        let k = match &s.outcome {
+            Outcome::Status(c) => c.to_string(),
+            Outcome::Timeout => "timeout".into(),
+            Outcome::Error(_) => "error".into(),
+        };
+        *m.entry(k).or_default() += 1;
+    }
+    m
+}
+
+/// Prints one example of each kind of transport error, so a failing run says why.
+fn show_errors(label: &str, samples: &[Sample]) {
+    let mut seen = Vec::new();
+    for s in samples {
+        if let Outcome::Error(e) = &s.outcome
+            && !seen.contains(e)
+        {
+            println!("    {label}: client error: {e}");
+            seen.push(e.clone());
+        }
+    }
+}
+
+fn fmt_statuses(m: &BTreeMap<String, usize>) -> String {
+    m.iter()
+        .map(|(k, v)| format!("{v}x{k}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    Met,
+    Missed,
+}
+
+struct TargetCheck {
+    target: String,
+    measured: String,
+    verdict: Verdict,
+}
+
+#[derive(Default)]
+struct Report {
+    sections: Vec<(String, String)>,
+    targets: Vec<TargetCheck>,
+}
+
+impl Report {
+    fn section(&mut self, title: &str, body: String) {
+        self.sections.push((title.to_owned(), body));
+    }
+
+    fn target(&mut self, target: impl Into<String>, measured: impl Into<String>, met: bool) {
+        let t = TargetCheck {
+            target: target.into(),
+            measured: measured.into(),
+            verdict: if met { Verdict::Met } else { Verdict::Missed },
+        };
+        println!(
+            "  target {}: {} -> {}",
+            t.target,
+            t.measured,
+            if met { "met" } else { "MISSED" }
+        );
+        self.targets.push(t);
+    }
+}
+
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "| {} |", headers.join(" | "));
+    let _ = writeln!(
+        s,
+        "|{}",
+        headers.iter().map(|_| " --- |").collect::<String>()
+    );
+    for r in rows {
+        let _ = writeln!(s, "| {} |", r.join(" | "));
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenario 1: bursts of distinct lookups
+// ---------------------------------------------------------------------------------------
+
+async fn scenario_burst(suite: &mut Suite) -> Result<()> {
+    println!("== 1. burst of distinct lookups");
+    let mut rows = Vec::new();
+    let bursts = suite.plan.bursts.clone();
+    for (n, latency_ms) in bursts {
+        for c in paced_contenders() {
+            suite.sim.configure(latency_ms, 1000).await?;
+            suite.sim.reset().await?;
+            let running = suite.start(&c).await?;
+            let cpfs = next_cpfs(n);
+            print!("  {} N={n} latency={latency_ms}ms ... ", c.label);
+            flush();
+            let (launched, samples) = fire(
+                &suite.client_fresh()?,
+                &running.base,
+                &cpfs,
+                Duration::from_secs(120),
+            )
+            .await;
+            // Every answer is in, so every call has arrived; let a last answer be recorded.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let stats = suite.sim.stats().await?;
+            drop(running);
+
+            let st = statuses(&samples);
+            show_errors(c.label, &samples);
+            let ok: Vec<&Sample> = samples.iter().filter(|s| s.status() == Some(200)).collect();
+            let served = ok.len();
+            let wall_all = samples.iter().map(|s| s.end).fold(launched, f64::max) - launched;
+            let wall_ok = ok.iter().map(|s| s.end).fold(launched, f64::max) - launched;
+            let latency = latency_ms as f64 / 1000.0;
+            let ideal = served.saturating_sub(1) as f64 / c.rate + latency;
+            let bound = served.saturating_sub(1) as f64
+                * (1.0 / c.rate + PROXY_RATE_GUARD.as_secs_f64())
+                + latency
+                + 0.050;
+            let ats: Vec<f64> = stats.arrivals.iter().map(|a| a.at.as_secs_f64()).collect();
+            let achieved = if ats.len() >= 2 {
+                let span = ats.iter().cloned().fold(f64::MIN, f64::max)
+                    - ats.iter().cloned().fold(f64::MAX, f64::min);
+                (ats.len() - 1) as f64 / span
+            } else {
+                f64::NAN
+            };
+            println!(
+                "{} in {}, {} calls, {} violations",
+                fmt_statuses(&st),
+                secs(wall_all),
+                stats.calls,
+                stats.violations
+            );
+            let honest = samples
+                .iter()
+                .all(|s| matches!(s.status(), Some(200) | Some(429)));
+            if matches!(c.rival, Rival::Proxy) {
+                // Deterministic: the proxy answers with a score or an honest refusal, and never
+                // something else (a 5xx here is a bug, not noise).
+                ensure!(
+                    samples
+                        .iter()
+                        .all(|s| matches!(s.status(), Some(200) | Some(429) | Some(503))),
+                    "score-proxy burst N={n}: unexpected answers {}",
+                    fmt_statuses(&st)
+                );
+                let what = format!("burst N={n}, upstream {latency_ms} ms");
+                suite.report.target(
+                    format!("{what}: 0 violations, only 200 or 429"),
+                    format!("{} violations, {}", stats.violations, fmt_statuses(&st)),
+                    stats.violations == 0 && honest,
+                );
+                suite.report.target(
+                    format!("{what}: {served} served within (S-1)(1/rate+guard)+latency+50ms"),
+                    format!("{} (bound {})", secs(wall_ok), secs(bound)),
+                    wall_ok <= bound,
+                );
+                if latency_ms >= 500 {
+                    suite.report.target(
+                        format!("{what}: upstream pace at least 0.98 x rate"),
+                        format!("{achieved:.3} calls/s"),
+                        achieved >= 0.98 * c.rate,
+                    );
+                }
+            }
+            rows.push(vec![
+                c.label.to_owned(),
+                n.to_string(),
+                format!("{latency_ms} ms"),
+                fmt_statuses(&st),
+                secs(wall_ok),
+                secs(ideal),
+                ratio(wall_ok, ideal),
+                secs(wall_all),
+                stats.calls.to_string(),
+                stats.violations.to_string(),
+                if achieved.is_nan() {
+                    "n/a".into()
+                } else {
+                    format!("{achieved:.3}/s")
+                },
+            ]);
+        }
+    }
+    let body = format!(
+        "N distinct lookups sent at once, each on its own connection, against the strict \
+         simulator (1 call/s for everyone, 2 s penalty). The proxy runs with its defaults \
+         (queue of 20, 10 ms guard), nginx with `burst=20`: both take 1 + 20 lookups and refuse \
+         the rest at once with 429. S = lookups answered 200. *Wall (200s)* is launch to the \
+         last 200; *ideal* is (S-1)/rate + latency; *wall (all)* includes every answer (the \
+         upstream's own 429s that nginx passes through). *Pace* is the upstream's arrivals per \
+         second over the run.\n\n{}",
+        table(
+            &[
+                "contender",
+                "N",
+                "upstream latency",
+                "answers",
+                "wall (200s)",
+                "ideal",
+                "wall/ideal",
+                "wall (all)",
+                "upstream calls",
+                "violations",
+                "pace",
+            ],
+            &rows
+        )
+    );
+    suite.report.section("1. Burst of distinct lookups", body);
+    Ok(())
+}
+
+impl Suite {
+    fn client_fresh(&self) -> Result<reqwest::Client> {
+        fresh_client()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenario 2: an identical burst
+// ---------------------------------------------------------------------------------------
+
+async fn scenario_identical(suite: &mut Suite) -> Result<()> {
+    println!("== 2. identical burst");
+    let n = suite.plan.identical;
+    let mut rows = Vec::new();
+    for c in paced_contenders() {
+        suite.sim.configure(0, 1000).await?;
+        suite.sim.reset().await?;
+        let running = suite.start(&c).await?;
+        let cpf = next_cpfs(1).remove(0);
+        let cpfs = vec![cpf; n];
+        print!("  {} x{n} ... ", c.label);
+        flush();
+        let (launched, samples) = fire(
+            &suite.client_fresh()?,
+            &running.base,
+            &cpfs,
+            Duration::from_secs(60),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let stats = suite.sim.stats().await?;
+        drop(running);
+        let st = statuses(&samples);
+        show_errors(c.label, &samples);
+        let wall = samples.iter().map(|s| s.end).fold(launched, f64::max) - launched;
+        let lat: Vec<f64> = samples.iter().map(Sample::latency).collect();
+        println!(
+            "{} in {}, {} upstream calls",
+            fmt_statuses(&st),
+            secs(wall),
+            stats.calls
+        );
+        if matches!(c.rival, Rival::Proxy) {
+            ensure!(
+                st.get("200") == Some(&n),
+                "score-proxy identical burst: expected {n}x200, got {}",
+                fmt_statuses(&st)
+            );
+            suite.report.target(
+                format!("identical burst x{n}: 1 upstream call"),
+                format!("{} calls", stats.calls),
+                stats.calls == 1,
+            );
+        }
+        rows.push(vec![
+            c.label.to_owned(),
+            fmt_statuses(&st),
+            stats.calls.to_string(),
+            secs(wall),
+            ms(percentile(&lat, 50.0)),
+            ms(percentile(&lat, 99.0)),
+        ]);
+    }
+    let body = format!(
+        "{n} concurrent lookups of one key (same client id and CPF), cold cache, each on its own \
+         connection. nginx coalesces with `proxy_cache_lock on`, whose waiters poll the cache \
+         every 500 ms.\n\n{}",
+        table(
+            &[
+                "contender",
+                "answers",
+                "upstream calls",
+                "wall",
+                "latency p50",
+                "latency p99"
+            ],
+            &rows
+        )
+    );
+    suite.report.section("2. Identical burst", body);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenario 3: cache hits under wrk
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, serde::Deserialize)]
+struct WrkResult {
+    requests: u64,
+    duration_us: u64,
+    errors_connect: u64,
+    errors_read: u64,
+    errors_write: u64,
+    errors_status: u64,
+    errors_timeout: u64,
+    p50_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+}
+
+impl WrkResult {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / (self.duration_us as f64 / 1e6)
+    }
+    fn errors(&self) -> u64 {
+        self.errors_connect
+            + self.errors_read
+            + self.errors_write
+            + self.errors_status
+            + self.errors_timeout
+    }
+}
+
+fn run_wrk(plan: &Plan, base: &str, keys_file: &Path) -> Result<WrkResult> {
+    let wrk = on_path("wrk").context("wrk is not installed (apt-get install -y wrk)")?;
+    let script = manifest_dir().join("bench/wrk.lua");
+    let out = Command::new(wrk)
+        .env("BENCH_KEYS", keys_file)
+        .arg(format!("-t{}", plan.wrk_threads))
+        .arg(format!("-c{}", plan.wrk_connections))
+        .arg(format!("-d{}s", plan.wrk_seconds))
+        .arg("-s")
+        .arg(&script)
+        .arg(base)
+        .output()
+        .context("running wrk")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "wrk failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| format!("no summary line in wrk's output:\n{stdout}"))?;
+    serde_json::from_str(line).with_context(|| format!("parsing wrk's summary {line}"))
+}
+
+struct Hits {
+    rps: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    p999: Vec<f64>,
+}
+
+impl Hits {
+    fn new() -> Self {
+        Hits {
+            rps: vec![],
+            p50: vec![],
+            p99: vec![],
+            p999: vec![],
+        }
+    }
+    fn add(&mut self, r: &WrkResult) {
+        self.rps.push(r.rps());
+        self.p50.push(r.p50_us as f64 / 1e6);
+        self.p99.push(r.p99_us as f64 / 1e6);
+        self.p999.push(r.p999_us as f64 / 1e6);
+    }
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+fn write_keys(ws: &Workspace, name: &str, paths: &[String]) -> Result<PathBuf> {
+    let p = ws.dir.join(name);
+    fs::write(&p, paths.join("\n") + "\n")?;
+    Ok(p)
+}
+
+/// The flags of every proxy instance that is warmed through a fast upstream.
+const FAST_PROXY: [&str; 6] = [
+    "--rate",
+    "1000",
+    "--rate-guard",
+    "0ms",
+    "--queue-capacity",
+    "1000",
+];
+
+async fn scenario_hits(suite: &mut Suite) -> Result<()> {
+    println!("== 3. cache hits");
+    // A fast, lenient upstream for the warm-up only: the measured phase makes no call at all
+    // (checked below), so the pacing settings are inert there.
+    suite.sim.configure(0, 0).await?;
+    let mut rows = Vec::new();
+    let mut live_rss = Vec::new();
+    for keys in suite.plan.hit_keysets.clone() {
+        let cpfs = next_cpfs(keys);
+        let paths: Vec<String> = cpfs.iter().map(|c| lookup_path(c)).collect();
+        let keys_file = write_keys(&suite.ws, &format!("keys-{keys}.txt"), &paths)?;
+
+        suite.sim.reset().await?;
+        let proxy = suite
+            .start_proxy("score-proxy", &FAST_PROXY, Telemetry::Metrics)
+            .await?;
+        let nginx = suite.start_nginx("nginx", "1000r/s", 1000).await?;
+        let mut contenders = [(proxy, Hits::new()), (nginx, Hits::new())];
+        for (running, _) in &contenders {
+            let rss_before = running.proc.rss();
+            let t = Instant::now();
+            let calls_before = suite.sim.stats().await?.calls;
+            warm(&suite.client, &running.base, &paths, 16).await?;
+            let calls = suite.sim.stats().await?.calls - calls_before;
+            ensure!(
+                calls == keys as u64,
+                "{}: warming {keys} keys made {calls} upstream calls",
+                running.label
+            );
+            println!(
+                "  {}: warmed {keys} keys in {:.1} s",
+                running.label,
+                t.elapsed().as_secs_f64()
+            );
+            if keys >= 1000 && running.label == "score-proxy" {
+                // Not the memory target (that is scenario 6), a sanity check on the live
+                // process: what 10 000 entries fetched through HTTP cost it.
+                let grown = running.proc.rss().saturating_sub(rss_before);
+                live_rss.push((keys, grown));
+            }
+        }
+        let calls_before = suite.sim.stats().await?.calls;
+        for round in 0..suite.plan.rounds {
+            for (running, hits) in contenders.iter_mut() {
+                let r = run_wrk(&suite.plan, &running.base, &keys_file)?;
+                ensure!(
+                    r.errors() == 0,
+                    "{} under wrk ({keys} keys, round {}): {} errors or non-2xx answers: {r:?}",
+                    running.label,
+                    round + 1,
+                    r.errors()
+                );
+                println!(
+                    "  {} keys={keys} round {}: {:.0} req/s p50 {} p99 {} p99.9 {}",
+                    running.label,
+                    round + 1,
+                    r.rps(),
+                    ms(r.p50_us as f64 / 1e6),
+                    ms(r.p99_us as f64 / 1e6),
+                    ms(r.p999_us as f64 / 1e6)
+                );
+                hits.add(&r);
+            }
+        }
+        let calls = suite.sim.stats().await?.calls - calls_before;
+        ensure!(
+            calls == 0,
+            "{calls} upstream calls during the cache-hit measurement: not all were hits"
+        );
+        let (proxy_hits, nginx_hits) = (&contenders[0].1, &contenders[1].1);
+        let (p_rps, n_rps) = (mean(&proxy_hits.rps), mean(&nginx_hits.rps));
+        let (p_p99, n_p99) = (mean(&proxy_hits.p99), mean(&nginx_hits.p99));
+        suite.report.target(
+            format!("cache hits, {keys} keys: throughput at least 1.0x nginx"),
+            format!("{p_rps:.0} vs {n_rps:.0} req/s = {}", ratio(p_rps, n_rps)),
+            p_rps >= n_rps,
+        );
+        suite.report.target(
+            format!("cache hits, {keys} keys: p99 no worse than nginx"),
+            format!("{} vs {}", ms(p_p99), ms(n_p99)),
+            p_p99 <= n_p99,
+        );
+        for (running, h) in &contenders {
+            rows.push(vec![
+                keys.to_string(),
+                running.label.clone(),
+                h.rps
+                    .iter()
+                    .map(|r| format!("{r:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(" / "),
+                format!("{:.0}", mean(&h.rps)),
+                ms(mean(&h.p50)),
+                ms(mean(&h.p99)),
+                ms(mean(&h.p999)),
+            ]);
+        }
+        rows.push(vec![
+            keys.to_string(),
+            "**proxy / nginx**".into(),
+            String::new(),
+            format!("**{}**", ratio(p_rps, n_rps)),
+            ratio(mean(&proxy_hits.p50), mean(&nginx_hits.p50)),
+            ratio(p_p99, n_p99),
+            ratio(mean(&proxy_hits.p999), mean(&nginx_hits.p999)),
+        ]);
+    }
+    let mut body = format!(
+        "`wrk {} -s bench/wrk.lua` against each, {} alternating round(s) (proxy, nginx, proxy, \
+         nginx ...), all answers 200 and no upstream call during the measurement (checked). \
+         The script rotates over the key set (each wrk thread from its own offset). Latencies \
+         are means over the rounds of wrk's per-round percentiles.\n\n\
+         How each was warmed: the simulator's rate rule off (`min_interval 0`), the proxy started \
+         with `{}` and nginx's inner server with `rate=1000r/s burst=1000` \
+         (`bench/nginx-1000r-per-s.generated.conf`); the harness then looked each key up once, 16 \
+         at a time. Pacing settings only matter for misses, and there are none once warm. The \
+         proxy runs with metrics on and the access log off (`RUST_LOG=off`), nginx with \
+         `access_log off` and `worker_processes auto`; the proxy uses tokio's default runtime (a \
+         worker per core). Both share the 2 cores with wrk.\n\n{}",
+        suite.plan.wrk_args(),
+        suite.plan.rounds,
+        FAST_PROXY.join(" "),
+        table(
+            &[
+                "keys",
+                "contender",
+                "req/s per round",
+                "req/s (mean)",
+                "p50",
+                "p99",
+                "p99.9"
+            ],
+            &rows
+        )
+    );
+    for (keys, grown) in live_rss {
+        let _ = write!(
+            body,
+            "\nThe live proxy's resident memory grew by {} while it fetched and cached {keys} \
+             entries over HTTP ({:.0} bytes per entry, all included: connection buffers, \
+             allocator slack; scenario 6 measures the cache itself).\n",
+            mib(grown),
+            grown as f64 / keys as f64
+        );
+    }
+    suite.report.section("3. Cache hits", body);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenario 4: overload
+// ---------------------------------------------------------------------------------------
+
+async fn scenario_overload(suite: &mut Suite) -> Result<()> {
+    println!("== 4. overload");
+    let n = suite.plan.overload_clients;
+    let timeout = suite.plan.overload_timeout;
+    let mut rows = Vec::new();
+    for c in paced_contenders() {
+        suite.sim.configure(0, 1000).await?;
+        suite.sim.reset().await?;
+        let running = suite.start(&c).await?;
+        let cpfs = next_cpfs(n);
+        print!("  {} {n} clients ... ", c.label);
+        flush();
+        let (launched, samples) = fire(&suite.client_fresh()?, &running.base, &cpfs, timeout).await;
+        let finished = now_s();
+        // Watch what still reaches the upstream after every client has gone.
+        tokio::time::sleep(suite.plan.overload_watch).await;
+        let stats = suite.sim.stats().await?;
+        let peak_rss = running.proc.peak_rss();
+        drop(running);
+
+        let st = statuses(&samples);
+        show_errors(c.label, &samples);
+        let refusals: Vec<f64> = samples
+            .iter()
+            .filter(|s| matches!(s.status(), Some(429) | Some(503)))
+            .map(Sample::latency)
+            .collect();
+        // A call is wasted when it reaches the upstream after its (only) client has given
+        // up or was refused. The clocks are aligned to within `offset_error`, so only calls
+        // later than that margin count.
+        let ended: HashMap<&str, (f64, bool)> = samples
+            .iter()
+            .map(|s| (s.cpf.as_str(), (s.end, s.status() == Some(200))))
+            .collect();
+        let margin = suite.sim.offset_error + 0.001;
+        let mut wasted_after_timeout = 0;
+        let mut wasted_after_refusal = 0;
+        for a in &stats.arrivals {
+            if let Some(&(end, ok)) = ended.get(a.cpf.as_str())
+                && !ok
+                && suite.sim.to_harness(a.at) > end + margin
+            {
+                let timed_out = samples
+                    .iter()
+                    .any(|s| s.cpf == a.cpf && matches!(s.outcome, Outcome::Timeout));
+                if timed_out {
+                    wasted_after_timeout += 1;
+                } else {
+                    wasted_after_refusal += 1;
+                }
+            }
+        }
+        let wasted = wasted_after_timeout + wasted_after_refusal;
+        let p99 = percentile(&refusals, 99.0);
+        println!(
+            "{} in {}, refusal p99 {}, {} calls ({} wasted), {} violations, peak RSS {}",
+            fmt_statuses(&st),
+            secs(finished - launched),
+            ms(p99),
+            stats.calls,
+            wasted,
+            stats.violations,
+            mib(peak_rss)
+        );
+        if matches!(c.rival, Rival::Proxy) {
+            ensure!(
+                samples.iter().all(|s| matches!(
+                    s.outcome,
+                    Outcome::Status(200)
+                        | Outcome::Status(429)
+                        | Outcome::Status(503)
+                        | Outcome::Timeout
+                )),
+                "score-proxy overload: unexpected answers {}",
+                fmt_statuses(&st)
+            );
+            suite.report.target(
+                format!("overload x{n}: refusal p99 under 10 ms"),
+                ms(p99),
+                p99 < 0.010,
+            );
+            suite.report.target(
+                format!("overload x{n}: peak RSS under 100 MB"),
+                mib(peak_rss),
+                peak_rss < 100_000_000,
+            );
+            suite.report.target(
+                format!("overload x{n}: 0 violations, 0 wasted calls"),
+                format!("{} violations, {wasted} wasted", stats.violations),
+                stats.violations == 0 && wasted == 0,
+            );
+        }
+        rows.push(vec![
+            c.label.to_owned(),
+            fmt_statuses(&st),
+            refusals.len().to_string(),
+            ms(percentile(&refusals, 50.0)),
+            ms(p99),
+            ms(refusals.iter().cloned().fold(f64::NAN, f64::max)),
+            mib(peak_rss),
+            stats.calls.to_string(),
+            stats.violations.to_string(),
+            format!("{wasted} ({wasted_after_timeout} after timeout, {wasted_after_refusal} after refusal)"),
+        ]);
+    }
+    let body = format!(
+        "{n} clients at once, each asking a distinct CPF on its own connection and giving up \
+         after {} s; then the upstream is watched for {} s more. *Refusals* are answers 429 or \
+         503 (latency from the request's start, connection set-up included). *Peak RSS* is \
+         VmHWM (for nginx summed over the master and its workers, cache manager and loader). \
+         A *wasted* call is one that reached the upstream after its only client had timed out \
+         or been refused: the simulator's arrival times are put on the harness's clock with a \
+         probe (uncertainty ±{:.2} ms, and only calls later than that count).\n\n{}",
+        timeout.as_secs_f64(),
+        suite.plan.overload_watch.as_secs(),
+        suite.sim.offset_error * 1e3,
+        table(
+            &[
+                "contender",
+                "answers",
+                "refusals",
+                "refusal p50",
+                "refusal p99",
+                "refusal max",
+                "peak RSS",
+                "upstream calls",
+                "violations",
+                "wasted calls",
+            ],
+            &rows
+        )
+    );
+    suite.report.section("4. Overload", body);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenario 5: what telemetry costs
+// ---------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct SinkCounts {
+    requests: AtomicU64,
+    bytes: AtomicU64,
+    spans: AtomicU64,
+}
+
+async fn sink_traces(
+    axum::extract::State(counts): axum::extract::State<Arc<SinkCounts>>,
+    body: Bytes,
+) -> impl axum::response::IntoResponse {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+    counts.requests.fetch_add(1, Ordering::Relaxed);
+    counts.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+    if let Ok(req) = ExportTraceServiceRequest::decode(body.as_ref()) {
+        let spans: usize = req
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        counts.spans.fetch_add(spans as u64, Ordering::Relaxed);
+    }
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-protobuf")],
+        Vec::<u8>::new(),
+    )
+}
+
+/// A minimal OTLP/HTTP trace receiver: answers 200 to `POST /v1/traces` and counts what
+/// arrived, to prove that the spans really were exported.
+async fn start_sink() -> Result<(u16, Arc<SinkCounts>, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let counts = Arc::new(SinkCounts::default());
+    let app = axum::Router::new()
+        .route("/v1/traces", axum::routing::post(sink_traces))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(counts.clone());
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((port, counts, task))
+}
+
+async fn scenario_telemetry(suite: &mut Suite) -> Result<()> {
+    println!("== 5. telemetry cost");
+    suite.sim.configure(0, 0).await?;
+    suite.sim.reset().await?;
+    let (sink_port, sink, sink_task) = start_sink().await?;
+    let modes = [
+        Telemetry::Off,
+        Telemetry::Metrics,
+        Telemetry::Tracing(sink_port),
+        Telemetry::Default,
+    ];
+    let cpf = next_cpfs(1).remove(0);
+    let path = lookup_path(&cpf);
+    let keys_file = write_keys(&suite.ws, "keys-telemetry.txt", std::slice::from_ref(&path))?;
+    let mut running = Vec::new();
+    for mode in modes {
+        let r = suite.start_proxy(mode.label(), &FAST_PROXY, mode).await?;
+        warm(&suite.client, &r.base, std::slice::from_ref(&path), 1).await?;
+        running.push((mode, r, Vec::<f64>::new(), Vec::<f64>::new()));
+    }
+    let spans_before = sink.spans.load(Ordering::Relaxed);
+    for round in 0..suite.plan.rounds {
+        for (mode, r, rps, p99) in running.iter_mut() {
+            let w = run_wrk(&suite.plan, &r.base, &keys_file)?;
+            ensure!(
+                w.errors() == 0,
+                "telemetry {}: {} errors under wrk",
+                mode.label(),
+                w.errors()
+            );
+            println!(
+                "  {} round {}: {:.0} req/s p99 {}",
+                mode.label(),
+                round + 1,
+                w.rps(),
+                ms(w.p99_us as f64 / 1e6)
+            );
+            rps.push(w.rps());
+            p99.push(w.p99_us as f64 / 1e6);
+        }
+    }
+    // The batch exporter sends on its own schedule: give it a moment to deliver.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let spans = sink.spans.load(Ordering::Relaxed) - spans_before;
+    let log_bytes = running
+        .iter()
+        .find(|(m, ..)| *m == Telemetry::Default)
+        .and_then(|(_, r, ..)| fs::metadata(&r.proc.log).ok())
+        .map_or(0, |m| m.len());
+    ensure!(
+        spans > 0,
+        "the tracing run exported no span to the OTLP sink"
+    );
+    let off = mean(&running[0].2);
+    let mut rows = Vec::new();
+    for (mode, _, rps, p99) in &running {
+        rows.push(vec![
+            mode.label().to_owned(),
+            rps.iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(" / "),
+            format!("{:.0}", mean(rps)),
+            format!("{:.1}%", 100.0 * mean(rps) / off),
+            ms(mean(p99)),
+        ]);
+        match mode {
+            Telemetry::Metrics => suite.report.target(
+                "telemetry: metrics only at least 95% of off",
+                format!("{:.1}%", 100.0 * mean(rps) / off),
+                mean(rps) >= 0.95 * off,
+            ),
+            Telemetry::Tracing(_) => suite.report.target(
+                "telemetry: metrics + full tracing at least 85% of off",
+                format!("{:.1}%", 100.0 * mean(rps) / off),
+                mean(rps) >= 0.85 * off,
+            ),
+            _ => {}
+        }
+    }
+    let body = format!(
+        "Cache-hit throughput of the proxy (one warm key, `wrk {}`, {} alternating round(s)) \
+         in four telemetry set-ups: *off* is `SCORE_PROXY_METRICS=false RUST_LOG=off`; *metrics \
+         only* `SCORE_PROXY_METRICS=true RUST_LOG=off`; *metrics + tracing* adds \
+         `OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:PORT OTEL_TRACES_SAMPLER=always_on`, PORT \
+         being a small OTLP/HTTP sink in the harness (it decodes each export to count spans, on \
+         the same 2 cores); *default* is the shipped configuration, metrics on and the access \
+         log at `info`, written to a file.\n\n{}\n\
+         The sink received {} export requests, {} bytes, {spans} spans during the measurement; \
+         the default run's access log grew to {}.\n",
+        suite.plan.wrk_args(),
+        suite.plan.rounds,
+        table(
+            &[
+                "telemetry",
+                "req/s per round",
+                "req/s (mean)",
+                "of off",
+                "p99"
+            ],
+            &rows
+        ),
+        sink.requests.load(Ordering::Relaxed),
+        sink.bytes.load(Ordering::Relaxed),
+        mib(log_bytes),
+    );
+    drop(running);
+    sink_task.abort();
+    suite.report.section("5. Telemetry cost", body);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenario 6: memory per cached entry (in a child process)
+// ---------------------------------------------------------------------------------------
+
+fn rss_self() -> u64 {
+    // /proc/self/statm's second field is resident pages; VmRSS is the same number in kB,
+    // which spares asking for the page size.
+    proc_status_kb(std::process::id(), "VmRSS:").unwrap_or(0) * 1024
+}
+
+/// Fills a `LocalCache` with `n` entries as the proxy would (keys from `parse_lookup`, bodies
+/// built the way `upstream::read_capped` builds them) and prints one JSON line.
+fn memory_child(n: usize) -> ExitCode {
+    let before = rss_self();
+    let cache = LocalCache::new(
+        &CacheConfig {
+            ttl: Duration::from_secs(300),
+            stale_for: Duration::ZERO,
+            max_entries: (n as u64) * 2,
+        },
+        |_| {},
+    );
+    let mut body_bytes = 0usize;
+    let mut inserted = 0usize;
+    let mut base = 300_000_000u32;
+    while inserted < n {
+        base += 1;
+        let Some(cpf) = Cpf::from_base(base) else {
+            continue;
+        };
+        let query = format!("cpf={cpf}&client_id=client-{:03}", inserted % 100);
+        let key = parse_lookup(Some(&query), None).expect("a valid lookup");
+        let json = format!(
+            r#"{{"cpf":"{cpf}","score":{},"request_id":{}}}"#,
+            300 + inserted % 600,
+            inserted + 1
+        );
+        body_bytes += json.len();
+        let mut body = BytesMut::new();
+        body.extend_from_slice(json.as_bytes());
+        cache.insert(
+            key,
+            CachedScore {
+                body: body.freeze(),
+                fetched_at: Instant::now(),
+            },
+        );
+        inserted += 1;
+    }
+    cache.sync();
+    let entries = cache.entry_count();
+    let after = rss_self();
+    println!(
+        "{}",
+        serde_json::json!({
+            "n": n,
+            "entries": entries,
+            "rss_before": before,
+            "rss_after": after,
+            "body_bytes": body_bytes,
+        })
+    );
+    // Keep the cache alive until the measurement is printed.
+    drop(cache);
+    ExitCode::SUCCESS
+}
+
+async fn scenario_memory(suite: &mut Suite) -> Result<()> {
+    println!("== 6. memory per cached entry");
+    let n = suite.plan.memory_entries;
+    let exe = std::env::current_exe()?;
+    let out = tokio::process::Command::new(exe)
+        .args(["--memory-child", &n.to_string()])
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "memory child failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(line.trim())?;
+    let get = |k: &str| v[k].as_u64().unwrap_or(0);
+    let (before, after, body, entries) = (
+        get("rss_before"),
+        get("rss_after"),
+        get("body_bytes"),
+        get("entries"),
+    );
+    ensure!(
+        entries == n as u64,
+        "the cache holds {entries} entries, not {n}"
+    );
+    let per_entry = (after as f64 - before as f64 - body as f64) / n as f64;
+    let avg_body = body as f64 / n as f64;
+    println!("  {n} entries: {per_entry:.0} bytes per entry beyond the body");
+    suite.report.target(
+        format!("memory: under 300 bytes per entry beyond the body ({n} entries)"),
+        format!("{per_entry:.0} bytes"),
+        per_entry < 300.0,
+    );
+    let body = format!(
+        "Measured on the cache component itself (`score_proxy::cache::LocalCache`), in a child \
+         process of the harness: filling a live proxy with {n} entries through a 1 call/s \
+         upstream would take days. Keys come from `parse_lookup` (100 distinct client ids, each \
+         entry with its own `Arc<str>` as a request's would be), bodies are ~{avg_body:.0}-byte \
+         JSON answers built through `BytesMut` as `upstream::read_capped` builds them; moka's \
+         housekeeping is run (`sync`) before measuring. Resident memory is read from \
+         `/proc/self/status` (VmRSS) before creating the cache and after filling it.\n\n{}",
+        table(
+            &[
+                "entries",
+                "RSS before",
+                "RSS after",
+                "JSON bodies",
+                "per entry, beyond the body"
+            ],
+            &[vec![
+                entries.to_string(),
+                mib(before),
+                mib(after),
+                mib(body),
+                format!("**{per_entry:.0} bytes**"),
+            ]]
+        )
+    );
+    suite.report.section("6. Memory per cached entry", body);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Machine facts and the report file
+// ---------------------------------------------------------------------------------------
+
+fn command_output(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| {
+            let mut s = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+            if s.is_empty() {
+                s = String::from_utf8_lossy(&o.stderr).trim().to_owned();
+            }
+            s.lines().next().unwrap_or("").to_owned()
+        })
+        .unwrap_or_else(|_| "not found".into())
+}
+
+fn machine_facts() -> String {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("unknown")
+        .trim()
+        .to_owned();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("MemTotal"))
+        .unwrap_or("")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|k| k.parse::<u64>().ok())
+        .map_or("unknown".into(), |kb| mib(kb * 1024));
+    let os = fs::read_to_string("/etc/os-release")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .unwrap_or("unknown")
+        .trim_matches('"')
+        .to_owned();
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let commit = command_output(
+        "git",
+        &[
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "rev-parse",
+            "--short",
+            "HEAD",
+        ],
+    );
+    let dirty = Command::new("git")
+        .args([
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "status",
+            "--porcelain",
+            "--",
+            "src",
+        ])
+        .output()
+        .map(|o| !o.stdout.is_empty())
+        .unwrap_or(false);
+    let rows = vec![
+        vec![
+            "date (UTC)".into(),
+            command_output("date", &["-u", "+%Y-%m-%d %H:%M"]),
+        ],
+        vec!["CPU".into(), format!("{model}, {cores} cores visible")],
+        vec!["memory".into(), mem],
+        vec!["OS, kernel".into(), format!("{os}, Linux {kernel}")],
+        vec![
+            "load average at start".into(),
+            load.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" "),
+        ],
+        vec![
+            "nginx".into(),
+            command_output(
+                on_path("nginx")
+                    .map_or("nginx".into(), |p| p.display().to_string())
+                    .as_str(),
+                &["-v"],
+            ),
+        ],
+        vec!["wrk".into(), command_output("wrk", &["-v"])],
+        vec!["rustc".into(), command_output("rustc", &["-V"])],
+        vec![
+            "score-proxy".into(),
+            format!(
+                "commit {commit}{} (release profile)",
+                if dirty {
+                    " with uncommitted changes in src/"
+                } else {
+                    ""
+                }
+            ),
+        ],
+    ];
+    table(&["what", "value"], &rows)
+}
+
+const MARKER: &str = "<!-- HAND-WRITTEN: everything below this line is kept when the benchmark rewrites this file -->";
+
+fn render(suite: &Suite, facts: &str, scenarios: &[&str], elapsed: Duration) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Benchmarks: score-proxy against nginx\n");
+    let _ = writeln!(
+        s,
+        "Generated by `benches/compare.rs` ({} run of {}, {:.0} s). The part above the \
+         hand-written marker is rewritten by every run; do not edit it by hand.\n",
+        if suite.plan.quick { "quick" } else { "full" },
+        scenarios.join(", "),
+        elapsed.as_secs_f64()
+    );
+    let _ = writeln!(s, "## Machine\n\n{facts}");
+    let _ = writeln!(
+        s,
+        "Everything runs on this one machine over loopback: the simulator, the proxy or nginx, \
+         and the load generator, which competes with them for the same cores. Other work on the \
+         machine (see the load average) adds noise; compare the ratios, which are measured in \
+         the same run, rather than absolute numbers.\n"
+    );
+    let _ = writeln!(
+        s,
+        "## How to reproduce\n\n```sh\n\
+         apt-get install -y nginx wrk          # once\n\
+         scripts/bench.sh                      # cargo build --release, then the full suite; writes this file\n\
+         scripts/bench.sh --quick              # the CI smoke test: small sizes, no thresholds\n\
+         scripts/bench.sh --only hits,memory   # some scenarios (report under target/bench-report/)\n\
+         # or, by hand:\n\
+         cargo build --release && cargo bench --bench compare -- [--quick] [--only S] [--out PATH]\n\
+         ```\n\n\
+         Each run starts its own processes on free loopback ports: `target/release/score-proxy \
+         simulate-upstream`, the proxy (`target/release/score-proxy --listen ... --upstream-url \
+         ...`), and `nginx -p TMP -e TMP/error.log -c TMP/nginx.conf -g 'daemon off;'`; the cache \
+         hits run `wrk {} -s bench/wrk.lua URL` with `BENCH_KEYS` naming the file of request \
+         paths.\n",
+        suite.plan.wrk_args()
+    );
+    let confs = suite
+        .written_confs
+        .iter()
+        .map(|p| {
+            format!(
+                "`{}`",
+                p.strip_prefix(manifest_dir()).unwrap_or(p).display()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let _ = writeln!(
+        s,
+        "## The rival\n\nnginx {}, configured from `bench/nginx.conf.template` as a capable \
+         operator would: an outer server with `proxy_cache` keyed on `$arg_client_id:$arg_cpf`, \
+         `proxy_cache_valid 200 300s`, `proxy_cache_lock on` (lock timeout and age raised to 60 s \
+         so that waiters behind a paced fetch never go upstream on their own); an inner server \
+         with `limit_req zone=pace burst=20` on one shared key, `limit_req_status 429`, passing \
+         `client-id` as a header; keep-alive to both upstreams; `worker_processes auto`; \
+         `access_log off`. It runs at the nominal `rate=1r/s` and at `rate=59r/m`, the rate an \
+         operator tunes it to once the strict upstream penalises 1r/s. The exact files used: \
+         {}.\n",
+        command_output(
+            on_path("nginx")
+                .map_or("nginx".into(), |p| p.display().to_string())
+                .as_str(),
+            &["-v"]
+        )
+        .trim_start_matches("nginx version: "),
+        if confs.is_empty() {
+            "none in this run".into()
+        } else {
+            confs
+        },
+    );
+    let _ = writeln!(s, "## Targets\n");
+    let rows: Vec<Vec<String>> = suite
+        .report
+        .targets
+        .iter()
+        .map(|t| {
+            vec![
+                t.target.clone(),
+                t.measured.clone(),
+                match t.verdict {
+                    Verdict::Met => "met".into(),
+                    Verdict::Missed => "**missed**".into(),
+                },
+            ]
+        })
+        .collect();
+    let _ = writeln!(
+        s,
+        "{}",
+        table(&["target (score-proxy)", "measured", "verdict"], &rows)
+    );
+    for (title, body) in &suite.report.sections {
+        let _ = writeln!(s, "## {title}\n\n{body}");
+    }
+    s
+}
+
+fn write_report(path: &Path, generated: &str) -> Result<()> {
+    let kept = fs::read_to_string(path)
+        .ok()
+        .and_then(|old| old.find(MARKER).map(|i| old[i..].to_owned()))
+        .unwrap_or_else(|| format!("{MARKER}\n\n## Analysis\n\n(to be written)\n"));
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(path, format!("{generated}\n{kept}"))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+// ---------------------------------------------------------------------------------------
+// Main
+// ---------------------------------------------------------------------------------------
+
+async fn run(args: Args) -> Result<()> {
+    let started = Instant::now();
+    now_s();
+    let plan = Plan::new(args.quick);
+    let scenarios: Vec<&str> = SCENARIOS
+        .iter()
+        .copied()
+        .filter(|s| args.only.as_ref().is_none_or(|o| o.iter().any(|x| x == s)))
+        .collect();
+    let partial = plan.quick || args.only.is_some();
+    let report_dir = manifest_dir().join("target/bench-report");
+    let out = args.out.clone().unwrap_or_else(|| {
+        if partial {
+            report_dir.join("BENCHMARKS.md")
+        } else {
+            manifest_dir().join("BENCHMARKS.md")
+        }
+    });
+    let conf_dir = if partial {
+        report_dir.clone()
+    } else {
+        manifest_dir().join("bench")
+    };
+
+    let bin = proxy_bin()?;
+    if scenarios.iter().any(|s| *s != "memory") {
+        on_path("nginx").context(
+            "nginx is not on PATH: install it with `apt-get install -y nginx` (CI does)",
+        )?;
+    }
+    if scenarios.iter().any(|s| matches!(*s, "hits" | "telemetry")) {
+        on_path("wrk")
+            .context("wrk is not on PATH: install it with `apt-get install -y wrk` (CI does)")?;
+    }
+    let facts = machine_facts();
+    println!(
+        "compare: {} run of {} with {}",
+        if plan.quick { "quick" } else { "full" },
+        scenarios.join(", "),
+        bin.display()
+    );
+
+    let ws = Workspace::new()?;
+    let client = client()?;
+    let sim = Sim::start(&bin, &ws, &client).await?;
+    println!(
+        "compare: simulator on port {} (clock offset measured to ±{:.2} ms)",
+        sim.port,
+        sim.offset_error * 1e3
+    );
+    let mut suite = Suite {
+        plan,
+        bin,
+        ws,
+        client,
+        sim,
+        conf_dir,
+        written_confs: Vec::new(),
+        instances: AtomicU64::new(0),
+        report: Report::default(),
+    };
+    for s in &scenarios {
+        let t = Instant::now();
+        match *s {
+            "burst" => scenario_burst(&mut suite).await,
+            "identical" => scenario_identical(&mut suite).await,
+            "hits" => scenario_hits(&mut suite).await,
+            "overload" => scenario_overload(&mut suite).await,
+            "telemetry" => scenario_telemetry(&mut suite).await,
+            "memory" => scenario_memory(&mut suite).await,
+            _ => unreachable!("scenario names are checked when parsed"),
+        }
+        .with_context(|| format!("scenario {s}"))?;
+        println!("   ({s} took {:.0} s)", t.elapsed().as_secs_f64());
+        if let Some(status) = suite.sim.proc.exited() {
+            bail!(
+                "the simulator exited ({status}) during {s}; its log:\n{}",
+                suite.sim.proc.log_tail()
+            );
+        }
+    }
+    let generated = render(&suite, &facts, &scenarios, started.elapsed());
+    write_report(&out, &generated)?;
+    let missed = suite
+        .report
+        .targets
+        .iter()
+        .filter(|t| t.verdict == Verdict::Missed)
+        .count();
+    println!(
+        "compare: done in {:.0} s; {} targets, {missed} missed (reported, not a failure); \
+         report written to {}",
+        started.elapsed().as_secs_f64(),
+        suite.report.targets.len(),
+        out.display()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("compare: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(n) = args.memory_child {
+        return memory_child(n);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("compare: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(args));
+    // Stops the sink and any task still holding a connection before the exit code is set.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("compare: FAILED: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Shows a progress line that has no newline yet.
+fn flush() {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+}

@@ -1,0 +1,153 @@
+//! The OpenAPI description (`src/openapi.json`, served at `/openapi.json`) against the code
+//! it describes: every route of the public listener is in it and nothing else, the error
+//! kinds are exactly those `error.rs` can produce, and the live app serves the document.
+//! `scripts/schemathesis.sh` then checks live responses against it.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use score_proxy::error::ProxyError;
+use serde_json::Value;
+
+const SPEC: &str = include_str!("../src/openapi.json");
+
+/// The routes `http::router` registers on the public listener (with `--public-metrics`,
+/// the default). Kept by hand on purpose: adding a route should mean updating this list,
+/// the document and the README together.
+const ROUTES: [&str; 6] = [
+    "/proxy/score",
+    "/health",
+    "/ready",
+    "/status",
+    "/metrics",
+    "/openapi.json",
+];
+
+fn spec() -> Value {
+    serde_json::from_str(SPEC).expect("src/openapi.json is valid JSON")
+}
+
+fn paths(spec: &Value) -> BTreeSet<String> {
+    spec["paths"]
+        .as_object()
+        .expect("paths is an object")
+        .keys()
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn document_is_openapi_3_0_with_every_public_route() {
+    let spec = spec();
+    assert_eq!(spec["openapi"], "3.0.3");
+    let documented = paths(&spec);
+    let expected: BTreeSet<String> = ROUTES.iter().map(|s| s.to_string()).collect();
+    assert_eq!(
+        documented, expected,
+        "documented paths vs the router's routes"
+    );
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        let methods: Vec<&String> = item.as_object().unwrap().keys().collect();
+        assert_eq!(methods, ["get"], "{path}: only GET is served");
+        let responses = item["get"]["responses"].as_object().unwrap();
+        assert!(responses.contains_key("200"), "{path}: no 200");
+    }
+}
+
+/// The hand-kept list above against the source of `http::router`, so that a route added
+/// there without being documented fails here rather than in production.
+#[test]
+fn route_list_matches_the_router_source() {
+    let source = include_str!("../src/http.rs");
+    let start = source
+        .find("pub fn router(")
+        .expect("http.rs defines `pub fn router`");
+    let body = &source[start..];
+    let end = body.find("\n}\n").expect("end of `router`");
+    let registered: BTreeSet<String> = body[..end]
+        .split(".route(\"")
+        .skip(1)
+        .map(|rest| rest.split('"').next().unwrap().to_owned())
+        .collect();
+    let expected: BTreeSet<String> = ROUTES.iter().map(|s| s.to_string()).collect();
+    assert_eq!(registered, expected, "routes registered in http::router");
+}
+
+#[test]
+fn error_kinds_are_exactly_those_of_error_rs() {
+    let spec = spec();
+    let documented: BTreeSet<&str> = spec["components"]["schemas"]["ErrorKind"]["enum"]
+        .as_array()
+        .expect("ErrorKind has an enum")
+        .iter()
+        .map(|v| v.as_str().expect("kinds are strings"))
+        .collect();
+    let mut expected: BTreeSet<&str> = ProxyError::KINDS.into_iter().collect();
+    expected.extend(["not_found", "method_not_allowed"]);
+    assert_eq!(documented, expected);
+}
+
+/// Every `$ref` points at something that exists (schemathesis would otherwise fail on
+/// load, far from the mistake).
+#[test]
+fn every_reference_resolves() {
+    fn walk(v: &Value, root: &Value, seen: &mut usize) {
+        match v {
+            Value::Object(map) => {
+                if let Some(Value::String(r)) = map.get("$ref") {
+                    let pointer = r.strip_prefix('#').expect("local reference");
+                    assert!(root.pointer(pointer).is_some(), "dangling $ref {r}");
+                    *seen += 1;
+                }
+                map.values().for_each(|x| walk(x, root, seen));
+            }
+            Value::Array(items) => items.iter().for_each(|x| walk(x, root, seen)),
+            _ => {}
+        }
+    }
+    let spec = spec();
+    let mut seen = 0;
+    walk(&spec, &spec, &mut seen);
+    assert!(seen > 0);
+}
+
+/// Each documented route answers on a live app (not the 404 fallback), and
+/// `/openapi.json` serves this very document as JSON.
+#[tokio::test]
+async fn every_documented_route_is_served() {
+    let app = common::spawn(common::Setup::default()).await;
+    for path in ROUTES {
+        let url = match path {
+            // A lookup with a bad CPF: answered by the route (400), no upstream call.
+            "/proxy/score" => "/proxy/score?cpf=12345678900&client_id=000".to_owned(),
+            p => p.to_owned(),
+        };
+        let reply = app.get(&url).await;
+        assert_ne!(reply.status, 404, "{path} is documented but not served");
+        let body = reply.json();
+        assert_ne!(body["error"], "not_found", "{path}: {}", reply.body);
+    }
+    let unknown = app.get("/no-such-route").await;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.json()["error"], "not_found");
+
+    let doc = app.get("/openapi.json").await;
+    assert_eq!(doc.status, 200);
+    let content_type = doc.header("content-type").unwrap_or_default();
+    assert!(
+        content_type.starts_with("application/json"),
+        "content-type {content_type}"
+    );
+    assert_eq!(
+        doc.json(),
+        spec(),
+        "served document differs from src/openapi.json"
+    );
+    assert_eq!(
+        app.sim.calls(),
+        0,
+        "no route here should reach the upstream"
+    );
+    app.shutdown().await.expect("clean shutdown");
+}
