@@ -315,9 +315,12 @@ struct Readiness {
     status: &'static str,
     lifecycle: &'static str,
     penalty_active: bool,
+    breaker: &'static str,
 }
 
 /// Readiness: 503 once shutdown has begun, so load balancers stop sending new lookups.
+/// An open circuit breaker is reported but does not make the proxy unready: cached answers
+/// are still served, and every replica shares the same failing upstream anyway.
 async fn ready(State(app): State<Arc<App>>) -> Response {
     let lifecycle = app.lifecycle();
     let body = Readiness {
@@ -328,6 +331,7 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
         },
         lifecycle: lifecycle_name(lifecycle),
         penalty_active: app.limiter.penalty_until().is_some(),
+        breaker: app.breaker.state().as_str(),
     };
     let code = if lifecycle == Lifecycle::Running {
         StatusCode::OK

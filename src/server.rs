@@ -51,15 +51,12 @@ pub struct Server {
 impl Server {
     /// Builds the app and binds its listeners (nothing is served until [`Server::run`]).
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let listener =
+            listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
         let admin = match config.admin_listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen on {addr} (admin)"))?,
-            ),
+            Some(addr) => {
+                Some(listen(addr).with_context(|| format!("cannot listen on {addr} (admin)"))?)
+            }
             None => None,
         };
         let app = App::new(config)?;
@@ -147,6 +144,21 @@ impl Server {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Connections the kernel may hold for us before we accept them: a burst of clients
+/// connecting at once should wait in the backlog, not retry their SYNs a second later.
+const BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// Accepts connections until `stop`, then keeps answering newcomers `503` until every open
