@@ -130,6 +130,11 @@ fn loadgen(args: score_proxy::loadgen::LoadgenArgs) -> ExitCode {
     let result = runtime().block_on(async {
         let report = score_proxy::loadgen::run(args).await?;
         println!("{}", serde_json::to_string_pretty(&report)?);
+        anyhow::ensure!(
+            report.is_complete(),
+            "could not provoke: {}",
+            report.missing.join(", ")
+        );
         Ok(())
     });
     exit_code(result)

@@ -154,8 +154,11 @@ impl App {
                 ProxyError::InvalidQuery(e)
             })?
         };
-        request_span.record("score_proxy.cpf", redact::cpf(key.cpf));
-        request_span.record("score_proxy.client", redact::client(&key.client_id));
+        if !request_span.is_disabled() {
+            // Keyed-hash tags, never the values; computed only when a span records them.
+            request_span.record("score_proxy.cpf", redact::cpf(key.cpf));
+            request_span.record("score_proxy.client", redact::client(&key.client_id));
+        }
 
         // 2. Cache, keyed by client id and CPF: a hit never leaves this process.
         let cached = {

@@ -4,6 +4,7 @@
 //! Nothing here allocates more than the client id it keeps, and nothing reaches the upstream
 //! unless it passed these checks: a CPF that fails them costs no upstream budget.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -268,14 +269,14 @@ pub fn parse_lookup(
     raw_query: Option<&str>,
     default_client_id: Option<&ClientId>,
 ) -> Result<LookupKey, QueryError> {
-    let mut cpf_raw: Option<String> = None;
-    let mut client_raw: Option<String> = None;
+    let mut cpf_raw: Option<Cow<'_, str>> = None;
+    let mut client_raw: Option<Cow<'_, str>> = None;
     for pair in raw_query.unwrap_or("").split('&') {
         if pair.is_empty() {
             continue;
         }
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let (slot, label) = match decode(name, "parameter name")?.as_str() {
+        let (slot, label) = match &*decode(name, "parameter name")? {
             "cpf" => (&mut cpf_raw, "cpf"),
             "client_id" => (&mut client_raw, "client_id"),
             _ => continue,
@@ -296,18 +297,16 @@ pub fn parse_lookup(
     Ok(LookupKey { client_id, cpf })
 }
 
-/// `application/x-www-form-urlencoded` decoding: `+` is a space, `%XX` a byte.
-fn decode(raw: &str, label: &'static str) -> Result<String, QueryError> {
-    let spaced;
-    let raw = if raw.contains('+') {
-        spaced = raw.replace('+', " ");
-        spaced.as_str()
-    } else {
-        raw
-    };
-    percent_decode(raw.as_bytes())
+/// `application/x-www-form-urlencoded` decoding: `+` is a space, `%XX` a byte. Borrows
+/// when there is nothing to decode (the usual case), so a plain query allocates nothing.
+fn decode<'a>(raw: &'a str, label: &'static str) -> Result<Cow<'a, str>, QueryError> {
+    if !raw.bytes().any(|b| b == b'%' || b == b'+') {
+        return Ok(Cow::Borrowed(raw));
+    }
+    let spaced = raw.replace('+', " ");
+    percent_decode(spaced.as_bytes())
         .decode_utf8()
-        .map(|s| s.into_owned())
+        .map(|s| Cow::Owned(s.into_owned()))
         .map_err(|_| QueryError::NotUtf8(label))
 }
 

@@ -1,0 +1,520 @@
+#!/usr/bin/env python3
+"""Static checks of the observability stack, with no Docker engine and no network.
+
+- docker-compose.yml validates against the vendored Compose Specification schema
+  (deploy/compose-spec.json), has the services and ports the stack promises, and every
+  file or directory it mounts or builds from exists;
+- the container paths the services are told to read (Prometheus's --config.file,
+  Grafana's home dashboard and dashboard provider path) land on mounted repository files;
+- the Prometheus config's rule files exist, and so do the rule files of every unit test;
+- every Grafana data source has a fixed uid, and points at a compose service;
+- every dashboard in dashboards/ is well-formed Grafana JSON: unique uid, unique panel ids,
+  grid positions inside the 24-column grid and not overlapping, every panel and query with
+  a provisioned data source uid, every template variable it uses defined.
+
+Exit status 0 when everything holds; 1, with one line per problem, otherwise.
+Needs Python 3.11 with pyyaml and jsonschema.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+import sys
+import urllib.parse
+from pathlib import Path, PurePosixPath
+
+try:
+    import jsonschema
+    import yaml
+except ImportError as e:  # pragma: no cover - environment problem
+    sys.exit(f"check_static.py: missing Python module ({e}); run: pip install pyyaml jsonschema")
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+SCHEMA = ROOT / "deploy" / "compose-spec.json"
+PROM_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+PROM_TESTS = ROOT / "deploy" / "prometheus" / "tests"
+DATASOURCES = ROOT / "deploy" / "grafana" / "provisioning" / "datasources"
+DASHBOARD_PROVIDERS = ROOT / "deploy" / "grafana" / "provisioning" / "dashboards"
+DASHBOARDS = ROOT / "dashboards"
+
+# What the issue promises: these services, and these ports published on the host.
+REQUIRED_SERVICES = {"proxy", "upstream", "prometheus", "grafana", "jaeger", "loadgen"}
+REQUIRED_PORTS = {"proxy": 8000, "grafana": 3000, "prometheus": 9090, "jaeger": 16686}
+REQUIRED_DASHBOARDS = {"score-proxy-overview.json": "score-proxy", "upstream-budget.json": None}
+
+# Data source uids Grafana itself provides (built-in annotations, mixed queries).
+BUILTIN_DATASOURCE_UIDS = {"-- Grafana --", "grafana", "-- Mixed --", "-- Dashboard --"}
+# Variables Grafana defines itself.
+BUILTIN_VARIABLES = {
+    "__interval",
+    "__interval_ms",
+    "__rate_interval",
+    "__rate_interval_ms",
+    "__range",
+    "__range_s",
+    "__range_ms",
+    "__from",
+    "__to",
+    "__dashboard",
+    "__org",
+    "__user",
+    "__name",
+    "__value",
+    "__series",
+    "__field",
+    "__data",
+    "__cell",
+    "__all",
+    "timeFilter",
+    "__timeFilter",
+}
+# Grafana's variable syntax: $name, [[name]], [[name:fmt]], ${name}, ${name.path}, ${name:fmt}.
+VARIABLE = re.compile(r"\$(\w+)|\[\[(\w+?)(?::(\w+))?\]\]|\$\{(\w+)(?:\.([^:^}]+))?(?::([^}]+))?\}")
+
+problems: list[str] = []
+
+
+def problem(msg: str) -> None:
+    problems.append(msg)
+
+
+def rel(p: Path) -> str:
+    try:
+        return str(p.relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
+# ------------------------------------------------------------------ compose
+
+
+def load_yaml(path: Path):
+    try:
+        with path.open() as f:
+            return yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        problem(f"{rel(path)}: cannot be read as YAML: {e}")
+        return None
+
+
+def check_compose_schema(compose: dict) -> None:
+    try:
+        schema = json.loads(SCHEMA.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        problem(f"{rel(SCHEMA)}: cannot be read as JSON: {e}")
+        return
+    validator_cls = jsonschema.validators.validator_for(schema)
+    validator_cls.check_schema(schema)
+    validator = validator_cls(schema)
+    errors = sorted(validator.iter_errors(compose), key=lambda e: list(e.absolute_path))
+    for e in errors:
+        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        problem(f"{rel(COMPOSE)}: does not validate against the Compose Specification at {where}: {e.message}")
+
+
+def published_ports(service: dict) -> set[int]:
+    out = set()
+    for p in service.get("ports", []) or []:
+        if isinstance(p, dict):
+            if p.get("published") is not None:
+                out.add(int(str(p["published"]).split("-")[0]))
+        else:
+            spec = str(p).split("/")[0]
+            parts = spec.split(":")
+            if len(parts) >= 2:
+                out.add(int(parts[-2].split("-")[0]))
+    return out
+
+
+def mounts(service: dict) -> list[tuple[str, str]]:
+    """(host source, container target) of every bind mount; named volumes are skipped."""
+    out = []
+    for v in service.get("volumes", []) or []:
+        if isinstance(v, dict):
+            if v.get("type") == "bind" and v.get("source"):
+                out.append((v["source"], v.get("target", "")))
+        else:
+            parts = str(v).split(":")
+            if len(parts) >= 2 and (parts[0].startswith(".") or parts[0].startswith("/") or parts[0].startswith("~")):
+                out.append((parts[0], parts[1]))
+    return out
+
+
+def host_path_for(service: dict, container_path: str) -> Path | None:
+    """The repository path a container path maps to through the service's bind mounts."""
+    target = PurePosixPath(container_path)
+    best = None
+    for source, mount_target in mounts(service):
+        mt = PurePosixPath(mount_target)
+        if target == mt or mt in target.parents:
+            if best is None or len(str(mt)) > len(str(best[1])):
+                best = (source, mt)
+    if best is None:
+        return None
+    source, mt = best
+    return (ROOT / source / target.relative_to(mt)).resolve()
+
+
+def check_compose(compose: dict) -> None:
+    services = compose.get("services") or {}
+    missing = REQUIRED_SERVICES - set(services)
+    if missing:
+        problem(f"{rel(COMPOSE)}: missing services: {', '.join(sorted(missing))}")
+    for name, port in REQUIRED_PORTS.items():
+        if name in services and port not in published_ports(services[name]):
+            problem(f"{rel(COMPOSE)}: service {name} must publish port {port}")
+
+    for name, service in services.items():
+        # Images pulled from a registry are pinned: `docker compose up` must mean the same
+        # stack next year. (A service that builds its image names it as it likes.)
+        image = service.get("image")
+        if image and "build" not in service:
+            tag = image.rsplit("/", 1)[-1].partition(":")[2]
+            if "@sha256:" not in image and (not tag or tag == "latest"):
+                problem(f"{rel(COMPOSE)}: service {name} uses image {image!r}: pin a version tag")
+        # Every bind-mounted file or directory exists.
+        for source, target in mounts(service):
+            path = (ROOT / source).resolve()
+            if not path.exists():
+                problem(f"{rel(COMPOSE)}: service {name} mounts {source} (at {target}), which does not exist")
+        # Build context and Dockerfile exist.
+        build = service.get("build")
+        if build is not None:
+            context = build if isinstance(build, str) else build.get("context", ".")
+            ctx = (ROOT / context).resolve()
+            if not ctx.is_dir():
+                problem(f"{rel(COMPOSE)}: service {name} builds from {context}, which is not a directory")
+            if isinstance(build, dict) and "dockerfile_inline" not in build:
+                dockerfile = ctx / build.get("dockerfile", "Dockerfile")
+                if not dockerfile.is_file():
+                    problem(f"{rel(COMPOSE)}: service {name} builds with {rel(dockerfile)}, which does not exist")
+        # env files exist.
+        env_files = service.get("env_file") or []
+        if isinstance(env_files, str):
+            env_files = [env_files]
+        for ef in env_files:
+            path = ef if isinstance(ef, str) else ef.get("path")
+            required = True if isinstance(ef, str) else ef.get("required", True)
+            if required and not (ROOT / path).is_file():
+                problem(f"{rel(COMPOSE)}: service {name} reads env file {path}, which does not exist")
+        # depends_on names existing services.
+        deps = service.get("depends_on") or []
+        for dep in deps if isinstance(deps, list) else deps.keys():
+            if dep not in services:
+                problem(f"{rel(COMPOSE)}: service {name} depends on unknown service {dep}")
+
+    if (ROOT / ".dockerignore").is_file() is False:
+        problem(".dockerignore is missing: the build context would include target/")
+
+    # The proxy: healthcheck on /health, traces to the jaeger service over OTLP.
+    proxy = services.get("proxy", {})
+    test = proxy.get("healthcheck", {}).get("test")
+    if "/health" not in json.dumps(test):
+        problem(f"{rel(COMPOSE)}: the proxy's healthcheck must probe /health")
+    env = proxy.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(e.split("=", 1) for e in env if "=" in e)
+    endpoint = str(env.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""))
+    if urllib.parse.urlsplit(endpoint).hostname not in services:
+        problem(f"{rel(COMPOSE)}: the proxy's OTEL_EXPORTER_OTLP_ENDPOINT ({endpoint!r}) must name a compose service")
+
+    # Prometheus reads a config file that is mounted from the repository, and that file is
+    # deploy/prometheus/prometheus.yml.
+    prom = services.get("prometheus", {})
+    command = prom.get("command") or []
+    if isinstance(command, str):
+        command = command.split()
+    config_args = [c.split("=", 1)[1] for c in command if str(c).startswith("--config.file=")]
+    if not config_args:
+        problem(f"{rel(COMPOSE)}: prometheus must be given --config.file")
+    for arg in config_args:
+        host = host_path_for(prom, arg)
+        if host is None or not host.is_file():
+            problem(f"{rel(COMPOSE)}: prometheus reads {arg}, which no bind mount provides")
+        elif host != PROM_CONFIG.resolve():
+            problem(f"{rel(COMPOSE)}: prometheus reads {rel(host)}, expected {rel(PROM_CONFIG)}")
+
+    # Grafana: provisioning mounted where Grafana reads it; the dashboard provider's path
+    # and the home dashboard are mounted repository files.
+    grafana = services.get("grafana", {})
+    prov = host_path_for(grafana, "/etc/grafana/provisioning")
+    if prov is None or prov != (ROOT / "deploy" / "grafana" / "provisioning").resolve():
+        problem(f"{rel(COMPOSE)}: grafana must mount deploy/grafana/provisioning at /etc/grafana/provisioning")
+    for provider_file in sorted(DASHBOARD_PROVIDERS.glob("*.y*ml")):
+        doc = load_yaml(provider_file) or {}
+        for provider in doc.get("providers", []) or []:
+            path = (provider.get("options") or {}).get("path")
+            host = host_path_for(grafana, path) if path else None
+            if host is None or not host.is_dir():
+                problem(f"{rel(provider_file)}: provider {provider.get('name')} reads {path}, which no grafana bind mount provides")
+            elif host != DASHBOARDS.resolve():
+                problem(f"{rel(provider_file)}: provider path {path} maps to {rel(host)}, expected dashboards/")
+    genv = grafana.get("environment") or {}
+    home = genv.get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH") if isinstance(genv, dict) else None
+    if home:
+        host = host_path_for(grafana, home)
+        if host is None or not host.is_file():
+            problem(f"{rel(COMPOSE)}: grafana's home dashboard {home} is not a mounted file")
+
+
+# ------------------------------------------------------------------ prometheus
+
+
+def check_prometheus() -> None:
+    config = load_yaml(PROM_CONFIG)
+    if not isinstance(config, dict):
+        problem(f"{rel(PROM_CONFIG)}: not a YAML mapping")
+        return
+    rule_files = config.get("rule_files") or []
+    if not rule_files:
+        problem(f"{rel(PROM_CONFIG)}: no rule_files")
+    for pattern in rule_files:
+        matches = glob.glob(str(PROM_CONFIG.parent / pattern))
+        if not matches:
+            problem(f"{rel(PROM_CONFIG)}: rule_files entry {pattern!r} matches no file")
+    jobs = [sc.get("job_name") for sc in config.get("scrape_configs") or []]
+    if "score-proxy" not in jobs:
+        problem(f"{rel(PROM_CONFIG)}: no scrape job named score-proxy (the rules and dashboards select on it)")
+
+    tests = sorted(PROM_TESTS.glob("*.yml"))
+    if not tests:
+        problem(f"{rel(PROM_TESTS)}: no rule unit tests")
+    tested = set()
+    for test in tests:
+        doc = load_yaml(test) or {}
+        for rf in doc.get("rule_files") or []:
+            path = (test.parent / rf).resolve()
+            if not path.is_file():
+                problem(f"{rel(test)}: rule file {rf} does not exist")
+            tested.add(path)
+    # Every alert rule has unit tests that mention it.
+    test_text = "\n".join(t.read_text() for t in tests)
+    for pattern in rule_files:
+        for path in map(Path, glob.glob(str(PROM_CONFIG.parent / pattern))):
+            if path.resolve() not in tested:
+                problem(f"{rel(path)}: no unit test file loads it")
+            doc = load_yaml(path) or {}
+            for group in doc.get("groups") or []:
+                for rule in group.get("rules") or []:
+                    alert = rule.get("alert")
+                    if alert and not re.search(rf"alertname:\s*{re.escape(alert)}\b", test_text):
+                        problem(f"{rel(path)}: alert {alert} has no promtool unit test")
+
+
+# ------------------------------------------------------------------ grafana
+
+
+def provisioned_datasources() -> dict[str, dict]:
+    out = {}
+    files = sorted(DATASOURCES.glob("*.y*ml"))
+    if not files:
+        problem(f"{rel(DATASOURCES)}: no data source provisioning file")
+    for f in files:
+        doc = load_yaml(f) or {}
+        for ds in doc.get("datasources") or []:
+            uid = ds.get("uid")
+            if not uid:
+                problem(f"{rel(f)}: data source {ds.get('name')} has no fixed uid")
+                continue
+            if uid in out:
+                problem(f"{rel(f)}: data source uid {uid} provisioned twice")
+            out[uid] = ds
+    return out
+
+
+def check_datasource_urls(datasources: dict[str, dict], compose: dict) -> None:
+    services = compose.get("services") or {}
+    for uid, ds in datasources.items():
+        url = urllib.parse.urlsplit(str(ds.get("url", "")))
+        if url.hostname not in services:
+            problem(f"data source {uid}: url {ds.get('url')!r} does not name a compose service")
+
+
+def walk_panels(panels: list) -> list[dict]:
+    out = []
+    for p in panels or []:
+        out.append(p)
+        out.extend(walk_panels(p.get("panels") or []))
+    return out
+
+
+def ds_uid(ds) -> str | None:
+    if isinstance(ds, dict):
+        return ds.get("uid")
+    if isinstance(ds, str):
+        return ds  # legacy: a name or uid as a string
+    return None
+
+
+def check_layout(where: str, panels: list[dict]) -> None:
+    rects = []
+    for p in panels:
+        g = p.get("gridPos")
+        title = p.get("title", "?")
+        if not isinstance(g, dict) or not all(isinstance(g.get(k), int) for k in ("x", "y", "w", "h")):
+            problem(f"{where}: panel {p.get('id')} ({title}) has no integer gridPos x/y/w/h")
+            continue
+        if g["w"] < 1 or g["h"] < 1 or g["x"] < 0 or g["y"] < 0 or g["x"] + g["w"] > 24:
+            problem(f"{where}: panel {p.get('id')} ({title}) gridPos {g} is outside the 24-column grid")
+        rects.append((p, g))
+    for i, (a, ga) in enumerate(rects):
+        for b, gb in rects[i + 1 :]:
+            if (
+                ga["x"] < gb["x"] + gb["w"]
+                and gb["x"] < ga["x"] + ga["w"]
+                and ga["y"] < gb["y"] + gb["h"]
+                and gb["y"] < ga["y"] + ga["h"]
+            ):
+                problem(
+                    f"{where}: panels {a.get('id')} ({a.get('title')}) and {b.get('id')} ({b.get('title')}) overlap: {ga} / {gb}"
+                )
+
+
+def variables_used(text: str) -> set[str]:
+    out = set()
+    for m in VARIABLE.finditer(text):
+        name = m.group(1) or m.group(2) or m.group(4)
+        out.add(name)
+    return out
+
+
+def check_link_uids(where: str, url: str, uids: set[str]) -> None:
+    """Explore links carry their data source in the URL's JSON."""
+    if "/explore" not in url:
+        return
+    decoded = urllib.parse.unquote(url)
+    for uid in re.findall(r'"uid"\s*:\s*"([^"]+)"', decoded) + re.findall(r'"datasource"\s*:\s*"([^"]+)"', decoded):
+        if uid not in uids:
+            problem(f"{where}: link to Explore uses data source uid {uid!r}, which is not provisioned")
+
+
+def check_dashboards(datasources: dict[str, dict]) -> None:
+    uids = set(datasources)
+    files = sorted(DASHBOARDS.glob("*.json"))
+    names = {f.name for f in files}
+    for required in REQUIRED_DASHBOARDS:
+        if required not in names:
+            problem(f"dashboards/{required} is missing")
+    seen_uids: dict[str, str] = {}
+    for f in files:
+        where = rel(f)
+        try:
+            dash = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            problem(f"{where}: not valid JSON: {e}")
+            continue
+        if not isinstance(dash, dict):
+            problem(f"{where}: not a JSON object")
+            continue
+        for key, kind in (("uid", str), ("title", str), ("panels", list), ("schemaVersion", int)):
+            if not isinstance(dash.get(key), kind):
+                problem(f"{where}: missing or mistyped top-level {key!r}")
+        uid = dash.get("uid")
+        if isinstance(uid, str):
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", uid):
+                problem(f"{where}: uid {uid!r} must be 1-40 letters, digits, - or _")
+            if uid in seen_uids:
+                problem(f"{where}: uid {uid!r} also used by {seen_uids[uid]}")
+            seen_uids[uid] = where
+        expected_uid = REQUIRED_DASHBOARDS.get(f.name)
+        if expected_uid and uid != expected_uid:
+            problem(f"{where}: uid must be {expected_uid!r}, is {uid!r}")
+        if dash.get("id") not in (None,):
+            problem(f"{where}: a provisioned dashboard must have \"id\": null or no id (found {dash.get('id')!r})")
+
+        panels = dash.get("panels") or []
+        all_panels = walk_panels(panels)
+        ids = [p.get("id") for p in all_panels]
+        for pid in {i for i in ids if ids.count(i) > 1}:
+            problem(f"{where}: panel id {pid} is used more than once")
+        for p in all_panels:
+            if not isinstance(p.get("id"), int):
+                problem(f"{where}: panel {p.get('title')!r} has no integer id")
+        # Top-level panels share the grid; a collapsed row's panels share it among themselves.
+        check_layout(where, panels)
+        for p in panels:
+            if p.get("type") == "row" and p.get("collapsed") and p.get("panels"):
+                check_layout(f"{where} (row {p.get('title')!r})", p["panels"])
+
+        template_vars = {}
+        for var in (dash.get("templating") or {}).get("list") or []:
+            name = var.get("name")
+            template_vars[name] = var
+            if var.get("type") == "query":
+                vuid = ds_uid(var.get("datasource"))
+                if vuid not in uids:
+                    problem(f"{where}: variable ${name} uses data source {vuid!r}, which is not provisioned")
+        defined = set(template_vars) | BUILTIN_VARIABLES
+
+        for ann in (dash.get("annotations") or {}).get("list") or []:
+            auid = ds_uid(ann.get("datasource"))
+            if auid not in uids and auid not in BUILTIN_DATASOURCE_UIDS:
+                problem(f"{where}: annotation {ann.get('name')!r} uses data source {auid!r}, which is not provisioned")
+            for name in variables_used(ann.get("expr", "")) - defined:
+                problem(f"{where}: annotation {ann.get('name')!r} uses undefined variable ${name}")
+
+        for p in all_panels:
+            title = p.get("title", "?")
+            pwhere = f"{where}: panel {p.get('id')} ({title})"
+            if p.get("type") == "row":
+                continue
+            if not p.get("type"):
+                problem(f"{pwhere}: no type")
+            puid = ds_uid(p.get("datasource"))
+            if puid not in uids and puid not in BUILTIN_DATASOURCE_UIDS:
+                problem(f"{pwhere}: data source {puid!r} is not provisioned")
+            targets = p.get("targets") or []
+            if not targets:
+                problem(f"{pwhere}: no queries")
+            refids = [t.get("refId") for t in targets]
+            if len(set(refids)) != len(refids) or None in refids:
+                problem(f"{pwhere}: query refIds must be present and unique, got {refids}")
+            for t in targets:
+                tuid = ds_uid(t.get("datasource")) or puid
+                if tuid not in uids:
+                    problem(f"{pwhere} query {t.get('refId')}: data source {tuid!r} is not provisioned")
+                if datasources.get(tuid, {}).get("type") == "prometheus" and not str(t.get("expr", "")).strip():
+                    problem(f"{pwhere} query {t.get('refId')}: empty expr")
+                for name in variables_used(str(t.get("expr", ""))) - defined:
+                    problem(f"{pwhere} query {t.get('refId')}: undefined variable ${name}")
+            defaults = (p.get("fieldConfig") or {}).get("defaults") or {}
+            for link in (defaults.get("links") or []) + (p.get("links") or []):
+                check_link_uids(pwhere, str(link.get("url", "")), uids)
+                internal = link.get("internal") or {}
+                if internal and internal.get("datasourceUid") not in uids:
+                    problem(f"{pwhere}: link to data source {internal.get('datasourceUid')!r}, which is not provisioned")
+        for link in dash.get("links") or []:
+            check_link_uids(where, str(link.get("url", "")), uids)
+
+
+def main() -> int:
+    compose = load_yaml(COMPOSE)
+    if isinstance(compose, dict):
+        check_compose_schema(compose)
+        check_compose(compose)
+    else:
+        problem(f"{rel(COMPOSE)}: not a YAML mapping")
+        compose = {}
+    check_prometheus()
+    datasources = provisioned_datasources()
+    check_datasource_urls(datasources, compose)
+    check_dashboards(datasources)
+
+    if problems:
+        print(f"check_static: {len(problems)} problem(s):", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
+    dashboards = sorted(p.name for p in DASHBOARDS.glob("*.json"))
+    print(
+        "check_static: OK (compose validates against the Compose Specification; mounts exist; "
+        f"prometheus config and rule tests consistent; dashboards OK: {', '.join(dashboards)})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
