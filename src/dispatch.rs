@@ -1,15 +1,16 @@
-//! The dispatcher: the one task that turns queued lookups into upstream calls.
+//! The dispatcher: the one task that turns booked slots into upstream calls.
 //!
-//! Its loop is the pacing pipeline, in order: wait for a queued lookup, take a concurrency
-//! slot, pop the next lookup in fair order, wait for the pacer, claim the start (the last
-//! chance to notice that nobody waits any more), and launch the call on its own task. Calls
-//! overlap: a slow upstream does not delay the next start, up to `max_in_flight` calls.
+//! Its loop reads as the last stages of the pipeline: wait for the next booked slot, check
+//! that a call may start (the circuit breaker, the concurrency bound, the start gate), take
+//! the next waiting lookup in fair order that someone still waits for, and launch its call on
+//! a task of its own. Calls overlap: a slow upstream does not delay the next start, up to
+//! `max_in_flight` calls. A slot that cannot be used passes unused, and the scheduler books
+//! another for the lookups still waiting.
 //!
 //! The call task handles what the upstream answered: a score goes to the cache and every
 //! waiter, a 429 pauses all calls for the penalty and puts the lookup back at the front of
 //! the queue while its deadline allows, anything else becomes an honest error.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,15 +20,16 @@ use tracing::Instrument;
 
 use crate::breaker::{Breaker, BreakerState, CallVerdict};
 use crate::cache::CachedScore;
-use crate::metrics::{Metrics, UpstreamOutcome};
-use crate::pacing::Limiter;
+use crate::metrics::{Metrics, SlotUnused, UpstreamOutcome};
+use crate::pacing::{Pacer, StartGate};
 use crate::scheduler::{Flight, Scheduler};
 use crate::telemetry;
 use crate::upstream::UpstreamClient;
 
 pub struct Dispatcher {
     pub scheduler: Arc<Scheduler>,
-    pub limiter: Arc<dyn Limiter>,
+    pub pacer: Arc<dyn Pacer>,
+    pub gate: StartGate,
     pub breaker: Arc<Breaker>,
     pub upstream: Arc<UpstreamClient>,
     pub metrics: Arc<Metrics>,
@@ -43,66 +45,72 @@ impl Dispatcher {
     /// Runs until the task is aborted.
     pub async fn run(self: Arc<Self>) {
         loop {
-            self.scheduler.wait_for_work().await;
-
-            // A concurrency slot first, so that the start the pacer grants is used at once.
-            let slot = self
-                .sweeping(self.in_flight.clone().acquire_owned())
-                .await
-                .expect("the semaphore is never closed");
+            let slot = self.next_due_slot().await;
+            // Slots lost (late, or not usable below) are booked again for who still waits.
+            self.scheduler.replenish();
+            let Some(slot) = slot else { continue };
 
             // The breaker: nothing starts while it is open, one probe while half-open.
-            self.sweeping(self.breaker_allows()).await;
-
-            let Some(next) = self.scheduler.pop_next() else {
+            if !self.breaker.may_start(Instant::now()) {
+                self.unused(SlotUnused::Breaker);
+                continue;
+            }
+            // The concurrency bound: a slow or hung upstream holds calls open.
+            let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
                 self.breaker.start_cancelled();
+                self.unused(SlotUnused::Saturated);
                 continue;
             };
-
-            let waiting_since = Instant::now();
-            let permit_span = telemetry::permit_span(&next);
-            let started = self
-                .sweeping(self.limiter.acquire())
-                .instrument(permit_span)
-                .await;
-            self.metrics.permit_wait(started - waiting_since);
-
-            let Some(flight) = self.scheduler.claim(started) else {
-                self.metrics.unused_slot();
+            // The start gate: never closer than an interval to the last real start.
+            let Some(started) = self.gate.pass(slot).await else {
+                tracing::error!("the start gate refused a booked slot; no call made");
                 self.breaker.start_cancelled();
+                self.unused(SlotUnused::Gate);
+                continue;
+            };
+            // The last check: who is next, and does anyone still wait for it?
+            let Some(flight) = self.scheduler.claim(started) else {
+                self.breaker.start_cancelled();
+                self.unused(SlotUnused::NoLookup);
                 continue;
             };
             self.metrics
                 .queue_wait(started.saturating_duration_since(flight.admitted_at));
-            tokio::spawn(self.clone().call(flight, slot, started));
+            tokio::spawn(self.clone().call(flight, permit, started));
         }
     }
 
-    /// Resolves once the breaker lets a call start (at once while it is closed).
-    async fn breaker_allows(&self) {
-        loop {
-            let mut changed = self.breaker.changed();
-            if self.breaker.may_start(Instant::now()) {
-                return;
-            }
-            let reopen = self.breaker.open_until();
-            tokio::select! {
-                _ = changed.changed() => {}
-                () = sleep_until_opt(reopen) => {}
-            }
-        }
+    fn unused(&self, why: SlotUnused) {
+        self.metrics.unused_slot(why);
+        self.scheduler.replenish();
     }
 
-    /// Awaits `fut` while answering, at their deadlines, queued lookups that can no longer
-    /// start in time (calls that take longer than predicted can push them out).
-    async fn sweeping<F: Future>(&self, fut: F) -> F::Output {
-        tokio::pin!(fut);
+    /// Waits for the earliest booked slot to be due, answering on the way lookups whose
+    /// deadline passes. Returns the slot to use, or `None` when the due slots came too late
+    /// to be used (see `Scheduler::take_due_slots`).
+    async fn next_due_slot(&self) -> Option<Instant> {
         loop {
-            let next = self.scheduler.next_deadline();
-            tokio::select! {
-                biased;
-                out = &mut fut => return out,
-                () = sleep_until_opt(next) => self.scheduler.expire(),
+            let changed = self.scheduler.changed();
+            let now = Instant::now();
+            match self.scheduler.next_slot() {
+                Some(slot) if slot <= now => {
+                    let (usable, taken) = self.scheduler.take_due_slots(now);
+                    let late = taken - usize::from(usable.is_some());
+                    for _ in 0..late {
+                        self.metrics.unused_slot(SlotUnused::Late);
+                    }
+                    return usable;
+                }
+                next => {
+                    let deadline = self.scheduler.next_deadline();
+                    tokio::select! {
+                        () = sleep_until_opt(next, Duration::ZERO) => {}
+                        () = changed => {}
+                        () = sleep_until_opt(deadline, Duration::from_millis(1)) => {
+                            self.scheduler.expire();
+                        }
+                    }
+                }
             }
         }
     }
@@ -171,10 +179,11 @@ impl Dispatcher {
                 // counting: the pause can only err on the long side.
                 let until = result.finished_at + penalty + self.guard;
                 let paused_from = self
-                    .limiter
+                    .pacer
                     .penalty_until()
                     .map_or(result.finished_at, |t| t.max(result.finished_at));
-                self.limiter.penalize(until);
+                self.pacer.penalize(until).await;
+                self.scheduler.void_slots_before(until);
                 self.metrics.penalty_received();
                 self.metrics
                     .penalty_paused(until.saturating_duration_since(paused_from));
@@ -186,6 +195,7 @@ impl Dispatcher {
                 // Retry the same lookup after the penalty if it can still start in time;
                 // then answer anyone else the pause pushed past their deadline.
                 self.scheduler.retry(&flight);
+                self.scheduler.replenish();
                 self.scheduler.expire();
             }
             _ => self.scheduler.finish(&flight, Err(result.error())),
@@ -194,11 +204,12 @@ impl Dispatcher {
     }
 }
 
-async fn sleep_until_opt(at: Option<Instant>) {
+/// Sleeps until `at + after` (forever for `None`). Deadline sweeps wake a millisecond after
+/// the deadline, so that the lookup is certainly past it when `expire` looks (with a paused
+/// clock, "at" would never be "after").
+async fn sleep_until_opt(at: Option<Instant>, after: Duration) {
     match at {
-        // A millisecond late, so that the lookup is certainly past its deadline when
-        // `expire` looks (with a paused clock, "at" would never be "after").
-        Some(at) => tokio::time::sleep_until(at + Duration::from_millis(1)).await,
+        Some(at) => tokio::time::sleep_until(at + after).await,
         None => std::future::pending().await,
     }
 }

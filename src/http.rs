@@ -330,7 +330,7 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
             "not_ready"
         },
         lifecycle: lifecycle_name(lifecycle),
-        penalty_active: app.limiter.penalty_until().is_some(),
+        penalty_active: app.pacer.penalty_until().is_some(),
         breaker: app.breaker.state().as_str(),
     };
     let code = if lifecycle == Lifecycle::Running {
@@ -358,7 +358,8 @@ pub struct Status {
     pub processing: i64,
     pub system_status: &'static str,
     pub queue_capacity: usize,
-    pub pending_start: bool,
+    pub booked_slots: usize,
+    pub pacing_mode: &'static str,
     pub rate_per_second: f64,
     pub interval_seconds: f64,
     pub penalty_active: bool,
@@ -373,7 +374,7 @@ fn current_status(app: &App) -> Status {
     app.cache.sync();
     let queue_size = app.scheduler.queue_len();
     let queue_capacity = app.scheduler.queue_capacity();
-    let penalty = app.limiter.penalty_until();
+    let penalty = app.pacer.penalty_until();
     let lifecycle = app.lifecycle();
     let breaker = app.breaker.state();
     let system_status = if lifecycle != Lifecycle::Running {
@@ -393,9 +394,10 @@ fn current_status(app: &App) -> Status {
         processing: app.processing(),
         system_status,
         queue_capacity,
-        pending_start: app.scheduler.has_pending(),
+        booked_slots: app.scheduler.booked_slots(),
+        pacing_mode: app.pacer.mode().as_str(),
         rate_per_second: app.config.rate_per_second,
-        interval_seconds: app.limiter.interval().as_secs_f64(),
+        interval_seconds: app.pacer.interval().as_secs_f64(),
         penalty_active: penalty.is_some(),
         penalty_remaining_seconds: penalty.map_or(0.0, |t| {
             t.saturating_duration_since(Instant::now()).as_secs_f64()
@@ -443,7 +445,7 @@ async fn metrics_prometheus(State(app): State<Arc<App>>) -> Response {
     app.cache.sync();
     app.metrics.set_cache_entries(app.cache.entry_count());
     app.metrics
-        .set_penalty_active(app.limiter.penalty_until().is_some());
+        .set_penalty_active(app.pacer.penalty_until().is_some());
     (
         [(
             header::CONTENT_TYPE,

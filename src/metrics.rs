@@ -136,6 +136,41 @@ impl QueueRefusal {
     }
 }
 
+/// Why a booked start slot passed without a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SlotUnused {
+    /// Every lookup waiting for it left (no call for nobody).
+    NoLookup,
+    /// The circuit breaker held calls back.
+    Breaker,
+    /// `upstream-max-in-flight` calls were open.
+    Saturated,
+    /// The start gate refused it (a bug if it ever happens).
+    Gate,
+    /// The dispatcher reached it too late to use it safely.
+    Late,
+}
+
+impl SlotUnused {
+    pub const ALL: [SlotUnused; 5] = [
+        SlotUnused::NoLookup,
+        SlotUnused::Breaker,
+        SlotUnused::Saturated,
+        SlotUnused::Gate,
+        SlotUnused::Late,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotUnused::NoLookup => "no_lookup",
+            SlotUnused::Breaker => "breaker",
+            SlotUnused::Saturated => "saturated",
+            SlotUnused::Gate => "gate",
+            SlotUnused::Late => "late",
+        }
+    }
+}
+
 /// What an upstream call came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum UpstreamOutcome {
@@ -285,9 +320,6 @@ const QUEUE_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 25.0, 30.0, 45.0, 60.0,
     90.0,
 ];
-const PERMIT_BUCKETS: &[f64] = &[
-    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0,
-];
 const UPSTREAM_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0,
 ];
@@ -329,7 +361,8 @@ pub struct Metrics {
     penalties: IntCounter,
     penalty_seconds: prometheus::Counter,
     penalty_active: IntGauge,
-    unused_slots: IntCounter,
+    unused_slots: HashMap<SlotUnused, IntCounter>,
+    book_duration: Histogram,
 
     upstream_calls: HashMap<(&'static str, UpstreamOutcome), IntCounter>,
     upstream_calls_vec: IntCounterVec,
@@ -593,8 +626,9 @@ impl Metrics {
             &registry,
             Histogram::with_opts(hopts(
                 "pacing_permit_wait_seconds",
-                "Time the dispatcher waited for the pacer before starting a call.",
-                PERMIT_BUCKETS,
+                "How long the pacer's schedule makes an admitted lookup wait for its start \
+                 (predicted at admission): the wait the upstream's rate imposes.",
+                &queue_buckets,
             ))
             .expect("valid"),
         );
@@ -622,12 +656,31 @@ impl Metrics {
             ))
             .expect("valid"),
         );
-        let unused_slots = reg(
+        let unused_vec = reg(
             &registry,
-            IntCounter::with_opts(opts(
-                "pacing_unused_slots_total",
-                "Start slots the dispatcher obtained but did not use because every waiting \
-                 lookup left meanwhile.",
+            IntCounterVec::new(
+                opts(
+                    "pacing_unused_slots_total",
+                    "Booked start slots that passed without a call, by reason: no_lookup \
+                     (every waiting client left), breaker, saturated (max in-flight calls \
+                     open), gate, late (reached too late to use safely).",
+                ),
+                &["reason"],
+            )
+            .expect("valid"),
+        );
+        let unused_slots = SlotUnused::ALL
+            .into_iter()
+            .map(|r| (r, unused_vec.with_label_values(&[r.as_str()])))
+            .collect();
+        let book_duration = reg(
+            &registry,
+            Histogram::with_opts(hopts(
+                "pacing_book_duration_seconds",
+                "Time to book a start slot with the pacer (a Redis round trip in shared mode).",
+                &[
+                    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                ],
             ))
             .expect("valid"),
         );
@@ -808,6 +861,7 @@ impl Metrics {
             penalty_seconds,
             penalty_active,
             unused_slots,
+            book_duration,
             upstream_calls,
             upstream_calls_vec: calls_vec,
             upstream_duration,
@@ -934,8 +988,12 @@ impl Metrics {
         self.penalty_active.set(i64::from(active));
     }
 
-    pub fn unused_slot(&self) {
-        self.unused_slots.inc();
+    pub fn unused_slot(&self, why: SlotUnused) {
+        self.unused_slots[&why].inc();
+    }
+
+    pub fn pacing_booked(&self, took: Duration) {
+        self.book_duration.observe(took.as_secs_f64());
     }
 
     // Upstream

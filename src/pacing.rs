@@ -1,20 +1,27 @@
-//! Stage 4: when the next upstream call may start.
+//! Stage 4: when upstream calls may start.
 //!
 //! The upstream allows one call per `1/rate` for all callers together, counted by its own clock
-//! at arrival, and punishes an early call with a penalty that every later call extends. So the
-//! pacer guarantees that call *starts* are at least `1/rate + guard` apart (the guard absorbs the
-//! jitter between our start and the upstream's arrival), never start inside a known penalty,
-//! and otherwise start as early as allowed, so the whole budget gets used.
+//! at arrival, and punishes an early call with a penalty that every later call extends. So
+//! call starts must be at least `interval = 1/rate + guard` apart (the guard absorbs jitter
+//! between our start and the upstream's arrival), never inside a known penalty, and otherwise
+//! as early as allowed, so the whole budget gets used.
 //!
-//! [`LocalLimiter`] meters with the `leaky-bucket` crate (capacity 1, one token per interval,
-//! no burst). On its own that is not enough: leaky-bucket refills on a fixed grid anchored at
-//! its creation (see `calculate_drain` in leaky-bucket 1.1), so after an idle spell a token can
-//! be taken at the end of one grid period and the next at the start of the following one, less
-//! than one interval apart. The limiter therefore also keeps the last start and never returns
-//! before `last_start + interval`. The floor is what the upstream's rule needs; the bucket keeps
-//! the steady-state rate honest even if the floor is ever relaxed.
+//! Pacing works by **reservation**. Each lookup admitted to the queue books a start slot
+//! with a [`Pacer`]; slots are `interval` apart. The scheduler knows, at admission, the exact
+//! instant each waiting lookup will start (its place in the fair order maps to the replica's
+//! booked slots), so a lookup that could not start before its deadline is refused at once.
+//! [`LocalPacer`] books slots in this process; the shared pacer in `shared.rs` books them in
+//! Redis, so that several replicas share one schedule.
 //!
-//! The [`Limiter`] trait is the seam for a shared, multi-replica pacer later.
+//! Every start then passes the [`StartGate`]: a floor (`last start + interval`, so a
+//! dispatcher that woke late does not bunch two starts together) and the `leaky-bucket`
+//! crate's token bucket (capacity 1, one token per interval) as an independent second check
+//! that this process never starts calls faster than the rate, whatever the books say. The
+//! bucket alone could not be the pacer: it refills on a fixed grid anchored at its creation
+//! (`calculate_drain` in leaky-bucket 1.1), so a token banked late in one period and the next
+//! taken early in the following one can be less than an interval apart; the floor is what
+//! guarantees spacing, and the bucket never delays a start (it only ever refuses one, which
+//! would be a bug and is counted).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,104 +30,204 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// The interface the dispatcher and admission use.
-pub trait Limiter: Send + Sync + 'static {
-    /// The spacing between call starts (`1/rate + guard`).
-    fn interval(&self) -> Duration;
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-    /// The earliest instant the next call could start: what admission uses to predict waits.
-    fn next_start(&self) -> Instant;
-
-    /// Waits until a call may start, then records that start and returns its instant.
-    /// Only the dispatcher calls this, one call at a time.
-    fn acquire(&self) -> Pin<Box<dyn Future<Output = Instant> + Send + '_>>;
-
-    /// The upstream penalised us: no call may start before `until`.
-    fn penalize(&self, until: Instant);
-
-    /// The end of the current penalty, if one is running.
-    fn penalty_until(&self) -> Option<Instant>;
+/// Why a start could not be booked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BookError {
+    /// `capacity` starts are already booked ahead; one frees up after `retry_after`.
+    Full { retry_after: Duration },
+    /// The earliest free start is after the lookup's deadline, by `by`.
+    TooLate { by: Duration },
 }
 
-/// Pacing for one process.
-pub struct LocalLimiter {
-    bucket: leaky_bucket::RateLimiter,
+/// How the pacer is pacing (for `/ready`, `/status` and metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PacingMode {
+    /// One process, no shared schedule.
+    Local,
+    /// Several replicas, one schedule in Redis.
+    Shared,
+    /// Redis is out of reach: a safe local share of the rate.
+    Fallback,
+}
+
+impl PacingMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PacingMode::Local => "local",
+            PacingMode::Shared => "shared",
+            PacingMode::Fallback => "fallback",
+        }
+    }
+}
+
+/// The schedule of upstream call starts: the small interface a shared backend implements.
+pub trait Pacer: Send + Sync + 'static {
+    /// The spacing between starts (`1/rate + guard`).
+    fn interval(&self) -> Duration;
+
+    /// Books the next free start, if it is no later than `not_after` and fewer than
+    /// `capacity` starts are booked ahead of it. The instant is in this process's clock.
+    fn book(
+        &self,
+        not_after: Instant,
+        capacity: usize,
+    ) -> BoxFuture<'_, Result<Instant, BookError>>;
+
+    /// The upstream penalised us: no start may be booked before `until`.
+    fn penalize(&self, until: Instant) -> BoxFuture<'_, ()>;
+
+    /// The end of the current penalty, as far as this process knows.
+    fn penalty_until(&self) -> Option<Instant>;
+
+    /// How late a booked slot may still be used. `None`: any time (every slot is this
+    /// process's, and the start gate keeps the spacing from the last real start). A shared
+    /// schedule interleaves other replicas' slots, so a slot used late crowds the next one:
+    /// there, a slot missed by more than this passes unused.
+    fn late_tolerance(&self) -> Option<Duration> {
+        None
+    }
+
+    fn mode(&self) -> PacingMode;
+}
+
+/// Slots booked in this process: a virtual-scheduling leaky bucket (GCRA), one slot per
+/// interval, no burst.
+pub struct LocalPacer {
     interval: Duration,
-    state: Mutex<PaceState>,
+    state: Mutex<LocalState>,
 }
 
 #[derive(Default)]
-struct PaceState {
-    last_start: Option<Instant>,
+struct LocalState {
+    /// The first instant not yet booked.
+    next_free: Option<Instant>,
     penalty_until: Option<Instant>,
 }
 
-impl PaceState {
-    fn floor(&self, interval: Duration) -> Option<Instant> {
-        let after_last = self.last_start.map(|t| t + interval);
-        after_last.max(self.penalty_until)
-    }
-}
-
-impl LocalLimiter {
-    /// `rate_per_second` calls per second, each start at least `1/rate + guard` after the last.
-    pub fn new(rate_per_second: f64, guard: Duration) -> Self {
-        let interval = Duration::from_secs_f64(1.0 / rate_per_second) + guard;
-        let bucket = leaky_bucket::RateLimiter::builder()
-            .max(1)
-            .initial(1)
-            .refill(1)
-            .interval(interval)
-            .build();
-        LocalLimiter {
-            bucket,
+impl LocalPacer {
+    pub fn new(interval: Duration) -> Self {
+        LocalPacer {
             interval,
-            state: Mutex::new(PaceState::default()),
+            state: Mutex::new(LocalState::default()),
         }
     }
 
-    fn floor(&self) -> Option<Instant> {
-        self.state.lock().expect("pacing lock").floor(self.interval)
+    /// The spacing for `rate` calls per second plus `guard`.
+    pub fn interval_for(rate_per_second: f64, guard: Duration) -> Duration {
+        Duration::from_secs_f64(1.0 / rate_per_second) + guard
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LocalState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The booking rule, shared with the fallback of the shared pacer.
+    pub fn book_now(
+        &self,
+        now: Instant,
+        not_after: Instant,
+        capacity: usize,
+    ) -> Result<Instant, BookError> {
+        let mut state = self.lock();
+        let start = [Some(now), state.next_free, state.penalty_until]
+            .into_iter()
+            .flatten()
+            .max()
+            .expect("now is always there");
+        // Slots booked ahead of this one (a penalty's pause is not a booked slot).
+        let from = state.penalty_until.map_or(now, |p| p.max(now));
+        if ahead(start - from, self.interval) >= capacity as u64 {
+            // A place frees as soon as fewer than `capacity` slots lie ahead.
+            let retry_after = (start - from).saturating_sub(self.interval * capacity as u32);
+            return Err(BookError::Full { retry_after });
+        }
+        if start > not_after {
+            return Err(BookError::TooLate {
+                by: start - not_after,
+            });
+        }
+        state.next_free = Some(start + self.interval);
+        Ok(start)
     }
 }
 
-impl Limiter for LocalLimiter {
+/// How many slots are booked ahead when the next free one is `wait` away (a slot that starts
+/// now is not ahead of anyone).
+fn ahead(wait: Duration, interval: Duration) -> u64 {
+    (wait.as_nanos() / interval.as_nanos().max(1)) as u64
+}
+
+impl Pacer for LocalPacer {
     fn interval(&self) -> Duration {
         self.interval
     }
 
-    fn next_start(&self) -> Instant {
-        let now = Instant::now();
-        self.floor().map_or(now, |f| f.max(now))
+    fn book(
+        &self,
+        not_after: Instant,
+        capacity: usize,
+    ) -> BoxFuture<'_, Result<Instant, BookError>> {
+        let result = self.book_now(Instant::now(), not_after, capacity);
+        Box::pin(std::future::ready(result))
     }
 
-    fn acquire(&self) -> Pin<Box<dyn Future<Output = Instant> + Send + '_>> {
-        Box::pin(async move {
-            loop {
-                if let Some(floor) = self.floor() {
-                    tokio::time::sleep_until(floor).await;
-                }
-                self.bucket.acquire_one().await;
-                // A penalty may have been recorded while we waited for the token: check the
-                // floor again under the lock and claim the start only if it still holds.
-                let now = Instant::now();
-                let mut state = self.state.lock().expect("pacing lock");
-                if state.floor(self.interval).is_none_or(|f| f <= now) {
-                    state.last_start = Some(now);
-                    return now;
-                }
-            }
-        })
-    }
-
-    fn penalize(&self, until: Instant) {
-        let mut state = self.state.lock().expect("pacing lock");
+    fn penalize(&self, until: Instant) -> BoxFuture<'_, ()> {
+        let mut state = self.lock();
         state.penalty_until = state.penalty_until.max(Some(until));
+        // Slots booked inside the penalty are void: the next booking starts after it.
+        state.next_free = state.next_free.max(Some(until));
+        Box::pin(std::future::ready(()))
     }
 
     fn penalty_until(&self) -> Option<Instant> {
-        let state = self.state.lock().expect("pacing lock");
-        state.penalty_until.filter(|&t| t > Instant::now())
+        self.lock().penalty_until.filter(|&t| t > Instant::now())
+    }
+
+    fn mode(&self) -> PacingMode {
+        PacingMode::Local
+    }
+}
+
+/// The last check before a call starts; see the module docs.
+pub struct StartGate {
+    interval: Duration,
+    bucket: leaky_bucket::RateLimiter,
+    last_start: Mutex<Option<Instant>>,
+}
+
+impl StartGate {
+    pub fn new(interval: Duration) -> Self {
+        StartGate {
+            interval,
+            bucket: leaky_bucket::RateLimiter::builder()
+                .max(1)
+                .initial(1)
+                .refill(1)
+                .interval(interval)
+                .build(),
+            last_start: Mutex::new(None),
+        }
+    }
+
+    /// The earliest instant a start is allowed: the slot, or later if the previous start
+    /// was itself late.
+    pub fn earliest(&self, slot: Instant) -> Instant {
+        let last = *self.last_start.lock().unwrap_or_else(|e| e.into_inner());
+        last.map_or(slot, |l| slot.max(l + self.interval))
+    }
+
+    /// Waits for [`StartGate::earliest`], then takes the bucket's token and records the
+    /// start. `None` if the bucket refuses: a start that would exceed the rate is never made.
+    pub async fn pass(&self, slot: Instant) -> Option<Instant> {
+        tokio::time::sleep_until(self.earliest(slot)).await;
+        if !self.bucket.try_acquire(1) {
+            return None;
+        }
+        let now = Instant::now();
+        *self.last_start.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+        Some(now)
     }
 }
 
@@ -130,66 +237,82 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
-    #[tokio::test(start_paused = true)]
-    async fn starts_are_spaced_by_interval_even_after_idle_spells() {
-        let limiter = LocalLimiter::new(1.0, 10 * MS);
-        assert_eq!(limiter.interval(), 1010 * MS);
-        let mut starts = vec![limiter.acquire().await];
-        // Idle gaps chosen to land at awkward phases of leaky-bucket's refill grid.
-        for idle in [0, 1500, 0, 0, 2700, 10, 999, 0, 5050, 0] {
-            tokio::time::sleep(idle * MS).await;
-            starts.push(limiter.acquire().await);
-        }
-        for pair in starts.windows(2) {
-            let gap = pair[1] - pair[0];
-            assert!(gap >= 1010 * MS, "gap {gap:?} shorter than the interval");
-        }
-        // Back-to-back acquisitions are not slower than the interval either.
-        let a = limiter.acquire().await;
-        let b = limiter.acquire().await;
-        assert_eq!(b - a, 1010 * MS);
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
     }
 
     #[tokio::test(start_paused = true)]
-    async fn no_start_inside_a_penalty() {
-        let limiter = LocalLimiter::new(1.0, Duration::ZERO);
-        let first = limiter.acquire().await;
-        let until = first + Duration::from_secs(3);
-        limiter.penalize(until);
-        // A shorter penalty recorded later does not shorten the pause.
-        limiter.penalize(first + Duration::from_secs(1));
-        assert_eq!(limiter.next_start(), until);
-        assert_eq!(limiter.penalty_until(), Some(until));
-        let second = limiter.acquire().await;
-        assert_eq!(second, until);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_penalty_recorded_during_the_wait_is_respected() {
-        let limiter = std::sync::Arc::new(LocalLimiter::new(2.0, Duration::ZERO));
-        let first = limiter.acquire().await;
-        let waiter = {
-            let limiter = limiter.clone();
-            tokio::spawn(async move { limiter.acquire().await })
-        };
-        tokio::time::sleep(100 * MS).await;
-        limiter.penalize(first + Duration::from_secs(2));
-        let second = waiter.await.unwrap();
-        assert!(
-            second >= first + Duration::from_secs(2),
-            "{:?}",
-            second - first
+    async fn bookings_are_an_interval_apart_and_never_in_the_past() {
+        let pacer = LocalPacer::new(1010 * MS);
+        let t0 = Instant::now();
+        let a = pacer.book(far(), 100).await.unwrap();
+        let b = pacer.book(far(), 100).await.unwrap();
+        let c = pacer.book(far(), 100).await.unwrap();
+        assert_eq!((a, b, c), (t0, t0 + 1010 * MS, t0 + 2020 * MS));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let d = pacer.book(far(), 100).await.unwrap();
+        assert_eq!(
+            d,
+            Instant::now(),
+            "after an idle spell the next start is now"
         );
     }
 
     #[tokio::test(start_paused = true)]
-    async fn next_start_predicts_the_acquire() {
-        let limiter = LocalLimiter::new(4.0, 5 * MS);
-        let t0 = limiter.acquire().await;
-        assert_eq!(limiter.next_start(), t0 + 255 * MS);
-        let t1 = limiter.acquire().await;
-        assert_eq!(t1, t0 + 255 * MS);
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        assert_eq!(limiter.next_start(), Instant::now());
+    async fn capacity_and_deadline_are_enforced_at_booking() {
+        let pacer = LocalPacer::new(100 * MS);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            pacer.book(far(), 3).await.unwrap();
+        }
+        // Three booked (at 0, 100, 200 ms): the next would have three ahead of it; a place
+        // frees the moment the first slot is under way.
+        assert_eq!(
+            pacer.book(far(), 3).await,
+            Err(BookError::Full {
+                retry_after: Duration::ZERO
+            })
+        );
+        tokio::time::advance(MS).await;
+        assert_eq!(pacer.book(far(), 3).await, Ok(t0 + 300 * MS));
+        assert_eq!(
+            pacer.book(t0 + 350 * MS, 10).await,
+            Err(BookError::TooLate { by: 50 * MS })
+        );
+        assert_eq!(pacer.book(t0 + 400 * MS, 10).await, Ok(t0 + 400 * MS));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_booking_inside_a_penalty() {
+        let pacer = LocalPacer::new(1000 * MS);
+        let t0 = Instant::now();
+        pacer.book(far(), 10).await.unwrap();
+        pacer.penalize(t0 + 3000 * MS).await;
+        pacer.penalize(t0 + 1000 * MS).await;
+        assert_eq!(pacer.penalty_until(), Some(t0 + 3000 * MS));
+        assert_eq!(pacer.book(far(), 10).await, Ok(t0 + 3000 * MS));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_gate_keeps_starts_an_interval_apart_even_when_a_start_was_late() {
+        let gate = StartGate::new(1010 * MS);
+        let t0 = Instant::now();
+        let first = gate.pass(t0).await.unwrap();
+        // The dispatcher woke 30 ms late for the next slot...
+        tokio::time::advance(1040 * MS).await;
+        let second = gate.pass(t0 + 1010 * MS).await.unwrap();
+        assert_eq!(second - first, 1040 * MS);
+        // ...so the slot after it is pushed to keep the spacing from the real start.
+        let third = gate.pass(t0 + 2020 * MS).await.unwrap();
+        assert_eq!(third - second, 1010 * MS);
+        // Idle spells at awkward phases of leaky-bucket's refill grid never let two starts
+        // bunch up, and the bucket never refuses a start the floor allows.
+        let mut last = third;
+        for idle in [0, 1500, 0, 2700, 10, 999, 0, 5050, 0] {
+            tokio::time::advance(idle * MS).await;
+            let next = gate.pass(Instant::now()).await.expect("the bucket agrees");
+            assert!(next - last >= 1010 * MS, "{:?}", next - last);
+            last = next;
+        }
     }
 }

@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::error::ProxyError;
 use crate::metrics::{CacheResult, Metrics, MetricsConfig};
-use crate::pacing::{Limiter, LocalLimiter};
+use crate::pacing::{LocalPacer, Pacer, StartGate};
 use crate::redact;
 use crate::scheduler::{FlightInfo, Joined, Scheduler};
 use crate::telemetry::{self, FlightOrigin, TraceIds};
@@ -55,7 +55,7 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub cache: Arc<LocalCache>,
     pub scheduler: Arc<Scheduler>,
-    pub limiter: Arc<dyn Limiter>,
+    pub pacer: Arc<dyn Pacer>,
     pub breaker: Arc<Breaker>,
     pub dispatcher: Arc<Dispatcher>,
     lifecycle: watch::Sender<Lifecycle>,
@@ -69,12 +69,12 @@ impl App {
         if let Some(key) = &config.redaction_key {
             redact::set_key(key);
         }
-        let limiter: Arc<dyn Limiter> =
-            Arc::new(LocalLimiter::new(config.rate_per_second, config.rate_guard));
+        let interval = LocalPacer::interval_for(config.rate_per_second, config.rate_guard);
+        let pacer: Arc<dyn Pacer> = Arc::new(LocalPacer::new(interval));
         let metrics = Arc::new(Metrics::new(&MetricsConfig {
             enabled: config.metrics_enabled,
             rate_per_second: config.rate_per_second,
-            interval: limiter.interval(),
+            interval,
             queue_capacity: config.queue_capacity,
             queue_timeout: config.queue_timeout,
         }));
@@ -100,7 +100,7 @@ impl App {
         let scheduler = Scheduler::new(
             config.queue_capacity,
             config.queue_timeout,
-            limiter.clone(),
+            pacer.clone(),
             breaker.clone(),
             cache.clone(),
             metrics.clone(),
@@ -111,7 +111,8 @@ impl App {
         )?);
         let dispatcher = Arc::new(Dispatcher {
             scheduler: scheduler.clone(),
-            limiter: limiter.clone(),
+            pacer: pacer.clone(),
+            gate: StartGate::new(interval),
             breaker: breaker.clone(),
             upstream,
             metrics: metrics.clone(),
@@ -125,7 +126,7 @@ impl App {
             metrics,
             cache,
             scheduler,
-            limiter,
+            pacer,
             breaker,
             dispatcher,
             lifecycle: watch::channel(Lifecycle::Running).0,
@@ -211,21 +212,25 @@ impl App {
 
         // 4. Wait while the dispatcher paces and calls. If the client hangs up, axum drops
         //    this future, the waiter leaves, and an unstarted lookup leaves the queue.
-        let (mut waiter, cache_result, position) = match joined {
+        let (mut waiter, cache_result) = match joined {
             Joined::Cached(hit) => return Ok(self.answer(hit, CacheResult::Hit, report)),
-            Joined::Leader(waiter, position) => (waiter, CacheResult::Miss, Some(position)),
-            Joined::Follower(waiter) => (waiter, CacheResult::Coalesced, None),
+            Joined::Leader(waiter) => (waiter, CacheResult::Miss),
+            Joined::Follower(waiter) => (waiter, CacheResult::Coalesced),
         };
         self.metrics.cache_lookup(cache_result);
         report.cache = Some(cache_result);
-        if let Some(position) = position {
-            waiter
-                .started()
-                .instrument(tracing::info_span!(
-                    "queue.wait",
-                    score_proxy.queue.position = position
-                ))
-                .await;
+        if cache_result == CacheResult::Miss {
+            // Booking a start slot (the pacing.permit span is on the booking task), then
+            // waiting in the queue until the call starts.
+            if let Some(position) = waiter.queued().await {
+                waiter
+                    .started()
+                    .instrument(tracing::info_span!(
+                        "queue.wait",
+                        score_proxy.queue.position = position
+                    ))
+                    .await;
+            }
         }
 
         let mut closed = self.lifecycle.subscribe();

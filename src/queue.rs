@@ -6,9 +6,10 @@
 //! and `virtual_time` advances to the tag of each job that starts. A client with one lookup
 //! therefore waits at most one "round" behind a client that queued twenty.
 //!
-//! Admission is honest: a job is let in only if, at the upstream's pace, it can start before
-//! its deadline *and* every job it overtakes still can. The prediction is
-//! `first_start + position * interval`, where `first_start` is the pacer's next free start.
+//! Admission is honest: a job is let in only if it can start before its deadline *and* every
+//! job it overtakes still can. The prediction is exact: the starts booked with the pacer for
+//! the waiting jobs, earliest first, are handed out in queue order, so the job at position
+//! `p` starts at the `p`-th booked slot.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -32,18 +33,38 @@ impl JobId {
     }
 }
 
-/// Where the pacer stands, as admission sees it.
-#[derive(Clone, Copy, Debug)]
+/// The booked starts, as admission sees them.
+#[derive(Clone, Debug)]
 pub struct Schedule {
     pub now: Instant,
-    /// When the first queued job could start (never before `now`).
-    pub first_start: Instant,
+    /// Starts booked for the waiting jobs, earliest first: position `p` starts at `slots[p]`.
+    pub slots: Vec<Instant>,
+    /// Spacing used beyond the booked slots (while more are being booked).
     pub interval: Duration,
 }
 
 impl Schedule {
-    fn start_at(&self, position: usize) -> Instant {
-        self.first_start + self.interval * position as u32
+    /// Evenly spaced slots from `first`: what a single process's pacer books.
+    pub fn uniform(now: Instant, first: Instant, interval: Duration, count: usize) -> Schedule {
+        Schedule {
+            now,
+            slots: (0..count).map(|i| first + interval * i as u32).collect(),
+            interval,
+        }
+    }
+
+    /// When the job at `position` starts.
+    pub fn start_at(&self, position: usize) -> Instant {
+        match self.slots.get(position) {
+            Some(&slot) => slot,
+            None => {
+                let (base, extra) = match self.slots.last() {
+                    Some(&last) => (last, position + 1 - self.slots.len()),
+                    None => (self.now, position),
+                };
+                base + self.interval * extra as u32
+            }
+        }
     }
 }
 
@@ -111,6 +132,11 @@ impl<T> FairQueue<T> {
         self.order.values().map(|e| e.deadline).min()
     }
 
+    /// The latest deadline among queued jobs (how far ahead a top-up booking may go).
+    pub fn latest_deadline(&self) -> Option<Instant> {
+        self.order.values().map(|e| e.deadline).max()
+    }
+
     /// Lets a new job in, or says why not. On success returns its id and the position it
     /// entered at (0 = next to start).
     pub fn admit(
@@ -124,7 +150,7 @@ impl<T> FairQueue<T> {
             return Err((Refusal::Closed, job));
         }
         if self.order.len() >= self.capacity {
-            let retry_after = schedule.first_start - schedule.now;
+            let retry_after = schedule.start_at(0).saturating_duration_since(schedule.now);
             return Err((Refusal::Full { retry_after }, job));
         }
         let last_tag = self.clients.get(client).map_or(0, |&(tag, _)| tag);
@@ -292,13 +318,10 @@ mod tests {
         ClientId::parse(s).unwrap()
     }
 
+    /// Plenty of evenly spaced slots from now.
     fn schedule(interval_ms: u64) -> Schedule {
         let now = Instant::now();
-        Schedule {
-            now,
-            first_start: now,
-            interval: Duration::from_millis(interval_ms),
-        }
+        Schedule::uniform(now, now, Duration::from_millis(interval_ms), 100)
     }
 
     fn far(s: &Schedule) -> Instant {
@@ -311,10 +334,13 @@ mod tests {
 
     #[test]
     fn bounded_with_retry_after_until_the_head_starts() {
-        let s = Schedule {
-            first_start: Instant::now() + Duration::from_millis(700),
-            ..schedule(1000)
-        };
+        let now = Instant::now();
+        let s = Schedule::uniform(
+            now,
+            now + Duration::from_millis(700),
+            Duration::from_millis(1000),
+            10,
+        );
         let mut q = FairQueue::new(2);
         assert!(q.admit(&client("a"), far(&s), 1, &s).is_ok());
         assert!(q.admit(&client("b"), far(&s), 2, &s).is_ok());
@@ -323,7 +349,7 @@ mod tests {
         assert_eq!(
             refusal,
             Refusal::Full {
-                retry_after: s.first_start - s.now
+                retry_after: Duration::from_millis(700)
             }
         );
     }
@@ -430,10 +456,7 @@ mod tests {
         q.admit(&client("b"), soon, "b0", &s).unwrap();
         q.admit(&client("c"), far(&s), "c0", &s).unwrap();
         // A 2 s penalty moves everything out by 2 s: b0 can no longer make it.
-        let later = Schedule {
-            first_start: s.now + Duration::from_secs(2),
-            ..s
-        };
+        let later = Schedule::uniform(s.now, s.now + Duration::from_secs(2), s.interval, 3);
         let expired = q.expire(&later);
         assert_eq!(expired.len(), 1);
         assert_eq!(expired[0].0, "b0");
@@ -444,6 +467,31 @@ mod tests {
             }
         );
         assert_eq!(drain(&mut q), ["a0", "c0"]);
+    }
+
+    #[test]
+    fn uneven_slots_are_honoured_exactly() {
+        // Slots booked in a shared schedule: other replicas' calls sit in between.
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let s = Schedule {
+            now,
+            slots: vec![now + ms(100), now + ms(1900)],
+            interval: ms(500),
+        };
+        let mut q = FairQueue::new(10);
+        q.admit(&client("a"), now + ms(200), "a0", &s).unwrap();
+        // Position 1 starts at 1.9 s: refused for a 1.5 s deadline, though 1 × interval
+        // would have said 0.5 s.
+        let (refusal, _) = q.admit(&client("a"), now + ms(1500), "a1", &s).unwrap_err();
+        assert_eq!(
+            refusal,
+            Refusal::Deadline {
+                retry_after: ms(400)
+            }
+        );
+        // Beyond the booked slots, the interval extrapolates.
+        assert_eq!(s.start_at(3), now + ms(2900));
     }
 
     #[test]

@@ -1,29 +1,38 @@
-//! Coalescing and admission: the state shared by lookups that missed the cache and the
-//! dispatcher that runs them.
+//! Coalescing, admission and the booked schedule: the state shared by lookups that missed the
+//! cache and the dispatcher that runs them.
 //!
 //! A [`Flight`] is one distinct lookup on its way to the upstream. Identical concurrent
 //! lookups join the same flight (one queue place, one upstream call, one answer for all).
-//! The flights map and the [`FairQueue`] live under **one** mutex, so "is anybody still
+//!
+//! Admitting a flight means booking a start slot with the [`Pacer`] (on a task of its own, so
+//! that the leader hanging up does not strand the followers) and placing the flight in the
+//! [`FairQueue`] at a position whose slot meets its deadline, without pushing anyone past
+//! theirs. The slots booked for this process are kept here, earliest first; at each slot the
+//! dispatcher starts whichever waiting flight is next in fair order.
+//!
+//! The flights map, the queue and the slots live under **one** mutex, so "is anybody still
 //! waiting for this lookup?" and "start this lookup" can never race: a lookup whose last
 //! client hung up leaves the queue in the same critical section that drops its last waiter,
-//! and the dispatcher only ever starts lookups it pops from that queue. That is how no
-//! upstream call is ever made for a lookup nobody waits for.
+//! and the dispatcher only starts flights it takes from that queue. That is how no upstream
+//! call is ever made for a lookup nobody waits for. A slot whose lookup left stays booked as
+//! a spare: the next lookup admitted takes it, or it passes unused.
 //!
 //! The lock is never held across an `.await`, and the cache-hit path never takes it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::breaker::Breaker;
 use crate::cache::{CacheLookup, CachedScore, ScoreCache};
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, QueueRefusal};
-use crate::pacing::Limiter;
+use crate::pacing::{BookError, Pacer};
 use crate::queue::{FairQueue, JobId, Refusal, Schedule};
 use crate::validation::LookupKey;
 
@@ -33,8 +42,12 @@ pub type FlightResult = Result<CachedScore, ProxyError>;
 /// Where a flight is, as its waiters see it.
 #[derive(Clone, Debug)]
 pub enum FlightState {
-    /// Queued, or waiting for the pacer.
-    Waiting,
+    /// Booking its start slot.
+    Admitting,
+    /// In the queue, having entered at this position (0 = next).
+    Queued {
+        position: usize,
+    },
     /// Its upstream call has started.
     Started,
     Done(FlightResult),
@@ -56,7 +69,7 @@ pub struct Flight {
     /// The latest instant its upstream call may start.
     pub deadline: Instant,
     pub admitted_at: Instant,
-    /// Its place in the queue while it waits (`NO_JOB` once started). Only changed under the
+    /// Its place in the queue while it waits (`NO_JOB` otherwise). Only changed under the
     /// scheduler lock.
     job: AtomicU64,
     /// Lookups waiting for it. Only changed under the scheduler lock.
@@ -90,15 +103,13 @@ impl Flight {
         });
     }
 
-    fn mark_started(&self, queue_wait: Duration) {
-        self.update_info(|i| i.queue_wait = Some(queue_wait));
+    fn set_state(&self, next: FlightState) {
         self.state.send_if_modified(|state| {
-            if matches!(state, FlightState::Waiting) {
-                *state = FlightState::Started;
-                true
-            } else {
-                false
+            if matches!(state, FlightState::Done(_)) {
+                return false;
             }
+            *state = next;
+            true
         });
     }
 
@@ -123,8 +134,8 @@ impl Flight {
 /// How a lookup that missed the cache was placed.
 pub enum Joined {
     /// It created the flight: its call will be made for it (`X-Cache: MISS`).
-    Leader(Waiter, usize),
-    /// An identical lookup was already queued or in flight (`X-Cache: COALESCED`).
+    Leader(Waiter),
+    /// An identical lookup was already on its way (`X-Cache: COALESCED`).
     Follower(Waiter),
     /// The answer reached the cache between our miss and the lock.
     Cached(CachedScore),
@@ -133,21 +144,62 @@ pub enum Joined {
 struct State {
     flights: HashMap<LookupKey, Arc<Flight>>,
     queue: FairQueue<Arc<Flight>>,
-    /// Popped from the queue, waiting for the pacer to grant its start.
-    pending: Option<Arc<Flight>>,
+    /// Starts booked for this process and not used yet, earliest first.
+    slots: VecDeque<Instant>,
+    /// Bookings under way: each will add one slot.
+    booking: usize,
     /// Set when shutdown starts: new lookups must be able to start before this.
     draining_until: Option<Instant>,
 }
 
+impl State {
+    /// The schedule admission sees: the booked slots, and beyond them one per interval from
+    /// `earliest` (the end of a penalty, or now).
+    fn schedule(&self, earliest: Instant, interval: Duration) -> Schedule {
+        Schedule {
+            now: earliest,
+            slots: self
+                .slots
+                .iter()
+                .copied()
+                .filter(|&s| s >= earliest)
+                .collect(),
+            interval,
+        }
+    }
+
+    /// Drops slots too far in the past to be used (see [`Pacer::late_tolerance`]).
+    fn prune(&mut self, now: Instant, tolerance: Option<Duration>) {
+        if let Some(tolerance) = tolerance {
+            let stale = self.slots.partition_point(|&s| s + tolerance < now);
+            self.slots.drain(..stale);
+        }
+    }
+
+    /// Slots the queue is short of, counting bookings already under way.
+    fn deficit(&self) -> usize {
+        self.queue
+            .len()
+            .saturating_sub(self.slots.len() + self.booking)
+    }
+
+    fn insert_slot(&mut self, slot: Instant) {
+        let at = self.slots.partition_point(|&s| s <= slot);
+        self.slots.insert(at, slot);
+    }
+}
+
 pub struct Scheduler {
     state: Mutex<State>,
-    work: Notify,
+    /// Wakes the dispatcher: the queue or the slots changed.
+    changed: Notify,
     /// The queue's depth, for whoever wants to await a change (tests, `/status` streams).
     depth: watch::Sender<usize>,
-    limiter: Arc<dyn Limiter>,
+    pacer: Arc<dyn Pacer>,
     breaker: Arc<Breaker>,
     cache: Arc<dyn ScoreCache>,
     metrics: Arc<Metrics>,
+    queue_capacity: usize,
     queue_timeout: Duration,
 }
 
@@ -155,7 +207,7 @@ impl Scheduler {
     pub fn new(
         queue_capacity: usize,
         queue_timeout: Duration,
-        limiter: Arc<dyn Limiter>,
+        pacer: Arc<dyn Pacer>,
         breaker: Arc<Breaker>,
         cache: Arc<dyn ScoreCache>,
         metrics: Arc<Metrics>,
@@ -164,15 +216,17 @@ impl Scheduler {
             state: Mutex::new(State {
                 flights: HashMap::new(),
                 queue: FairQueue::new(queue_capacity),
-                pending: None,
+                slots: VecDeque::new(),
+                booking: 0,
                 draining_until: None,
             }),
-            work: Notify::new(),
+            changed: Notify::new(),
             depth: watch::channel(0).0,
-            limiter,
+            pacer,
             breaker,
             cache,
             metrics,
+            queue_capacity,
             queue_timeout,
         })
     }
@@ -184,22 +238,19 @@ impl Scheduler {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Where the pacer stands for the queue: the pending lookup, if any, takes the next
-    /// start, so the head of the queue gets the one after.
-    fn schedule(&self, state: &State, now: Instant) -> Schedule {
-        let interval = self.limiter.interval();
-        let mut first_start = self.limiter.next_start().max(now);
-        if state.pending.is_some() {
-            first_start += interval;
-        }
-        Schedule {
-            now,
-            first_start,
-            interval,
-        }
+    fn set_depth(&self, depth: usize) {
+        self.metrics.set_queue_depth(depth);
+        self.depth
+            .send_if_modified(|d| std::mem::replace(d, depth) != depth);
     }
 
-    /// Joins the flight for `key`, or starts one and queues it, or refuses at once.
+    /// Watches the queue's depth.
+    pub fn depth(&self) -> watch::Receiver<usize> {
+        self.depth.subscribe()
+    }
+
+    /// Joins the flight for `key`, or creates one and starts admitting it, or refuses at
+    /// once (circuit open, shutting down).
     pub fn join(
         self: &Arc<Self>,
         key: &LookupKey,
@@ -216,18 +267,23 @@ impl Scheduler {
         if let CacheLookup::Fresh(hit) = self.cache.get(key) {
             return Ok(Joined::Cached(hit));
         }
-
         // A failing upstream: refuse now rather than queue what cannot succeed.
         if let Err(retry_after) = self.breaker.admit(now) {
             drop(state);
             self.metrics.queue_refused(QueueRefusal::CircuitOpen);
             return Err(ProxyError::CircuitOpen { retry_after });
         }
+        if state.queue.is_closed() {
+            drop(state);
+            self.metrics.queue_refused(QueueRefusal::Shutdown);
+            return Err(ProxyError::ShuttingDown);
+        }
+
         let mut deadline = now + self.queue_timeout;
         if let Some(until) = state.draining_until {
             deadline = deadline.min(until);
         }
-        let (tx, _) = watch::channel(FlightState::Waiting);
+        let (tx, _) = watch::channel(FlightState::Admitting);
         let flight = Arc::new(Flight {
             key: key.clone(),
             deadline,
@@ -239,37 +295,104 @@ impl Scheduler {
             info: Mutex::new(FlightInfo::default()),
             origin: origin(),
         });
-        let schedule = self.schedule(&state, now);
-        match state
-            .queue
-            .admit(&key.client_id, deadline, flight.clone(), &schedule)
-        {
+        state.flights.insert(key.clone(), flight.clone());
+        let waiter = Waiter::new(self.clone(), flight.clone());
+
+        if state.slots.len() > state.queue.len() {
+            // A spare slot (its lookup left): no booking needed.
+            let refused = self.place(&mut state, &flight, now);
+            drop(state);
+            if let Some(error) = refused {
+                flight.complete(Err(error));
+            }
+            self.changed.notify_one();
+        } else {
+            state.booking += 1;
+            drop(state);
+            let scheduler = self.clone();
+            let span = tracing::info_span!(parent: &flight.origin.span, "pacing.permit");
+            tokio::spawn(scheduler.admit(flight).instrument(span));
+        }
+        Ok(Joined::Leader(waiter))
+    }
+
+    /// Books a slot for `flight` and places it in the queue (or refuses it).
+    async fn admit(self: Arc<Self>, flight: Arc<Flight>) {
+        let asked = Instant::now();
+        let booked = self.pacer.book(flight.deadline, self.queue_capacity).await;
+        let now = Instant::now();
+        self.metrics.pacing_booked(now - asked);
+        let mut state = self.lock();
+        state.booking -= 1;
+        let refused = match booked {
+            Ok(slot) => {
+                state.insert_slot(slot);
+                if flight.waiters.load(Ordering::Relaxed) == 0 {
+                    // Everyone left while the slot was booked: it stays as a spare.
+                    unregister(&mut state, &flight);
+                    self.metrics.queue_abandoned();
+                    None
+                } else {
+                    self.place(&mut state, &flight, now)
+                }
+            }
+            Err(e) => {
+                unregister(&mut state, &flight);
+                let draining = state.draining_until.is_some();
+                let penalty = self.pacer.penalty_until();
+                Some(match e {
+                    BookError::Full { retry_after } => {
+                        self.refused(Refusal::Full { retry_after }, draining)
+                    }
+                    // A running penalty is what pushed the start out: say so.
+                    BookError::TooLate { by } if !draining && penalty.is_some() => {
+                        self.metrics.queue_refused(QueueRefusal::Deadline);
+                        self.missed_deadline(now, by)
+                    }
+                    BookError::TooLate { by } => {
+                        self.refused(Refusal::Deadline { retry_after: by }, draining)
+                    }
+                })
+            }
+        };
+        drop(state);
+        if let Some(error) = refused {
+            flight.complete(Err(error));
+        }
+        self.changed.notify_one();
+    }
+
+    /// Puts an admitted flight in the queue, at the fair position its slot allows. Returns
+    /// the refusal to answer it with if there is none.
+    fn place(&self, state: &mut State, flight: &Arc<Flight>, now: Instant) -> Option<ProxyError> {
+        state.prune(now, self.pacer.late_tolerance());
+        let schedule = state.schedule(self.earliest(now), self.pacer.interval());
+        match state.queue.admit(
+            &flight.key.client_id,
+            flight.deadline,
+            flight.clone(),
+            &schedule,
+        ) {
             Ok((job, position)) => {
                 flight.job.store(job.raw(), Ordering::Relaxed);
-                state.flights.insert(key.clone(), flight.clone());
+                flight.set_state(FlightState::Queued { position });
                 self.metrics.queue_admitted();
+                self.metrics
+                    .permit_wait(schedule.start_at(position).saturating_duration_since(now));
                 self.set_depth(state.queue.len());
-                drop(state);
-                self.work.notify_one();
-                Ok(Joined::Leader(Waiter::new(self.clone(), flight), position))
+                None
             }
             Err((refusal, _)) => {
+                unregister(state, flight);
                 let draining = state.draining_until.is_some();
-                drop(state);
-                Err(self.refused(refusal, draining))
+                Some(self.refused(refusal, draining))
             }
         }
     }
 
-    fn set_depth(&self, depth: usize) {
-        self.metrics.set_queue_depth(depth);
-        self.depth
-            .send_if_modified(|d| std::mem::replace(d, depth) != depth);
-    }
-
-    /// Watches the queue's depth.
-    pub fn depth(&self) -> watch::Receiver<usize> {
-        self.depth.subscribe()
+    /// The earliest a start can be: now, or the end of a running penalty.
+    fn earliest(&self, now: Instant) -> Instant {
+        self.pacer.penalty_until().map_or(now, |p| p.max(now))
     }
 
     fn refused(&self, refusal: Refusal, draining: bool) -> ProxyError {
@@ -300,9 +423,10 @@ impl Scheduler {
         if left > 0 || flight.is_done() {
             return;
         }
-        // Nobody waits any more. If it is queued, it leaves the queue now and never starts.
-        // If it is pending, `claim` will see it has no waiters. If it started, it stays
-        // registered: a new lookup for the same key joins the call already paid for.
+        // Nobody waits any more. If it is queued, it leaves the queue now and never starts
+        // (its slot stays booked as a spare). If it is still booking, the booking finds it
+        // abandoned. If it started, it stays registered: a new lookup for the same key joins
+        // the call already paid for.
         if let Some(job) = flight.job()
             && state.queue.remove(job).is_some()
         {
@@ -313,42 +437,83 @@ impl Scheduler {
         }
     }
 
-    /// Resolves once at least one lookup is queued.
-    pub async fn wait_for_work(&self) {
-        loop {
-            let notified = self.work.notified();
-            if !self.lock().queue.is_empty() {
-                return;
-            }
-            notified.await;
+    /// A future that resolves when the queue or the slots change.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    /// The earliest booked slot, if anyone waits for one.
+    pub fn next_slot(&self) -> Option<Instant> {
+        let state = self.lock();
+        if state.queue.is_empty() {
+            None
+        } else {
+            state.slots.front().copied()
         }
     }
 
-    /// Takes the next lookup in fair order off the queue; it waits for the pacer as the
-    /// *pending* lookup until [`Scheduler::claim`]. Every queued flight has a waiter (see
-    /// [`Scheduler::leave`]).
-    pub fn pop_next(&self) -> Option<Arc<Flight>> {
+    /// Takes the slots that are due at `now`. Returns the one to use, if one is recent
+    /// enough (a dispatcher that woke late can use only one; a slot used later than the
+    /// pacer's tolerance could crowd the next slot, which may be another replica's), and how
+    /// many were taken in all.
+    pub fn take_due_slots(&self, now: Instant) -> (Option<Instant>, usize) {
         let mut state = self.lock();
-        debug_assert!(state.pending.is_none(), "one pending lookup at a time");
-        let (_, flight) = state.queue.pop()?;
-        flight.job.store(NO_JOB, Ordering::Relaxed);
-        state.pending = Some(flight.clone());
-        self.set_depth(state.queue.len());
-        Some(flight)
+        let due = state.slots.partition_point(|&s| s <= now);
+        let usable = state.slots.drain(..due).next_back().filter(|&slot| {
+            self.pacer
+                .late_tolerance()
+                .is_none_or(|tolerance| now <= slot + tolerance)
+        });
+        (usable, due)
     }
 
-    /// The pacer has granted a start at `now`: hands back the lookup to start with it.
+    /// Books the slots the queue is short of (after slots passed unused while lookups
+    /// waited, or a penalty voided them), each on a task of its own.
+    pub fn replenish(self: &Arc<Self>) {
+        let deficit = {
+            let mut state = self.lock();
+            let deficit = state.deficit();
+            state.booking += deficit;
+            deficit
+        };
+        for _ in 0..deficit {
+            tokio::spawn(self.clone().top_up());
+        }
+    }
+
+    /// Books one more slot for lookups already admitted, then answers anyone the new
+    /// schedule leaves past their deadline.
+    async fn top_up(self: Arc<Self>) {
+        let not_after = self.lock().queue.latest_deadline();
+        let booked = match not_after {
+            // Admitted lookups already hold their place: no capacity limit for them.
+            Some(not_after) => self.pacer.book(not_after, usize::MAX).await.ok(),
+            None => None,
+        };
+        {
+            let mut state = self.lock();
+            state.booking -= 1;
+            if let Some(slot) = booked {
+                state.insert_slot(slot);
+            }
+        }
+        self.expire();
+        self.changed.notify_one();
+    }
+
+    /// The start at `now` is granted: hands back the flight to start with it.
     ///
     /// This is the last check before the upstream call, made under the lock that clients
-    /// leaving also take: the pending lookup is started only if someone still waits for it
-    /// and its deadline has not passed; otherwise the next queued lookup gets the slot.
-    /// `None` means nobody wanted it (the slot goes unused, and no call is made).
+    /// leaving also take: the next flight in fair order that someone still waits for and
+    /// whose deadline has not passed. `None` means nobody wants it (no call is made).
     pub fn claim(&self, now: Instant) -> Option<Arc<Flight>> {
         let mut state = self.lock();
-        let mut candidate = state.pending.take();
         let mut late = Vec::new();
         let chosen = loop {
-            let Some(flight) = candidate else { break None };
+            let Some((_, flight)) = state.queue.pop() else {
+                break None;
+            };
+            flight.job.store(NO_JOB, Ordering::Relaxed);
             if flight.waiters.load(Ordering::Relaxed) == 0 {
                 unregister(&mut state, &flight);
                 self.metrics.queue_abandoned();
@@ -356,13 +521,12 @@ impl Scheduler {
                 unregister(&mut state, &flight);
                 late.push(flight);
             } else {
-                flight.mark_started(now.saturating_duration_since(flight.admitted_at));
+                flight.update_info(|i| {
+                    i.queue_wait = Some(now.saturating_duration_since(flight.admitted_at));
+                });
+                flight.set_state(FlightState::Started);
                 break Some(flight);
             }
-            candidate = state.queue.pop().map(|(_, f)| {
-                f.job.store(NO_JOB, Ordering::Relaxed);
-                f
-            });
         };
         self.set_depth(state.queue.len());
         drop(state);
@@ -376,7 +540,7 @@ impl Scheduler {
     /// The refusal for a lookup that missed its start deadline: blame the penalty if one is
     /// running (that is what moved the schedule), else the queue.
     fn missed_deadline(&self, now: Instant, by: Duration) -> ProxyError {
-        match self.limiter.penalty_until() {
+        match self.pacer.penalty_until() {
             Some(until) => ProxyError::UpstreamPenalty {
                 retry_after: until.saturating_duration_since(now).max(by),
             },
@@ -394,6 +558,15 @@ impl Scheduler {
         flight.complete(result);
     }
 
+    /// An upstream penalty: the slots booked inside it are void.
+    pub fn void_slots_before(&self, until: Instant) {
+        let mut state = self.lock();
+        let void = state.slots.partition_point(|&s| s < until);
+        state.slots.drain(..void);
+        drop(state);
+        self.changed.notify_one();
+    }
+
     /// Puts a penalised flight back at the front of the queue if it can still start before
     /// its deadline and someone still waits for it; otherwise answers it.
     pub fn retry(&self, flight: &Arc<Flight>) -> bool {
@@ -403,7 +576,7 @@ impl Scheduler {
             unregister(&mut state, flight);
             return false;
         }
-        let schedule = self.schedule(&state, now);
+        let schedule = state.schedule(self.earliest(now), self.pacer.interval());
         match state.queue.requeue_front(
             &flight.key.client_id,
             flight.deadline,
@@ -412,11 +585,11 @@ impl Scheduler {
         ) {
             Ok(job) => {
                 flight.job.store(job.raw(), Ordering::Relaxed);
-                flight.state.send_replace(FlightState::Waiting);
+                flight.set_state(FlightState::Queued { position: 0 });
                 self.set_depth(state.queue.len());
                 drop(state);
                 self.metrics.upstream_retry();
-                self.work.notify_one();
+                self.changed.notify_one();
                 true
             }
             Err((refusal, _)) => {
@@ -437,7 +610,8 @@ impl Scheduler {
     pub fn expire(&self) {
         let now = Instant::now();
         let mut state = self.lock();
-        let schedule = self.schedule(&state, now);
+        state.prune(now, self.pacer.late_tolerance());
+        let schedule = state.schedule(self.earliest(now), self.pacer.interval());
         let doomed = state.queue.expire(&schedule);
         if doomed.is_empty() {
             return;
@@ -458,15 +632,14 @@ impl Scheduler {
         }
     }
 
-    /// The circuit breaker opened: answer everything queued (and the lookup waiting for the
-    /// pacer) at once, since none of it can succeed before the cool-down ends.
+    /// The circuit breaker opened: answer everything queued at once, since none of it can
+    /// succeed before the cool-down ends.
     pub fn fail_queued(&self, retry_after: Duration) {
         let mut state = self.lock();
         let mut failed = Vec::new();
         while let Some((_, flight)) = state.queue.pop() {
             failed.push(flight);
         }
-        failed.extend(state.pending.take());
         for flight in &failed {
             flight.job.store(NO_JOB, Ordering::Relaxed);
             unregister(&mut state, flight);
@@ -492,22 +665,27 @@ impl Scheduler {
     /// The grace period is over: refuse everything still queued and anything new.
     pub fn close(&self) {
         let mut state = self.lock();
-        let mut left = state.queue.close();
-        left.extend(state.pending.take());
+        let left = state.queue.close();
         for flight in &left {
+            unregister(&mut state, flight);
+        }
+        // Flights still booking their slot are answered too.
+        let admitting: Vec<_> = state
+            .flights
+            .values()
+            .filter(|f| matches!(*f.state.borrow(), FlightState::Admitting))
+            .cloned()
+            .collect();
+        for flight in &admitting {
             unregister(&mut state, flight);
         }
         self.set_depth(0);
         drop(state);
-        for flight in left {
+        for flight in left.into_iter().chain(admitting) {
             self.metrics.queue_refused(QueueRefusal::Shutdown);
             flight.complete(Err(ProxyError::ShuttingDown));
         }
-    }
-
-    /// Whether a lookup is waiting for the pacer right now.
-    pub fn has_pending(&self) -> bool {
-        self.lock().pending.is_some()
+        self.changed.notify_one();
     }
 
     pub fn queue_len(&self) -> usize {
@@ -515,7 +693,12 @@ impl Scheduler {
     }
 
     pub fn queue_capacity(&self) -> usize {
-        self.lock().queue.capacity()
+        self.queue_capacity
+    }
+
+    /// Slots booked and not used yet.
+    pub fn booked_slots(&self) -> usize {
+        self.lock().slots.len()
     }
 
     pub fn is_draining(&self) -> bool {
@@ -555,11 +738,25 @@ impl Waiter {
         &self.flight
     }
 
+    /// Resolves when the flight is in the queue (with the position it entered at), or
+    /// `None` if it went past that stage (started, answered, or refused).
+    pub async fn queued(&mut self) -> Option<usize> {
+        let state = self
+            .rx
+            .wait_for(|s| !matches!(s, FlightState::Admitting))
+            .await
+            .ok()?;
+        match *state {
+            FlightState::Queued { position } => Some(position),
+            _ => None,
+        }
+    }
+
     /// Resolves when the flight's upstream call starts (or it is answered without one).
     pub async fn started(&mut self) {
         let _ = self
             .rx
-            .wait_for(|s| !matches!(s, FlightState::Waiting))
+            .wait_for(|s| matches!(s, FlightState::Started | FlightState::Done(_)))
             .await;
     }
 

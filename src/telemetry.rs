@@ -366,11 +366,6 @@ impl FlightOrigin {
     }
 }
 
-/// The span of a lookup waiting for the pacer to grant its start (in the dispatcher).
-pub fn permit_span(flight: &Flight) -> Span {
-    tracing::info_span!(parent: &flight.origin.span, "pacing.permit")
-}
-
 /// The client span of one upstream attempt, a child of the leader's request span. `url` is
 /// the upstream's address without the query (which holds the CPF).
 pub fn upstream_span(flight: &Flight, attempt: u64, url: &url::Url) -> Span {

@@ -78,8 +78,9 @@ async fn a_known_scenario_leaves_exact_counts() {
     let m = t.metrics().await;
     let v = |series: &str| metric_value(&m, series);
     assert_eq!(v("score_proxy_cache_lookups_total{result=\"hit\"}"), 1.0);
-    // cpf 1, 999, 2, 3, 5, 6 led their lookups; cpf 2's twin coalesced.
-    assert_eq!(v("score_proxy_cache_lookups_total{result=\"miss\"}"), 6.0);
+    // cpf 1, 999, 2, 3, 4 (then refused: the queue was full), 5 and 6 missed the cache and
+    // led a lookup of their own; cpf 2's twin coalesced.
+    assert_eq!(v("score_proxy_cache_lookups_total{result=\"miss\"}"), 7.0);
     assert_eq!(
         v("score_proxy_cache_lookups_total{result=\"coalesced\"}"),
         1.0
@@ -116,7 +117,8 @@ async fn a_known_scenario_leaves_exact_counts() {
     assert!(v("score_proxy_pacing_penalty_pause_seconds_total") >= 1.5);
     assert_eq!(v("score_proxy_pacing_rate_per_second"), 10.0);
     assert_eq!(v("score_proxy_pacing_interval_seconds"), 0.14);
-    // Six upstream calls started (1, 999, 2, 5, 6 and 6's retry), each after a permit.
+    // Six lookups were admitted with a booked start (1, 999, 2, 3, 5, 6), and six calls
+    // started (1, 999, 2, 5, 6 and 6's retry).
     assert_eq!(v("score_proxy_pacing_permit_wait_seconds_count"), 6.0);
     assert_eq!(v("score_proxy_queue_wait_seconds_count"), 6.0);
     assert_eq!(v("score_proxy_cache_entries"), 4.0);

@@ -74,6 +74,16 @@ fn route_list_matches_the_router_source() {
     assert_eq!(registered, expected, "routes registered in http::router");
 }
 
+/// Error kinds produced outside `ProxyError`: the router's fallbacks and size limits
+/// (`http.rs`) and the connections refused before a request is read (`server.rs`).
+const OTHER_KINDS: [(&str, &str); 5] = [
+    ("not_found", include_str!("../src/http.rs")),
+    ("method_not_allowed", include_str!("../src/http.rs")),
+    ("uri_too_long", include_str!("../src/http.rs")),
+    ("headers_too_large", include_str!("../src/http.rs")),
+    ("overloaded", include_str!("../src/server.rs")),
+];
+
 #[test]
 fn error_kinds_are_exactly_those_of_error_rs() {
     let spec = spec();
@@ -84,7 +94,13 @@ fn error_kinds_are_exactly_those_of_error_rs() {
         .map(|v| v.as_str().expect("kinds are strings"))
         .collect();
     let mut expected: BTreeSet<&str> = ProxyError::KINDS.into_iter().collect();
-    expected.extend(["not_found", "method_not_allowed"]);
+    for (kind, source) in OTHER_KINDS {
+        assert!(
+            source.contains(&format!("\"{kind}\"")),
+            "{kind} is no longer produced; update OTHER_KINDS and the document"
+        );
+        expected.insert(kind);
+    }
     assert_eq!(documented, expected);
 }
 

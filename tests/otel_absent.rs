@@ -29,7 +29,9 @@ async fn no_endpoint_means_no_exporter_and_no_noise() {
         assert_eq!(r.status, 200);
         assert_eq!(r.header("x-trace-id").unwrap().len(), 32);
     }
-    tokio::task::spawn_blocking(move || drop(guard)).await.unwrap();
+    tokio::task::spawn_blocking(move || drop(guard))
+        .await
+        .unwrap();
     let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
     let noisy: Vec<&str> = text
         .lines()

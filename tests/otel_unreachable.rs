@@ -41,7 +41,11 @@ async fn an_unreachable_collector_costs_lookups_nothing() {
         let started = Instant::now();
         let r = t.lookup(&cpf(1), "000").await;
         assert_eq!(r.status, 200);
-        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
     }
     // Exporting fails in the background; flushing reports it there, not to clients.
     tokio::task::spawn_blocking(move || {

@@ -312,8 +312,18 @@ fn query() -> impl Strategy<Value = String> {
     ]
 }
 
+/// 2048 cases per property (about ten seconds in all on a loaded 2-core machine);
+/// `PROPTEST_CASES=N` runs more, e.g. for a long run by hand.
+fn config() -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2048);
+    ProptestConfig::with_cases(cases)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2048))]
+    #![proptest_config(config())]
 
     /// Every number `from_base` makes parses back to itself in both printed forms, and it
     /// makes one exactly when the model says the base yields a valid CPF.
