@@ -34,6 +34,9 @@ pub mod defaults {
     pub const BREAKER_COOLDOWN: &str = "30s";
     pub const MAX_CONNECTIONS: &str = "10000";
     pub const HEADER_READ_TIMEOUT: &str = "10s";
+    pub const REDIS_TIMEOUT: &str = "100ms";
+    pub const REDIS_PREFIX: &str = "score-proxy";
+    pub const EXPECTED_REPLICAS: &str = "3";
     pub const PUBLIC_METRICS: &str = "true";
     pub const LOG_FORMAT: &str = "text";
 }
@@ -149,6 +152,19 @@ pub struct ServeArgs {
     /// Longest a client may take to send a request head (slow clients, idle keep-alive).
     #[arg(long, env = "SCORE_PROXY_HEADER_READ_TIMEOUT", default_value = defaults::HEADER_READ_TIMEOUT)]
     pub header_read_timeout: String,
+    /// Redis shared by several replicas (schedule, penalty, cache, coalescing); unset: this
+    /// process paces alone.
+    #[arg(long, env = "SCORE_PROXY_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Longest a Redis operation may take before the replica falls back to pacing alone.
+    #[arg(long, env = "SCORE_PROXY_REDIS_TIMEOUT", default_value = defaults::REDIS_TIMEOUT)]
+    pub redis_timeout: String,
+    /// Prefix of every Redis key (several fleets can share one Redis).
+    #[arg(long, env = "SCORE_PROXY_REDIS_PREFIX", default_value = defaults::REDIS_PREFIX)]
+    pub redis_prefix: String,
+    /// Replicas sharing the budget: without Redis each paces at rate / this.
+    #[arg(long, env = "SCORE_PROXY_EXPECTED_REPLICAS", default_value = defaults::EXPECTED_REPLICAS)]
+    pub expected_replicas: String,
     /// On SIGTERM/Ctrl-C, how long queued and running lookups get to finish.
     #[arg(long, env = "SCORE_PROXY_SHUTDOWN_GRACE", default_value = defaults::SHUTDOWN_GRACE)]
     pub shutdown_grace: String,
@@ -192,11 +208,21 @@ pub struct Config {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub admin_listen: Option<SocketAddr>,
+    pub redis: Option<RedisSettings>,
     pub public_metrics: bool,
     pub metrics_enabled: bool,
     pub log_format: LogFormat,
     pub redaction_key: Option<String>,
     pub otel: OtelSettings,
+}
+
+/// Shared mode's settings (present when `--redis-url` is).
+#[derive(Clone, Debug)]
+pub struct RedisSettings {
+    pub url: String,
+    pub timeout: Duration,
+    pub prefix: String,
+    pub expected_replicas: u32,
 }
 
 /// One thing wrong with the configuration.
@@ -369,6 +395,70 @@ impl ServeArgs {
                 parse_addr(raw).map(Some),
             ),
         };
+        let redis_timeout = p.check(
+            "redis-timeout",
+            "SCORE_PROXY_REDIS_TIMEOUT",
+            parse_duration(
+                &self.redis_timeout,
+                Duration::from_millis(1),
+                Duration::from_secs(10),
+            ),
+        );
+        let expected_replicas = p.check(
+            "expected-replicas",
+            "SCORE_PROXY_EXPECTED_REPLICAS",
+            parse_int(&self.expected_replicas, 1, 1000),
+        );
+        let redis_prefix = p.check(
+            "redis-prefix",
+            "SCORE_PROXY_REDIS_PREFIX",
+            if !self.redis_prefix.is_empty()
+                && self.redis_prefix.len() <= 64
+                && self
+                    .redis_prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+            {
+                Ok(self.redis_prefix.clone())
+            } else {
+                Err(format!(
+                    "'{}' must be 1 to 64 letters, digits or -_.:",
+                    self.redis_prefix
+                ))
+            },
+        );
+        let redis_url = match self.redis_url.as_deref().map(str::trim) {
+            None | Some("") => Some(None),
+            Some(raw) => p.check(
+                "redis-url",
+                "SCORE_PROXY_REDIS_URL",
+                redis::Client::open(raw)
+                    .map(|_| Some(raw.to_owned()))
+                    .map_err(|e| format!("'{raw}' is not a Redis URL ({e})")),
+            ),
+        };
+        if matches!(redis_url, Some(Some(_)))
+            && self.redaction_key.as_deref().is_none_or(str::is_empty)
+        {
+            p.0.push(ConfigProblem {
+                setting: "--redaction-key (SCORE_PROXY_REDACTION_KEY)".into(),
+                problem: "shared mode (--redis-url) needs the same redaction key on every \
+                          replica: Redis keys are hashed with it"
+                    .into(),
+            });
+        }
+        let redis = match (redis_url, redis_timeout, redis_prefix, expected_replicas) {
+            (Some(None), ..) => Some(None),
+            (Some(Some(url)), Some(timeout), Some(prefix), Some(expected_replicas)) => {
+                Some(Some(RedisSettings {
+                    url,
+                    timeout,
+                    prefix,
+                    expected_replicas: expected_replicas as u32,
+                }))
+            }
+            _ => None,
+        };
         let public_metrics = p.check(
             "public-metrics",
             "SCORE_PROXY_PUBLIC_METRICS",
@@ -423,7 +513,7 @@ impl ServeArgs {
                 max_connections,
                 header_read_timeout,
             ),
-            admin_listen,
+            (admin_listen, redis),
             public_metrics,
             metrics_enabled,
             log_format,
@@ -450,7 +540,7 @@ impl ServeArgs {
                     Some(max_connections),
                     Some(header_read_timeout),
                 ),
-                Some(admin_listen),
+                (Some(admin_listen), Some(redis)),
                 Some(public_metrics),
                 Some(metrics_enabled),
                 Some(log_format),
@@ -475,6 +565,7 @@ impl ServeArgs {
                 max_connections: max_connections as usize,
                 header_read_timeout,
                 admin_listen,
+                redis,
                 public_metrics,
                 metrics_enabled,
                 log_format,

@@ -130,6 +130,26 @@ impl ProxyError {
         Some(whole_seconds_ceil(wait))
     }
 
+    /// Rebuilds an error from its `kind` (as another replica reported it); `None` for a kind
+    /// this version does not know.
+    pub fn from_kind(kind: &str, retry_after: Duration) -> Option<ProxyError> {
+        Some(match kind {
+            "queue_full" => ProxyError::QueueFull { retry_after },
+            "deadline_unreachable" => ProxyError::DeadlineUnreachable { retry_after },
+            "upstream_penalty" => ProxyError::UpstreamPenalty { retry_after },
+            "upstream_unauthorized" => ProxyError::UpstreamUnauthorized,
+            "upstream_rejected_input" => ProxyError::UpstreamRejectedInput,
+            "upstream_error" => ProxyError::UpstreamFailed {
+                detail: "reported by the replica that made the call",
+            },
+            "upstream_bad_body" => ProxyError::UpstreamBadBody,
+            "upstream_timeout" => ProxyError::UpstreamTimeout,
+            "circuit_open" => ProxyError::CircuitOpen { retry_after },
+            "shutting_down" => ProxyError::ShuttingDown,
+            _ => return None,
+        })
+    }
+
     /// Whether an expired cached answer may stand in for this failure (stale-if-error): when
     /// the upstream failed or could not be reached in time, not when it refused the caller.
     pub fn stale_ok(&self) -> bool {

@@ -22,6 +22,7 @@ use crate::breaker::BreakerState;
 use crate::cache::ScoreCache;
 use crate::error::ProxyError;
 use crate::metrics::{self, CacheResult, Route};
+use crate::pacing::PacingMode;
 use crate::proxy::{Answer, App, Lifecycle, LookupReport};
 use crate::telemetry;
 
@@ -316,6 +317,8 @@ struct Readiness {
     lifecycle: &'static str,
     penalty_active: bool,
     breaker: &'static str,
+    /// `local`, `shared` (one schedule in Redis) or `fallback` (Redis out of reach).
+    pacing: &'static str,
 }
 
 /// Readiness: 503 once shutdown has begun, so load balancers stop sending new lookups.
@@ -332,6 +335,7 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
         lifecycle: lifecycle_name(lifecycle),
         penalty_active: app.pacer.penalty_until().is_some(),
         breaker: app.breaker.state().as_str(),
+        pacing: app.pacer.mode().as_str(),
     };
     let code = if lifecycle == Lifecycle::Running {
         StatusCode::OK
@@ -379,7 +383,7 @@ fn current_status(app: &App) -> Status {
     let breaker = app.breaker.state();
     let system_status = if lifecycle != Lifecycle::Running {
         "draining"
-    } else if breaker != BreakerState::Closed {
+    } else if breaker != BreakerState::Closed || app.pacer.mode() == PacingMode::Fallback {
         "degraded"
     } else if penalty.is_some() {
         "penalized"

@@ -14,7 +14,8 @@
 //! Around them: [`proxy`] wires the stages and holds the lookup path, [`http`] the routes,
 //! [`server`] listening and shutdown, [`error`] the only mapping to status codes,
 //! [`metrics`] every Prometheus metric, [`telemetry`] logs and traces, [`redact`] the
-//! pseudonyms that stand in for personal data, [`config`] flags and environment,
+//! pseudonyms that stand in for personal data, [`shared`] the Redis-backed schedule, cache
+//! tier and leases that let several replicas share one budget, [`config`] flags and environment,
 //! [`simulator`] the upstream's stand-in for tests, benchmarks and the demo, and [`loadgen`]
 //! a load generator with a realistic mix.
 #![forbid(unsafe_code)]
@@ -33,6 +34,7 @@ pub mod queue;
 pub mod redact;
 pub mod scheduler;
 pub mod server;
+pub mod shared;
 pub mod simulator;
 pub mod telemetry;
 pub mod upstream;

@@ -213,6 +213,46 @@ impl UpstreamOutcome {
     }
 }
 
+/// How a Redis operation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RedisOutcome {
+    Ok,
+    Error,
+    Timeout,
+    /// No connection to try it on.
+    Unavailable,
+}
+
+impl RedisOutcome {
+    const ALL: [RedisOutcome; 4] = [
+        RedisOutcome::Ok,
+        RedisOutcome::Error,
+        RedisOutcome::Timeout,
+        RedisOutcome::Unavailable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisOutcome::Ok => "ok",
+            RedisOutcome::Error => "error",
+            RedisOutcome::Timeout => "timeout",
+            RedisOutcome::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// The Redis operations shared mode makes (the `op` label).
+pub const REDIS_OPS: [&str; 8] = [
+    "book",
+    "penalize",
+    "cache_get",
+    "cache_set",
+    "lease",
+    "release",
+    "publish",
+    "ping",
+];
+
 /// Which listener a connection came in on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Listener {
@@ -372,6 +412,13 @@ pub struct Metrics {
 
     breaker_state: IntGauge,
     breaker_transitions: HashMap<&'static str, IntCounter>,
+
+    pacing_mode: IntGauge,
+    shared_fallbacks: IntCounter,
+    redis_ops: HashMap<(&'static str, RedisOutcome), IntCounter>,
+    redis_duration: HashMap<&'static str, Histogram>,
+    shared_cache: HashMap<bool, IntCounter>,
+    shared_flights: HashMap<bool, IntCounter>,
 
     connections_open: HashMap<Listener, IntGauge>,
     connections_refused: HashMap<(Listener, ConnectionRefusal), IntCounter>,
@@ -779,6 +826,94 @@ impl Metrics {
             .map(|to| (to, transitions_vec.with_label_values(&[to])))
             .collect();
 
+        // Shared mode (Redis)
+        let pacing_mode = reg(
+            &registry,
+            IntGauge::with_opts(opts(
+                "pacing_mode",
+                "How this replica paces: 0 local (no Redis configured), 1 shared (one schedule \
+                 in Redis), 2 fallback (Redis out of reach: a local share of the rate).",
+            ))
+            .expect("valid"),
+        );
+        let shared_fallbacks = reg(
+            &registry,
+            IntCounter::with_opts(opts(
+                "shared_fallbacks_total",
+                "Times this replica lost Redis and fell back to pacing alone.",
+            ))
+            .expect("valid"),
+        );
+        let ops_vec = reg(
+            &registry,
+            IntCounterVec::new(
+                opts(
+                    "redis_operations_total",
+                    "Redis operations in shared mode, by operation and outcome.",
+                ),
+                &["op", "outcome"],
+            )
+            .expect("valid"),
+        );
+        let mut redis_ops = HashMap::new();
+        for op in REDIS_OPS {
+            for outcome in RedisOutcome::ALL {
+                redis_ops.insert(
+                    (op, outcome),
+                    ops_vec.with_label_values(&[op, outcome.as_str()]),
+                );
+            }
+        }
+        let redis_duration_vec = reg(
+            &registry,
+            HistogramVec::new(
+                hopts(
+                    "redis_operation_duration_seconds",
+                    "Redis round trips in shared mode, by operation.",
+                    &[
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    ],
+                ),
+                &["op"],
+            )
+            .expect("valid"),
+        );
+        let redis_duration = REDIS_OPS
+            .into_iter()
+            .map(|op| (op, redis_duration_vec.with_label_values(&[op])))
+            .collect();
+        let shared_cache_vec = reg(
+            &registry,
+            IntCounterVec::new(
+                opts(
+                    "shared_cache_lookups_total",
+                    "Lookups of the shared (Redis) cache tier after a local miss, by result.",
+                ),
+                &["result"],
+            )
+            .expect("valid"),
+        );
+        let shared_cache = [(true, "hit"), (false, "miss")]
+            .into_iter()
+            .map(|(hit, name)| (hit, shared_cache_vec.with_label_values(&[name])))
+            .collect();
+        let shared_flights_vec = reg(
+            &registry,
+            IntCounterVec::new(
+                opts(
+                    "shared_flights_total",
+                    "Lookups coordinated across replicas: leader (this replica calls for all) or \
+                     follower (another replica's call is shared).",
+                ),
+                &["role"],
+            )
+            .expect("valid"),
+        );
+        let shared_flights = [(true, "leader"), (false, "follower")]
+            .into_iter()
+            .map(|(leader, name)| (leader, shared_flights_vec.with_label_values(&[name])))
+            .collect();
+
         // Connections
         let open_vec = reg(
             &registry,
@@ -869,6 +1004,12 @@ impl Metrics {
             upstream_retries,
             breaker_state,
             breaker_transitions,
+            pacing_mode,
+            shared_fallbacks,
+            redis_ops,
+            redis_duration,
+            shared_cache,
+            shared_flights,
             connections_open,
             connections_refused,
             connection_errors,
@@ -1023,6 +1164,40 @@ impl Metrics {
     pub fn breaker_transition(&self, state: crate::breaker::BreakerState) {
         self.breaker_state.set(state.level());
         self.breaker_transitions[state.as_str()].inc();
+    }
+
+    // Shared mode
+
+    pub fn set_pacing_mode(&self, mode: crate::pacing::PacingMode) {
+        use crate::pacing::PacingMode;
+        self.pacing_mode.set(match mode {
+            PacingMode::Local => 0,
+            PacingMode::Shared => 1,
+            PacingMode::Fallback => 2,
+        });
+    }
+
+    pub fn shared_fallback(&self) {
+        self.shared_fallbacks.inc();
+    }
+
+    pub fn redis_op(&self, op: &'static str, outcome: RedisOutcome, took: Duration) {
+        if let Some(c) = self.redis_ops.get(&(op, outcome)) {
+            c.inc();
+        }
+        if outcome != RedisOutcome::Unavailable
+            && let Some(h) = self.redis_duration.get(op)
+        {
+            h.observe(took.as_secs_f64());
+        }
+    }
+
+    pub fn shared_cache_lookup(&self, hit: bool) {
+        self.shared_cache[&hit].inc();
+    }
+
+    pub fn shared_flight(&self, leader: bool) {
+        self.shared_flights[&leader].inc();
     }
 
     // Connections

@@ -123,6 +123,13 @@ impl LocalPacer {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Records a penalty: no slot is booked before `until` (slots booked inside it are void).
+    pub fn penalize_now(&self, until: Instant) {
+        let mut state = self.lock();
+        state.penalty_until = state.penalty_until.max(Some(until));
+        state.next_free = state.next_free.max(Some(until));
+    }
+
     /// The booking rule, shared with the fallback of the shared pacer.
     pub fn book_now(
         &self,
@@ -174,10 +181,7 @@ impl Pacer for LocalPacer {
     }
 
     fn penalize(&self, until: Instant) -> BoxFuture<'_, ()> {
-        let mut state = self.lock();
-        state.penalty_until = state.penalty_until.max(Some(until));
-        // Slots booked inside the penalty are void: the next booking starts after it.
-        state.next_free = state.next_free.max(Some(until));
+        self.penalize_now(until);
         Box::pin(std::future::ready(()))
     }
 

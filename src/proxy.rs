@@ -17,9 +17,10 @@ use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::error::ProxyError;
 use crate::metrics::{CacheResult, Metrics, MetricsConfig};
-use crate::pacing::{LocalPacer, Pacer, StartGate};
+use crate::pacing::{LocalPacer, Pacer, PacingMode, StartGate};
 use crate::redact;
-use crate::scheduler::{FlightInfo, Joined, Scheduler};
+use crate::scheduler::{FlightInfo, Joined, Scheduler, Source};
+use crate::shared::{Shared, SharedConfig};
 use crate::telemetry::{self, FlightOrigin, TraceIds};
 use crate::upstream::UpstreamClient;
 use crate::validation::{self, ClientId};
@@ -56,6 +57,8 @@ pub struct App {
     pub cache: Arc<LocalCache>,
     pub scheduler: Arc<Scheduler>,
     pub pacer: Arc<dyn Pacer>,
+    /// Shared mode's Redis side, when `--redis-url` is set.
+    pub shared: Option<Arc<Shared>>,
     pub breaker: Arc<Breaker>,
     pub dispatcher: Arc<Dispatcher>,
     lifecycle: watch::Sender<Lifecycle>,
@@ -70,7 +73,6 @@ impl App {
             redact::set_key(key);
         }
         let interval = LocalPacer::interval_for(config.rate_per_second, config.rate_guard);
-        let pacer: Arc<dyn Pacer> = Arc::new(LocalPacer::new(interval));
         let metrics = Arc::new(Metrics::new(&MetricsConfig {
             enabled: config.metrics_enabled,
             rate_per_second: config.rate_per_second,
@@ -78,6 +80,32 @@ impl App {
             queue_capacity: config.queue_capacity,
             queue_timeout: config.queue_timeout,
         }));
+        // One process paces alone; replicas share a schedule (and a cache tier) in Redis.
+        let shared = match &config.redis {
+            None => None,
+            Some(redis) => Some(Shared::new(
+                SharedConfig {
+                    url: redis.url.clone(),
+                    prefix: redis.prefix.clone(),
+                    timeout: redis.timeout,
+                    expected_replicas: redis.expected_replicas,
+                    interval,
+                    guard: config.rate_guard,
+                    cache_ttl: config.cache_ttl,
+                    stale_for: config.stale_if_error,
+                    upstream_timeout: config.upstream_timeout,
+                    key_secret: config.redaction_key.clone().unwrap_or_default(),
+                },
+                metrics.clone(),
+            )?),
+        };
+        let pacer: Arc<dyn Pacer> = match &shared {
+            Some(shared) => shared.clone(),
+            None => {
+                metrics.set_pacing_mode(PacingMode::Local);
+                Arc::new(LocalPacer::new(interval))
+            }
+        };
         let breaker = {
             let metrics = metrics.clone();
             Arc::new(Breaker::new(
@@ -101,6 +129,7 @@ impl App {
             config.queue_capacity,
             config.queue_timeout,
             pacer.clone(),
+            shared.clone(),
             breaker.clone(),
             cache.clone(),
             metrics.clone(),
@@ -127,6 +156,7 @@ impl App {
             cache,
             scheduler,
             pacer,
+            shared,
             breaker,
             dispatcher,
             lifecycle: watch::channel(Lifecycle::Running).0,
@@ -174,7 +204,7 @@ impl App {
             cached
         };
         let stale = match cached {
-            CacheLookup::Fresh(hit) => return Ok(self.answer(hit, CacheResult::Hit, report)),
+            CacheLookup::Fresh(hit) => return Ok(self.hit(hit, report)),
             CacheLookup::Stale(old) => Some(old),
             CacheLookup::Miss => None,
         };
@@ -213,7 +243,7 @@ impl App {
         // 4. Wait while the dispatcher paces and calls. If the client hangs up, axum drops
         //    this future, the waiter leaves, and an unstarted lookup leaves the queue.
         let (mut waiter, cache_result) = match joined {
-            Joined::Cached(hit) => return Ok(self.answer(hit, CacheResult::Hit, report)),
+            Joined::Cached(hit) => return Ok(self.hit(hit, report)),
             Joined::Leader(waiter) => (waiter, CacheResult::Miss),
             Joined::Follower(waiter) => (waiter, CacheResult::Coalesced),
         };
@@ -246,13 +276,22 @@ impl App {
             telemetry::link_to_call(&wait_span, waiter.flight());
         }
         report.flight = waiter.flight().info();
+        // In shared mode the answer may have come from another replica.
+        let cache_result = match report.flight.source {
+            Source::SharedCache if cache_result == CacheResult::Miss => CacheResult::Hit,
+            Source::Replica if cache_result == CacheResult::Miss => CacheResult::Coalesced,
+            _ => cache_result,
+        };
         result.map(|score| self.answer(score, cache_result, report))
     }
 
+    /// An answer from the local cache (counted as a hit).
+    fn hit(&self, score: CachedScore, report: &mut LookupReport) -> Answer {
+        self.metrics.cache_lookup(CacheResult::Hit);
+        self.answer(score, CacheResult::Hit, report)
+    }
+
     fn answer(&self, score: CachedScore, cache: CacheResult, report: &mut LookupReport) -> Answer {
-        if cache == CacheResult::Hit {
-            self.metrics.cache_lookup(CacheResult::Hit);
-        }
         report.cache = Some(cache);
         Answer {
             age: score.fetched_at.elapsed(),

@@ -20,7 +20,7 @@
 //! The lock is never held across an `.await`, and the cache-hit path never takes it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -34,6 +34,7 @@ use crate::error::ProxyError;
 use crate::metrics::{Metrics, QueueRefusal};
 use crate::pacing::{BookError, Pacer};
 use crate::queue::{FairQueue, JobId, Refusal, Schedule};
+use crate::shared::{Resolution, Settled, Shared};
 use crate::validation::LookupKey;
 
 /// The answer a flight delivers to every lookup that joined it.
@@ -53,12 +54,25 @@ pub enum FlightState {
     Done(FlightResult),
 }
 
+/// Where a flight's answer came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Source {
+    /// This replica's upstream call (or its refusal).
+    #[default]
+    Upstream,
+    /// The shared cache tier (another replica's earlier call).
+    SharedCache,
+    /// Another replica's call for the same lookup, shared.
+    Replica,
+}
+
 /// What happened to a flight, for the access log and span attributes of every waiter.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FlightInfo {
     pub queue_wait: Option<Duration>,
     pub upstream_status: Option<u16>,
     pub upstream_took: Option<Duration>,
+    pub source: Source,
 }
 
 const NO_JOB: u64 = u64::MAX;
@@ -76,6 +90,8 @@ pub struct Flight {
     waiters: AtomicUsize,
     /// Upstream attempts so far (more than one after a penalty).
     attempts: AtomicU64,
+    /// Holds the shared lease (shared mode): this replica calls for every replica.
+    lease: AtomicBool,
     state: watch::Sender<FlightState>,
     info: Mutex<FlightInfo>,
     /// Telemetry attached by the leader (its span's context, for links); opaque here.
@@ -196,6 +212,8 @@ pub struct Scheduler {
     /// The queue's depth, for whoever wants to await a change (tests, `/status` streams).
     depth: watch::Sender<usize>,
     pacer: Arc<dyn Pacer>,
+    /// Shared mode: the cache tier and leases other replicas see.
+    shared: Option<Arc<Shared>>,
     breaker: Arc<Breaker>,
     cache: Arc<dyn ScoreCache>,
     metrics: Arc<Metrics>,
@@ -208,6 +226,7 @@ impl Scheduler {
         queue_capacity: usize,
         queue_timeout: Duration,
         pacer: Arc<dyn Pacer>,
+        shared: Option<Arc<Shared>>,
         breaker: Arc<Breaker>,
         cache: Arc<dyn ScoreCache>,
         metrics: Arc<Metrics>,
@@ -223,6 +242,7 @@ impl Scheduler {
             changed: Notify::new(),
             depth: watch::channel(0).0,
             pacer,
+            shared,
             breaker,
             cache,
             metrics,
@@ -291,6 +311,7 @@ impl Scheduler {
             job: AtomicU64::new(NO_JOB),
             waiters: AtomicUsize::new(1),
             attempts: AtomicU64::new(0),
+            lease: AtomicBool::new(false),
             state: tx,
             info: Mutex::new(FlightInfo::default()),
             origin: origin(),
@@ -298,8 +319,9 @@ impl Scheduler {
         state.flights.insert(key.clone(), flight.clone());
         let waiter = Waiter::new(self.clone(), flight.clone());
 
-        if state.slots.len() > state.queue.len() {
-            // A spare slot (its lookup left): no booking needed.
+        if self.shared.is_none() && state.slots.len() > state.queue.len() {
+            // A spare slot (its lookup left): no booking needed. (In shared mode the flight
+            // first asks the other replicas, on its admission task.)
             let refused = self.place(&mut state, &flight, now);
             drop(state);
             if let Some(error) = refused {
@@ -316,8 +338,44 @@ impl Scheduler {
         Ok(Joined::Leader(waiter))
     }
 
-    /// Books a slot for `flight` and places it in the queue (or refuses it).
+    /// Books a slot for `flight` and places it in the queue (or refuses it). In shared mode,
+    /// first settles it from another replica if one has the answer or is fetching it.
     async fn admit(self: Arc<Self>, flight: Arc<Flight>) {
+        if let Some(shared) = &self.shared {
+            let settled = match shared.resolve(&flight.key, flight.deadline).await {
+                Resolution::Cached(score) => Some((Source::SharedCache, Ok(score))),
+                Resolution::Remote(result) => Some((Source::Replica, result)),
+                Resolution::Lead => {
+                    flight.lease.store(true, Ordering::Relaxed);
+                    None
+                }
+                Resolution::Local => None,
+            };
+            if let Some((source, result)) = settled {
+                self.lock().booking -= 1;
+                flight.update_info(|i| i.source = source);
+                self.finish(&flight, result);
+                self.changed.notify_one();
+                return;
+            }
+            // A spare slot (its lookup left) serves without booking another.
+            let mut state = self.lock();
+            if state.slots.len() > state.queue.len() {
+                state.booking -= 1;
+                let refused = if flight.waiters.load(Ordering::Relaxed) == 0 {
+                    self.unregister(&mut state, &flight);
+                    None
+                } else {
+                    self.place(&mut state, &flight, Instant::now())
+                };
+                drop(state);
+                if let Some(error) = refused {
+                    flight.complete(Err(error));
+                }
+                self.changed.notify_one();
+                return;
+            }
+        }
         let asked = Instant::now();
         let booked = self.pacer.book(flight.deadline, self.queue_capacity).await;
         let now = Instant::now();
@@ -329,7 +387,7 @@ impl Scheduler {
                 state.insert_slot(slot);
                 if flight.waiters.load(Ordering::Relaxed) == 0 {
                     // Everyone left while the slot was booked: it stays as a spare.
-                    unregister(&mut state, &flight);
+                    self.unregister(&mut state, &flight);
                     self.metrics.queue_abandoned();
                     None
                 } else {
@@ -337,7 +395,7 @@ impl Scheduler {
                 }
             }
             Err(e) => {
-                unregister(&mut state, &flight);
+                self.unregister(&mut state, &flight);
                 let draining = state.draining_until.is_some();
                 let penalty = self.pacer.penalty_until();
                 Some(match e {
@@ -383,7 +441,7 @@ impl Scheduler {
                 None
             }
             Err((refusal, _)) => {
-                unregister(state, flight);
+                self.unregister(state, flight);
                 let draining = state.draining_until.is_some();
                 Some(self.refused(refusal, draining))
             }
@@ -431,7 +489,7 @@ impl Scheduler {
             && state.queue.remove(job).is_some()
         {
             flight.job.store(NO_JOB, Ordering::Relaxed);
-            unregister(&mut state, flight);
+            self.unregister(&mut state, flight);
             self.metrics.queue_abandoned();
             self.set_depth(state.queue.len());
         }
@@ -515,10 +573,10 @@ impl Scheduler {
             };
             flight.job.store(NO_JOB, Ordering::Relaxed);
             if flight.waiters.load(Ordering::Relaxed) == 0 {
-                unregister(&mut state, &flight);
+                self.unregister(&mut state, &flight);
                 self.metrics.queue_abandoned();
             } else if now > flight.deadline {
-                unregister(&mut state, &flight);
+                self.unregister(&mut state, &flight);
                 late.push(flight);
             } else {
                 flight.update_info(|i| {
@@ -549,13 +607,46 @@ impl Scheduler {
     }
 
     /// Delivers a flight's answer. A score goes into the cache *before* the flight is
-    /// unregistered, so a lookup arriving in between finds one or the other.
+    /// unregistered, so a lookup arriving in between finds one or the other. A flight led for
+    /// every replica tells the others.
     pub fn finish(&self, flight: &Arc<Flight>, result: FlightResult) {
         if let Ok(score) = &result {
             self.cache.insert(flight.key.clone(), score.clone());
         }
-        unregister(&mut self.lock(), flight);
+        self.settle_lease(
+            flight,
+            match &result {
+                Ok(score) => Settled::Answered(score.clone()),
+                Err(e) => Settled::Failed(e.clone()),
+            },
+        );
+        self.unregister(&mut self.lock(), flight);
         flight.complete(result);
+    }
+
+    /// Gives up a flight's shared lease, if it holds one, telling the other replicas how it
+    /// ended (in the background: Redis is not on the answer's path).
+    fn settle_lease(&self, flight: &Arc<Flight>, outcome: Settled) {
+        if flight.lease.swap(false, Ordering::Relaxed)
+            && let Some(shared) = &self.shared
+        {
+            let shared = shared.clone();
+            let key = flight.key.clone();
+            tokio::spawn(async move { shared.settle(&key, outcome).await });
+        }
+    }
+
+    /// Takes a flight out of the map (if it is still the registered one). A lease still held
+    /// here means the flight ended without an answer: the other replicas try again.
+    fn unregister(&self, state: &mut State, flight: &Arc<Flight>) {
+        if state
+            .flights
+            .get(&flight.key)
+            .is_some_and(|f| Arc::ptr_eq(f, flight))
+        {
+            state.flights.remove(&flight.key);
+        }
+        self.settle_lease(flight, Settled::Gone);
     }
 
     /// An upstream penalty: the slots booked inside it are void.
@@ -573,7 +664,7 @@ impl Scheduler {
         let now = Instant::now();
         let mut state = self.lock();
         if flight.waiters.load(Ordering::Relaxed) == 0 {
-            unregister(&mut state, flight);
+            self.unregister(&mut state, flight);
             return false;
         }
         let schedule = state.schedule(self.earliest(now), self.pacer.interval());
@@ -593,7 +684,7 @@ impl Scheduler {
                 true
             }
             Err((refusal, _)) => {
-                unregister(&mut state, flight);
+                self.unregister(&mut state, flight);
                 drop(state);
                 let by = match refusal {
                     Refusal::Deadline { retry_after } => retry_after,
@@ -618,7 +709,7 @@ impl Scheduler {
         }
         for (flight, _) in &doomed {
             flight.job.store(NO_JOB, Ordering::Relaxed);
-            unregister(&mut state, flight);
+            self.unregister(&mut state, flight);
         }
         self.set_depth(state.queue.len());
         drop(state);
@@ -642,7 +733,7 @@ impl Scheduler {
         }
         for flight in &failed {
             flight.job.store(NO_JOB, Ordering::Relaxed);
-            unregister(&mut state, flight);
+            self.unregister(&mut state, flight);
         }
         self.set_depth(state.queue.len());
         drop(state);
@@ -667,7 +758,7 @@ impl Scheduler {
         let mut state = self.lock();
         let left = state.queue.close();
         for flight in &left {
-            unregister(&mut state, flight);
+            self.unregister(&mut state, flight);
         }
         // Flights still booking their slot are answered too.
         let admitting: Vec<_> = state
@@ -677,7 +768,7 @@ impl Scheduler {
             .cloned()
             .collect();
         for flight in &admitting {
-            unregister(&mut state, flight);
+            self.unregister(&mut state, flight);
         }
         self.set_depth(0);
         drop(state);
@@ -703,16 +794,6 @@ impl Scheduler {
 
     pub fn is_draining(&self) -> bool {
         self.lock().draining_until.is_some()
-    }
-}
-
-fn unregister(state: &mut State, flight: &Arc<Flight>) {
-    if state
-        .flights
-        .get(&flight.key)
-        .is_some_and(|f| Arc::ptr_eq(f, flight))
-    {
-        state.flights.remove(&flight.key);
     }
 }
 

@@ -60,6 +60,11 @@ impl Server {
             None => None,
         };
         let app = App::new(config)?;
+        if let Some(shared) = &app.shared {
+            // Start in shared mode if Redis answers now; otherwise in fallback, and the
+            // health check keeps trying.
+            shared.connect().await;
+        }
         Ok(Server {
             app,
             listener,
@@ -90,6 +95,7 @@ impl Server {
     ) -> anyhow::Result<()> {
         let app = self.app;
         let dispatcher = tokio::spawn(app.dispatcher.clone().run());
+        let shared_tasks = app.shared.as_ref().map(|s| s.start()).unwrap_or_default();
         let (stop_tx, stop_rx) = watch::channel(false);
 
         let mut loops: Vec<JoinHandle<()>> = vec![tokio::spawn(accept_loop(
@@ -141,6 +147,9 @@ impl Server {
         }
         app.close();
         dispatcher.abort();
+        for task in shared_tasks {
+            task.abort();
+        }
         tracing::info!("stopped");
         Ok(())
     }

@@ -1,0 +1,380 @@
+//! Three replicas, one upstream budget, through a real Redis (Debian's `redis-server`, started
+//! here on a loopback port; `scripts/install-deps.sh` installs it). One simulator plays the
+//! upstream and judges every arrival by its own clock, whichever replica sent it.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Reply, cpf};
+use score_proxy::pacing::PacingMode;
+use score_proxy::proxy::App;
+use score_proxy::server::Server;
+use score_proxy::simulator::{Simulator, SimulatorConfig, SimulatorHandle};
+use tokio::sync::oneshot;
+
+/// A `redis-server` on a loopback port, killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    /// Starts it and waits for its "Ready to accept connections" line.
+    fn start(port: u16) -> Redis {
+        let mut child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--loglevel",
+                "notice",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "redis-server on PATH (apt-get install redis-server, or scripts/install-deps.sh)",
+            );
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut told = false;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if !told && line.contains("Ready to accept connections") {
+                    let _ = tx.send(());
+                    told = true;
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("redis-server becomes ready");
+        Redis { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Replica {
+    addr: std::net::SocketAddr,
+    app: Arc<App>,
+    _stop: oneshot::Sender<()>,
+}
+
+struct Fleet {
+    replicas: Vec<Replica>,
+    sim: SimulatorHandle,
+    client: reqwest::Client,
+}
+
+const CAPACITY: usize = 6;
+
+async fn fleet(redis_url: &str, sim: SimulatorConfig) -> Fleet {
+    common::init_test_log();
+    let sim = Simulator::spawn(sim).await.unwrap();
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let config = common::config(
+            &sim.url(),
+            &[
+                "--redis-url".into(),
+                redis_url.into(),
+                "--redaction-key".into(),
+                "shared-test-secret".into(),
+                "--queue-capacity".into(),
+                CAPACITY.to_string(),
+                "--expected-replicas".into(),
+                "3".into(),
+                "--redis-timeout".into(),
+                "200ms".into(),
+            ],
+        );
+        let server = Server::bind(config).await.unwrap();
+        let addr = server.local_addr();
+        let app = server.app();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        replicas.push(Replica {
+            addr,
+            app,
+            _stop: stop,
+        });
+    }
+    Fleet {
+        replicas,
+        sim,
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap(),
+    }
+}
+
+impl Fleet {
+    fn lookup(&self, replica: usize, cpf: &str) -> tokio::task::JoinHandle<Reply> {
+        let url = format!(
+            "http://{}/proxy/score?cpf={cpf}&client_id=000",
+            self.replicas[replica % 3].addr
+        );
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let r = client.get(url).send().await.expect("answered, never hung");
+            Reply {
+                status: r.status().as_u16(),
+                headers: r.headers().clone(),
+                body: r.text().await.unwrap(),
+            }
+        })
+    }
+
+    async fn all_in(&self, mode: PacingMode) {
+        for r in &self.replicas {
+            let shared = r.app.shared.as_ref().expect("shared mode configured");
+            let mut changes = shared.mode_changes();
+            tokio::time::timeout(Duration::from_secs(20), changes.wait_for(|m| *m == mode))
+                .await
+                .unwrap_or_else(|_| panic!("replica never reached {mode:?}"))
+                .unwrap();
+        }
+    }
+
+    async fn ready(&self, replica: usize) -> serde_json::Value {
+        let r = self
+            .client
+            .get(format!("http://{}/ready", self.replicas[replica].addr))
+            .send()
+            .await
+            .unwrap();
+        serde_json::from_str(&r.text().await.unwrap()).unwrap()
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn sim_config() -> SimulatorConfig {
+    SimulatorConfig {
+        min_interval: common::SIM_INTERVAL,
+        penalty: Duration::from_millis(300),
+        ..SimulatorConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_budget_one_cache_and_one_flight_per_key() {
+    let redis = Redis::start(free_port());
+    let f = fleet(&redis.url(), sim_config()).await;
+    f.all_in(PacingMode::Shared).await;
+    assert_eq!(f.ready(0).await["pacing"], "shared");
+
+    // A burst of distinct lookups spread over the replicas, as many as the shared queue
+    // holds: one call each, no two arrivals closer than the upstream allows.
+    let keys: Vec<String> = (0..CAPACITY as u32).map(cpf).collect();
+    let burst: Vec<_> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| f.lookup(i, k))
+        .collect();
+    for b in burst {
+        let r = b.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let stats = f.sim.stats();
+    assert_eq!(stats.violations, 0, "{stats:#?}");
+    assert_eq!(
+        stats.calls as usize,
+        keys.len(),
+        "one call per distinct key"
+    );
+
+    // Every key is a hit on every other replica, from the shared cache.
+    for (i, k) in keys.iter().enumerate() {
+        let r = f.lookup(i + 1, k).await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.x_cache(), "HIT", "key {i} on another replica");
+    }
+    assert_eq!(
+        f.sim.calls() as usize,
+        keys.len(),
+        "no new call for shared hits"
+    );
+
+    // The same new key asked on all three replicas at once, several times each, while the
+    // upstream is slow: one upstream call in all.
+    f.sim.set_latency(Duration::from_millis(600));
+    let same = cpf(500);
+    let twins: Vec<_> = (0..9).map(|i| f.lookup(i, &same)).collect();
+    let mut kinds = Vec::new();
+    for t in twins {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        kinds.push(r.x_cache().to_owned());
+    }
+    f.sim.set_latency(Duration::ZERO);
+    assert_eq!(f.sim.calls() as usize, keys.len() + 1, "{kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "MISS").count(),
+        1,
+        "{kinds:?}"
+    );
+    let followers: f64 = {
+        let mut total = 0.0;
+        for r in &f.replicas {
+            let m = r.app.metrics.render();
+            total +=
+                common::metric_value(&m, "score_proxy_shared_flights_total{role=\"follower\"}");
+        }
+        total
+    };
+    assert!(
+        followers >= 1.0,
+        "another replica waited on the leader's call"
+    );
+
+    // At capacity the fleet refuses like one process: 429 with Retry-After, at once.
+    let many: Vec<_> = (1000..1000 + 3 * CAPACITY as u32)
+        .map(|n| f.lookup(n as usize, &cpf(n)))
+        .collect();
+    let mut ok = 0;
+    let mut full = 0;
+    for m in many {
+        let r = m.await.unwrap();
+        match r.status {
+            200 => ok += 1,
+            429 => {
+                full += 1;
+                assert_eq!(r.json()["error"], "queue_full");
+                assert!(r.retry_after().unwrap() >= 1);
+            }
+            other => panic!("{other}: {}", r.body),
+        }
+    }
+    assert!(full >= CAPACITY, "ok {ok}, full {full}");
+    assert!(ok >= CAPACITY, "ok {ok}, full {full}");
+    let stats = f.sim.stats();
+    assert_eq!(stats.violations, 0, "{stats:#?}");
+    let distinct: HashSet<_> = stats.arrivals.iter().map(|a| a.cpf.clone()).collect();
+    assert_eq!(
+        distinct.len(),
+        stats.arrivals.len(),
+        "no key was fetched twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_redis_falls_back_to_a_share_of_the_rate_and_recovers() {
+    let port = free_port();
+    let redis = Redis::start(port);
+    let f = fleet(&redis.url(), sim_config()).await;
+    f.all_in(PacingMode::Shared).await;
+
+    // Redis dies in the middle of a burst.
+    let first: Vec<_> = (0..6).map(|i| f.lookup(i, &cpf(i as u32))).collect();
+    f.sim.wait_for_calls(2).await;
+    drop(redis);
+    f.all_in(PacingMode::Fallback).await;
+    let fell_back_at = f.sim.elapsed();
+    for r in first {
+        let r = r.await.unwrap();
+        assert!(
+            matches!(r.status, 200 | 429 | 503),
+            "{}: {}",
+            r.status,
+            r.body
+        );
+    }
+    assert_eq!(f.ready(1).await["pacing"], "fallback");
+
+    // Nothing hangs, and together the replicas stay within the rate: each paces at a third.
+    let during: Vec<_> = (100..112).map(|i| f.lookup(i, &cpf(i as u32))).collect();
+    for r in during {
+        let r = tokio::time::timeout(Duration::from_secs(45), r)
+            .await
+            .expect("answered in bounded time")
+            .unwrap();
+        assert!(
+            matches!(r.status, 200 | 429 | 503),
+            "{}: {}",
+            r.status,
+            r.body
+        );
+    }
+    let stats = f.sim.stats();
+    let fallback_calls: Vec<_> = stats
+        .arrivals
+        .iter()
+        .filter(|a| a.at >= fell_back_at)
+        .collect();
+    if let (Some(first), Some(last)) = (fallback_calls.first(), fallback_calls.last()) {
+        let window = (last.at - first.at).as_secs_f64();
+        // At most one call per interval (140 ms) for the fleet, plus one per replica for the
+        // phase at which each started.
+        let allowed = window / 0.14 + 3.0;
+        assert!(
+            fallback_calls.len() as f64 <= allowed,
+            "{} calls in {window:.2}s",
+            fallback_calls.len()
+        );
+    }
+
+    // Redis comes back: every replica returns to the shared schedule.
+    let redis = Redis::start(port);
+    f.all_in(PacingMode::Shared).await;
+    assert_eq!(f.ready(2).await["pacing"], "shared");
+    let recovered_at = f.sim.elapsed();
+    let after: Vec<_> = (200..206).map(|i| f.lookup(i, &cpf(i as u32))).collect();
+    for r in after {
+        assert_eq!(r.await.unwrap().status, 200);
+    }
+    let stats = f.sim.stats();
+    let after: Vec<_> = stats
+        .arrivals
+        .iter()
+        .filter(|a| a.at >= recovered_at)
+        .collect();
+    assert_eq!(after.len(), 6);
+    assert!(
+        after.iter().all(|a| !a.violation),
+        "shared pacing holds again: {after:#?}"
+    );
+    for pair in after.windows(2) {
+        assert!(pair[1].at - pair[0].at >= common::SIM_INTERVAL);
+    }
+    let fallbacks: f64 = f
+        .replicas
+        .iter()
+        .map(|r| {
+            common::metric_value(
+                &r.app.metrics.render(),
+                "score_proxy_shared_fallbacks_total",
+            )
+        })
+        .sum();
+    assert!(fallbacks >= 3.0, "each replica counted its fallback");
+    drop(redis);
+}
