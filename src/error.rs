@@ -203,7 +203,6 @@ impl IntoResponse for ProxyError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        response.extensions_mut().insert(self);
         response
     }
 }

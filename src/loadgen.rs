@@ -20,12 +20,19 @@
 //! interval), so the same command works against the fast settings of the tests and the
 //! real 1 call/s of the compose stack.
 //!
+//! **Several targets** (`--target a,b,c`, e.g. the replicas of a fleet): requests go to them
+//! in turn (round-robin), bursts are scaled by the number of targets so that each one still
+//! sees more than its queue holds, a lookup repeated to provoke a hit or an unused slot goes
+//! to the same target as the lookup it repeats, and the proxies' counters are summed over
+//! every target. The targets are expected to share one upstream (the one `--sim-url`
+//! controls): one fleet behind one budget, or proxies that each have their own.
+//!
 //! Like everything else here, it never logs a CPF or a client id: progress lines carry
 //! counts only, and the report is keyed by status code and outcome name.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,9 +66,15 @@ impl LoadgenMode {
 /// Arguments of `score-proxy loadgen`. Every setting has a flag and a `LOADGEN_*` variable.
 #[derive(clap::Args, Debug, Clone)]
 pub struct LoadgenArgs {
-    /// Base URL of the proxy.
-    #[arg(long, env = "LOADGEN_TARGET", default_value = "http://127.0.0.1:8000")]
-    pub target: Url,
+    /// Base URL of the proxy; several, comma-separated (e.g. the replicas of a fleet), get
+    /// the requests in turn.
+    #[arg(
+        long,
+        env = "LOADGEN_TARGET",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8000"
+    )]
+    pub target: Vec<Url>,
     /// Client ids the upstream accepts, comma-separated; lookups are spread over them.
     #[arg(
         long,
@@ -116,6 +129,8 @@ pub struct LoadgenReport {
     pub requests: u64,
     /// Answers by HTTP status code.
     pub by_status: BTreeMap<u16, u64>,
+    /// Requests sent to each target (its base URL as given), answered or not.
+    pub by_target: BTreeMap<String, u64>,
     /// Answers by outcome: the `X-Cache` value of a `200` (`hit`, `miss`, `coalesced`,
     /// `stale`), the `error` kind of any other answer; plus, in once mode, `abandoned`,
     /// `unused_slot` and `penalty` when the proxy's own counters moved.
@@ -151,6 +166,14 @@ impl fmt::Display for LoadgenReport {
             .map(|(s, n)| format!("{s}={n}"))
             .collect();
         writeln!(f, "  by status:  {}", statuses.join(" "))?;
+        if self.by_target.len() > 1 {
+            let targets: Vec<String> = self
+                .by_target
+                .iter()
+                .map(|(t, n)| format!("{t}={n}"))
+                .collect();
+            writeln!(f, "  by target:  {}", targets.join(" "))?;
+        }
         let outcomes: Vec<String> = self
             .by_outcome
             .iter()
@@ -169,6 +192,9 @@ impl fmt::Display for LoadgenReport {
 
 /// Runs the generator as `args.mode` says and returns what it counted.
 pub async fn run(args: LoadgenArgs) -> anyhow::Result<LoadgenReport> {
+    if args.target.is_empty() {
+        bail!("--target: at least one proxy URL is needed");
+    }
     if args.client_ids.iter().all(|c| c.trim().is_empty()) {
         bail!("--client-ids: at least one client id is needed");
     }
@@ -195,6 +221,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<LoadgenReport> {
         elapsed_seconds: started.elapsed().as_secs_f64(),
         requests: tally.requests,
         by_status: tally.by_status,
+        by_target: tally.by_target,
         by_outcome: tally.by_outcome,
         hung_up: tally.hung_up,
         transport_errors: tally.transport_errors,
@@ -229,14 +256,16 @@ impl Sent {
 struct Tally {
     requests: u64,
     by_status: BTreeMap<u16, u64>,
+    by_target: BTreeMap<String, u64>,
     by_outcome: BTreeMap<String, u64>,
     hung_up: u64,
     transport_errors: u64,
 }
 
 impl Tally {
-    fn count(&mut self, sent: &Sent) {
+    fn count(&mut self, target: &str, sent: &Sent) {
         self.requests += 1;
+        *self.by_target.entry(target.to_owned()).or_default() += 1;
         match sent {
             Sent::Answered { status, outcome } => {
                 *self.by_status.entry(*status).or_default() += 1;
@@ -283,7 +312,9 @@ const CHAOS_FAULTS: [&str; 3] = ["error", "garbage", "hang"];
 
 struct Generator {
     http: reqwest::Client,
-    target: Url,
+    targets: Vec<Url>,
+    /// The round-robin's position: the next request goes to `targets[next % len]`.
+    next_target: AtomicUsize,
     sim: Option<Url>,
     clients: Vec<String>,
     bad_client: String,
@@ -305,7 +336,8 @@ impl Generator {
         let seed_offset = u32::try_from(args.seed % 1_000).unwrap_or(0) * 100_000;
         Ok(Arc::new(Generator {
             http,
-            target: args.target.clone(),
+            targets: args.target.clone(),
+            next_target: AtomicUsize::new(0),
             sim: args.sim_url.clone(),
             clients: args
                 .client_ids
@@ -321,18 +353,29 @@ impl Generator {
         }))
     }
 
-    fn url(&self, path: &str) -> Url {
-        let mut url = self.target.clone();
+    /// The target the next request goes to (round-robin).
+    fn next_target(&self) -> usize {
+        self.next_target.fetch_add(1, Ordering::Relaxed) % self.targets.len()
+    }
+
+    /// How many proxies share the traffic: bursts are this many times larger, so each one
+    /// still sees more than its queue holds (and a fleet sharing one queue, more than it).
+    fn fleet(&self) -> usize {
+        self.targets.len()
+    }
+
+    fn url(&self, target: usize, path: &str) -> Url {
+        let mut url = self.targets[target].clone();
         url.set_path(path);
         url.set_query(None);
         url
     }
 
-    fn count(&self, sent: &Sent) {
+    fn count(&self, target: usize, sent: &Sent) {
         self.tally
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .count(sent);
+            .count(self.targets[target].as_str(), sent);
     }
 
     fn note(&self, outcome: &str) {
@@ -369,43 +412,64 @@ impl Generator {
         &self.clients[i % self.clients.len()]
     }
 
-    /// Waits for `/health` to answer `200`, so a run started with the proxy fails clearly
-    /// instead of counting connection errors.
+    /// Waits for every target's `/health` to answer `200`, so a run started with the proxy
+    /// fails clearly instead of counting connection errors.
     async fn wait_until_up(&self, within: Duration) -> anyhow::Result<()> {
         let end = Instant::now() + within;
+        let mut waiting: Vec<usize> = (0..self.targets.len()).collect();
         loop {
-            let ok = self
-                .http
-                .get(self.url("/health"))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
-            if ok {
+            let mut still = Vec::new();
+            for target in waiting {
+                let ok = self
+                    .http
+                    .get(self.url(target, "/health"))
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                if !ok {
+                    still.push(target);
+                }
+            }
+            if still.is_empty() {
                 return Ok(());
             }
             if Instant::now() >= end {
+                let names: Vec<&str> = still.iter().map(|&t| self.targets[t].as_str()).collect();
                 bail!(
                     "the proxy at {} did not answer /health within {}",
-                    self.target,
+                    names.join(", "),
                     humantime::format_duration(within)
                 );
             }
+            waiting = still;
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
-    /// One lookup; hangs up after `patience`.
+    /// One lookup, to the next target in turn; hangs up after `patience`.
     async fn lookup(&self, cpf: &str, client: &str, patience: Duration) -> Sent {
-        let mut url = self.url("/proxy/score");
+        self.lookup_on(self.next_target(), cpf, client, patience)
+            .await
+    }
+
+    /// One lookup, to the given target.
+    async fn lookup_on(&self, target: usize, cpf: &str, client: &str, patience: Duration) -> Sent {
+        let mut url = self.url(target, "/proxy/score");
         url.query_pairs_mut()
             .append_pair("cpf", cpf)
             .append_pair("client_id", client);
-        self.get(url, patience).await
+        self.get(target, url, patience).await
     }
 
-    /// A GET whose answer is classified and counted.
-    async fn get(&self, url: Url, patience: Duration) -> Sent {
+    /// A GET of a path other than a lookup, to the next target in turn.
+    async fn get_path(&self, path: &str, patience: Duration) -> Sent {
+        let target = self.next_target();
+        self.get(target, self.url(target, path), patience).await
+    }
+
+    /// A GET to `target` whose answer is classified and counted.
+    async fn get(&self, target: usize, url: Url, patience: Duration) -> Sent {
         let _permit = self.limit.acquire().await;
         let exchange = async {
             let response = self.http.get(url).send().await?;
@@ -427,14 +491,14 @@ impl Generator {
                 outcome: classify(status, cache, &body),
             },
         };
-        self.count(&sent);
+        self.count(target, &sent);
         sent
     }
 
-    async fn status(&self) -> anyhow::Result<serde_json::Value> {
+    async fn status(&self, target: usize) -> anyhow::Result<serde_json::Value> {
         let body = self
             .http
-            .get(self.url("/status"))
+            .get(self.url(target, "/status"))
             .timeout(Duration::from_secs(5))
             .send()
             .await
@@ -447,8 +511,9 @@ impl Generator {
         serde_json::from_slice(&body).context("/status is not JSON")
     }
 
+    /// The first target's shape: the replicas of a fleet share their settings.
     async fn shape(&self) -> ProxyShape {
-        let status = self.status().await.ok();
+        let status = self.status(0).await.ok();
         let field = |name: &str| status.as_ref().and_then(|s| s.get(name)).cloned();
         ProxyShape {
             queue_capacity: field("queue_capacity")
@@ -462,18 +527,35 @@ impl Generator {
         }
     }
 
+    /// Whether any target is pausing for a penalty.
     async fn penalty_active(&self) -> bool {
-        self.status()
-            .await
-            .ok()
-            .and_then(|s| s.get("penalty_active").and_then(|v| v.as_bool()))
-            .unwrap_or(false)
+        for target in 0..self.targets.len() {
+            let active = self
+                .status(target)
+                .await
+                .ok()
+                .and_then(|s| s.get("penalty_active").and_then(|v| v.as_bool()))
+                .unwrap_or(false);
+            if active {
+                return true;
+            }
+        }
+        false
     }
 
-    /// The sum of every series of a counter on the proxy's `/metrics`, or `None` when the
-    /// metrics are not served there (`--public-metrics false`).
+    /// The sum of every series of a counter on every target's `/metrics`, or `None` when
+    /// any target does not serve them there (`--public-metrics false`): a partial sum could
+    /// seem to rise when a target that failed once answers again.
     async fn metric(&self, name: &str) -> Option<f64> {
-        let mut url = self.url("/metrics");
+        let mut sum = 0.0;
+        for target in 0..self.targets.len() {
+            sum += self.metric_on(target, name).await?;
+        }
+        Some(sum)
+    }
+
+    async fn metric_on(&self, target: usize, name: &str) -> Option<f64> {
+        let mut url = self.url(target, "/metrics");
         url.set_query(Some("format=prometheus"));
         let response = self
             .http
@@ -549,9 +631,12 @@ impl Generator {
         self: &Arc<Self>,
         args: &LoadgenArgs,
     ) -> anyhow::Result<(Vec<String>, Vec<String>)> {
-        // The other routes, once each, so their series have samples.
-        for path in ["/health", "/ready", "/status", "/no-such-endpoint"] {
-            self.get(self.url(path), Duration::from_secs(5)).await;
+        // The other routes, once each on every target, so their series have samples.
+        for target in 0..self.targets.len() {
+            for path in ["/health", "/ready", "/status", "/no-such-endpoint"] {
+                self.get(target, self.url(target, path), Duration::from_secs(5))
+                    .await;
+            }
         }
         if self.sim.is_some() {
             // Fail early and clearly if the control endpoint is not there.
@@ -602,9 +687,11 @@ impl Generator {
         let client = self.client(0).to_owned();
         let outcomes = match target {
             Target::Miss | Target::Hit => {
+                // Both to one target: a hit must not depend on a cache shared between them.
+                let on = self.next_target();
                 let cpf = self.new_cpf();
-                let first = self.lookup(&cpf, &client, patient).await;
-                let second = self.lookup(&cpf, &client, patient).await;
+                let first = self.lookup_on(on, &cpf, &client, patient).await;
+                let second = self.lookup_on(on, &cpf, &client, patient).await;
                 outcomes_of([first, second])
             }
             Target::Coalesced => {
@@ -621,15 +708,13 @@ impl Generator {
                 }
                 outcomes_of(sent)
             }
-            Target::NotFound => {
-                outcomes_of([self.get(self.url("/no-such-endpoint"), patient).await])
-            }
+            Target::NotFound => outcomes_of([self.get_path("/no-such-endpoint", patient).await]),
             Target::Unauthorized => {
                 let bad = self.bad_client.clone();
                 outcomes_of([self.lookup(&self.new_cpf(), &bad, patient).await])
             }
             Target::QueueFull => {
-                let n = shape.queue_capacity * 2 + 4;
+                let n = (shape.queue_capacity * 2 + 4) * self.fleet();
                 let sent = self.all(self.distinct(n, patient)).await;
                 outcomes_of(sent)
             }
@@ -639,7 +724,7 @@ impl Generator {
                 // rest is still queued when its clients leave.
                 let impatient = shape.interval * 2 + Duration::from_millis(100);
                 let sent = self
-                    .all(self.distinct(shape.queue_capacity, impatient))
+                    .all(self.distinct(shape.queue_capacity * self.fleet(), impatient))
                     .await;
                 let hung_up = sent.contains(&Sent::HungUp);
                 let mut outcomes = outcomes_of(sent);
@@ -654,15 +739,22 @@ impl Generator {
                 outcomes
             }
             Target::UnusedSlot => {
-                // A call starts; a second lookup, right behind it, waits for the pacer's
-                // next start and hangs up before it comes: the slot goes unused.
+                // A call starts; a second lookup, right behind it on the same target, waits
+                // for the pacer's next start and hangs up before it comes: the slot goes
+                // unused.
                 let before = self.metric("score_proxy_pacing_unused_slots_total").await;
-                let first = self.distinct(1, patient).collect::<Vec<_>>();
-                let mut tasks = JoinSet::new();
-                self.spawn_all(&mut tasks, first);
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                let on = self.next_target();
                 let quitter = (shape.interval / 4).max(Duration::from_millis(30));
-                self.spawn_all(&mut tasks, self.distinct(1, quitter).collect::<Vec<_>>());
+                let spawn = |tasks: &mut JoinSet<Sent>, patience: Duration| {
+                    let (generator, cpf, client) = (self.clone(), self.new_cpf(), client.clone());
+                    tasks.spawn(
+                        async move { generator.lookup_on(on, &cpf, &client, patience).await },
+                    );
+                };
+                let mut tasks = JoinSet::new();
+                spawn(&mut tasks, patient);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                spawn(&mut tasks, quitter);
                 let mut sent = Vec::new();
                 while let Some(done) = tasks.join_next().await {
                     if let Ok(s) = done {
@@ -722,7 +814,9 @@ impl Generator {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if penalised {
-            let burst: Vec<_> = self.distinct(shape.queue_capacity, self.patience).collect();
+            let burst: Vec<_> = self
+                .distinct(shape.queue_capacity * self.fleet(), self.patience)
+                .collect();
             self.spawn_all(&mut tasks, burst);
         }
         let restored = self.sim_set(saved).await;
@@ -842,7 +936,7 @@ impl Generator {
                 _ = burst.tick() => {
                     // More distinct lookups than the queue holds: refusals, a full queue, and
                     // (for the impatient third) abandoned lookups.
-                    let n = shape.queue_capacity + 10;
+                    let n = shape.queue_capacity * self.fleet() + 10;
                     for i in 0..n {
                         let patience = if i % 3 == 2 {
                             shape.interval * 3
@@ -968,7 +1062,7 @@ impl Generator {
                 self.lookup(cpf, self.client(client), self.patience).await
             }
             Request::BadClient { cpf } => self.lookup(&cpf, &self.bad_client, self.patience).await,
-            Request::Path(path) => self.get(self.url(path), Duration::from_secs(10)).await,
+            Request::Path(path) => self.get_path(path, Duration::from_secs(10)).await,
         }
     }
 }

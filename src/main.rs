@@ -9,6 +9,11 @@ use score_proxy::server::{Server, shutdown_signal};
 use score_proxy::simulator::{self, SimulateArgs, Simulator};
 use score_proxy::telemetry;
 
+/// mimalloc: cheaper allocations on the request path than glibc's malloc, and less overhead
+/// per cache entry (no per-allocation header); measured in BENCHMARKS.md.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status for a configuration that does not validate.
 const EXIT_CONFIG: u8 = 2;
 

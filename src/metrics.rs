@@ -22,9 +22,10 @@ use crate::validation::QueryError;
 const NAMESPACE: &str = "score_proxy";
 
 /// The routes, as the `route` label spells them (axum's matched path, or `unmatched`).
+/// The discriminants index the metrics' per-route tables, in `ALL`'s order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Route {
-    Score,
+    Score = 0,
     Health,
     Ready,
     Status,
@@ -379,9 +380,11 @@ pub struct Metrics {
     registry: Registry,
     enabled: bool,
 
-    http_requests: HashMap<(Route, u16), IntCounter>,
+    /// Indexed by route, then by the code's place in `KNOWN_CODES` (no hashing per request).
+    http_requests: Vec<Vec<IntCounter>>,
     http_requests_vec: IntCounterVec,
-    http_duration: HashMap<(Route, &'static str), Histogram>,
+    /// Indexed by route; each route's outcomes, found by comparing the static strings.
+    http_duration: Vec<Vec<(&'static str, Histogram)>>,
     http_duration_vec: HistogramVec,
     http_in_flight: HashMap<Route, IntGauge>,
 
@@ -481,14 +484,17 @@ impl Metrics {
             )
             .expect("valid"),
         );
-        let mut http_requests = HashMap::new();
-        for route in Route::ALL {
-            for code in KNOWN_CODES {
-                let child =
-                    http_requests_vec.with_label_values(&[route.as_str(), &code.to_string()]);
-                http_requests.insert((route, code), child);
-            }
-        }
+        let http_requests = Route::ALL
+            .into_iter()
+            .map(|route| {
+                KNOWN_CODES
+                    .into_iter()
+                    .map(|code| {
+                        http_requests_vec.with_label_values(&[route.as_str(), &code.to_string()])
+                    })
+                    .collect()
+            })
+            .collect();
         let http_duration_vec = reg(
             &registry,
             HistogramVec::new(
@@ -501,18 +507,20 @@ impl Metrics {
             )
             .expect("valid"),
         );
-        let mut http_duration = HashMap::new();
-        for route in Route::ALL {
-            let route_outcomes: Vec<&'static str> = match route {
-                Route::Score => outcomes(),
-                Route::Unmatched => vec![OUTCOME_NOT_FOUND, OUTCOME_CLIENT_CLOSED],
-                _ => vec![OUTCOME_OK, OUTCOME_ERROR, OUTCOME_CLIENT_CLOSED],
-            };
-            for outcome in route_outcomes {
-                let child = http_duration_vec.with_label_values(&[route.as_str(), outcome]);
-                http_duration.insert((route, outcome), child);
-            }
-        }
+        let http_duration = Route::ALL
+            .into_iter()
+            .map(|route| {
+                let route_outcomes: Vec<&'static str> = match route {
+                    Route::Score => outcomes(),
+                    Route::Unmatched => vec![OUTCOME_NOT_FOUND, OUTCOME_CLIENT_CLOSED],
+                    _ => vec![OUTCOME_OK, OUTCOME_ERROR, OUTCOME_CLIENT_CLOSED],
+                };
+                route_outcomes
+                    .into_iter()
+                    .map(|o| (o, http_duration_vec.with_label_values(&[route.as_str(), o])))
+                    .collect()
+            })
+            .collect();
         let in_flight_vec = reg(
             &registry,
             IntGaugeVec::new(
@@ -1040,16 +1048,17 @@ impl Metrics {
         if !self.enabled {
             return;
         }
-        match self.http_requests.get(&(route, code)) {
-            Some(c) => c.inc(),
+        let r = route as usize;
+        match KNOWN_CODES.iter().position(|&c| c == code) {
+            Some(i) => self.http_requests[r][i].inc(),
             None => self
                 .http_requests_vec
                 .with_label_values(&[route.as_str(), &code.to_string()])
                 .inc(),
         }
         let secs = elapsed.as_secs_f64();
-        match self.http_duration.get(&(route, outcome)) {
-            Some(h) => h.observe(secs),
+        match self.http_duration[r].iter().find(|(o, _)| *o == outcome) {
+            Some((_, h)) => h.observe(secs),
             None => self
                 .http_duration_vec
                 .with_label_values(&[route.as_str(), outcome])
@@ -1259,6 +1268,13 @@ mod tests {
         }
         assert!(text.contains("score_proxy_build_info{version=\""));
         assert!(text.contains("score_proxy_queue_capacity 20"));
+    }
+
+    #[test]
+    fn route_discriminants_index_the_tables() {
+        for (i, route) in Route::ALL.into_iter().enumerate() {
+            assert_eq!(route as usize, i);
+        }
     }
 
     #[test]

@@ -15,6 +15,8 @@ use crate::validation::{ClientId, Cpf};
 
 static KEY: OnceLock<[u8; 32]> = OnceLock::new();
 
+pub(crate) const HEX: &[u8; 16] = b"0123456789abcdef";
+
 /// Sets the redaction key from a secret string. Only the first call has an effect; it must
 /// come before the first tag is computed (start-up does this before serving).
 pub fn set_key(secret: &str) {
@@ -39,7 +41,8 @@ fn tag(domain: u8, data: &[u8]) -> String {
     let hash = hasher.finalize();
     let mut out = String::with_capacity(12);
     for b in &hash.as_bytes()[..6] {
-        out.push_str(&format!("{b:02x}"));
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
     }
     out
 }

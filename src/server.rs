@@ -19,13 +19,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
+use std::convert::Infallible;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
+use tower::ServiceExt;
 
 use crate::config::Config;
 use crate::http;
@@ -209,10 +211,20 @@ async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let connection = builder.serve_connection(
-            TokioIo::new(stream),
-            TowerToHyperService::new(router.clone()),
-        );
+        // Lookups go straight to their handler; every other request through the router.
+        let (app, router) = (app.clone(), router.clone());
+        let fast = which == Listener::Public;
+        let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+            let (app, router) = (app.clone(), router.clone());
+            async move {
+                if fast && http::is_lookup(&request) {
+                    Ok::<_, Infallible>(http::score_direct(app, request).await)
+                } else {
+                    router.oneshot(request.map(axum::body::Body::new)).await
+                }
+            }
+        });
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         let metrics = metrics.clone();
         tokio::spawn(async move {

@@ -206,7 +206,13 @@ where
         }
     };
     let _ = TRACING_ON.set(provider.is_some());
+    // With no exporter, nothing consumes spans: a global events-only filter makes every
+    // `info_span!` a no-op at its callsite instead of a registry entry per request.
+    let spans_off = otel_layer
+        .is_none()
+        .then(|| filter_fn(|meta| meta.is_event()));
     Registry::default()
+        .with(spans_off)
         .with(log_layer)
         .with(otel_layer)
         .try_init()?;
@@ -224,12 +230,31 @@ pub struct TraceIds {
 impl TraceIds {
     /// `00-<trace id>-<span id>-<flags>`.
     pub fn traceparent(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            self.trace_id,
-            self.span_id,
-            u8::from(self.sampled)
-        )
+        String::from_utf8_lossy(&self.traceparent_bytes()).into_owned()
+    }
+
+    /// The `traceparent` value, hex-encoded on the stack (this runs on every response).
+    pub fn traceparent_bytes(&self) -> [u8; 55] {
+        let mut out = [b'-'; 55];
+        out[..2].copy_from_slice(b"00");
+        hex_into(&mut out[3..35], &self.trace_id.to_bytes());
+        hex_into(&mut out[36..52], &self.span_id.to_bytes());
+        hex_into(&mut out[53..55], &[u8::from(self.sampled)]);
+        out
+    }
+
+    /// The trace id alone, 32 hex digits (the `x-trace-id` header and log field).
+    pub fn trace_id_bytes(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        hex_into(&mut out, &self.trace_id.to_bytes());
+        out
+    }
+}
+
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = crate::redact::HEX[usize::from(b >> 4)];
+        pair[1] = crate::redact::HEX[usize::from(b & 0xf)];
     }
 }
 
@@ -329,6 +354,16 @@ struct SpanName<'a>(&'a http::Method, Route);
 impl std::fmt::Display for SpanName<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}", self.0, self.1.as_str())
+    }
+}
+
+/// Ids for a request that has none (a handler called outside `observe`).
+pub fn fresh_ids() -> TraceIds {
+    let ids = RandomIdGenerator::default();
+    TraceIds {
+        trace_id: ids.new_trace_id(),
+        span_id: ids.new_span_id(),
+        sampled: false,
     }
 }
 

@@ -6,8 +6,8 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::Arc;
 
+use compact_str::CompactString;
 use percent_encoding::percent_decode;
 
 /// Longest client id accepted, in characters (all ASCII, so also bytes).
@@ -149,10 +149,10 @@ fn check_digit(digits: &[u8]) -> u8 {
 /// A validated client id: 1..=128 printable ASCII characters (it travels to the upstream as
 /// an HTTP header value, which is why non-ASCII is refused rather than mangled).
 ///
-/// Shared (`Arc<str>`) because one lookup's id sits in the cache key, the queue's fairness
-/// table and the upstream request at once.
+/// Stored inline up to 24 bytes (client ids are short), so neither a lookup nor a cache
+/// entry allocates for it; longer ones go to the heap.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ClientId(Arc<str>);
+pub struct ClientId(CompactString);
 
 impl fmt::Debug for ClientId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -193,7 +193,7 @@ impl ClientId {
         if !input.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
             return Err(ClientIdError::Unprintable);
         }
-        Ok(ClientId(Arc::from(input)))
+        Ok(ClientId(CompactString::from(input)))
     }
 
     pub fn as_str(&self) -> &str {
