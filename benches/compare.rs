@@ -43,6 +43,10 @@ use score_proxy::cache::{CacheConfig, CachedScore, LocalCache, ScoreCache};
 use score_proxy::simulator::SimStats;
 use score_proxy::validation::{Cpf, parse_lookup};
 
+/// The binary's allocator, so that the memory scenario measures what the proxy would hold.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const SCENARIOS: [&str; 6] = [
     "burst",
     "identical",

@@ -91,6 +91,8 @@ impl Dispatcher {
     async fn next_due_slot(&self) -> Option<Instant> {
         loop {
             let changed = self.scheduler.changed();
+            // Whatever woke us, waiting lookups without a slot get one booked.
+            self.scheduler.replenish();
             let now = Instant::now();
             match self.scheduler.next_slot() {
                 Some(slot) if slot <= now => {

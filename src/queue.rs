@@ -251,6 +251,15 @@ impl<T> FairQueue<T> {
         Some((id, entry.job))
     }
 
+    /// Takes the job that would start last (when the schedule has no slot left for it).
+    pub fn pop_last(&mut self) -> Option<(JobId, T)> {
+        let (slot, entry) = self.order.pop_last()?;
+        let id = JobId(slot.2);
+        self.slots.remove(&id);
+        self.forget(&entry.client);
+        Some((id, entry.job))
+    }
+
     /// Removes a job that is still waiting (its client left). `None` if it already started.
     pub fn remove(&mut self, id: JobId) -> Option<T> {
         let slot = self.slots.remove(&id)?;
@@ -467,6 +476,18 @@ mod tests {
             }
         );
         assert_eq!(drain(&mut q), ["a0", "c0"]);
+    }
+
+    #[test]
+    fn pop_last_takes_the_job_that_would_start_last() {
+        let s = schedule(1000);
+        let mut q = FairQueue::new(10);
+        q.admit(&client("a"), far(&s), "a0", &s).unwrap();
+        q.admit(&client("a"), far(&s), "a1", &s).unwrap();
+        q.admit(&client("b"), far(&s), "b0", &s).unwrap();
+        assert_eq!(q.pop_last().map(|(_, j)| j), Some("a1"));
+        assert_eq!(drain(&mut q), ["a0", "b0"]);
+        assert_eq!(q.pop_last(), None);
     }
 
     #[test]

@@ -358,8 +358,10 @@ impl Scheduler {
                 self.changed.notify_one();
                 return;
             }
-            // A spare slot (its lookup left) serves without booking another.
+            // A spare slot (its lookup left) serves without booking another, if it is
+            // still usable.
             let mut state = self.lock();
+            state.prune(Instant::now(), self.pacer.late_tolerance());
             if state.slots.len() > state.queue.len() {
                 state.booking -= 1;
                 let refused = if flight.waiters.load(Ordering::Relaxed) == 0 {
@@ -545,15 +547,33 @@ impl Scheduler {
         let not_after = self.lock().queue.latest_deadline();
         let booked = match not_after {
             // Admitted lookups already hold their place: no capacity limit for them.
-            Some(not_after) => self.pacer.book(not_after, usize::MAX).await.ok(),
+            Some(not_after) => Some(self.pacer.book(not_after, usize::MAX).await),
             None => None,
         };
-        {
-            let mut state = self.lock();
-            state.booking -= 1;
-            if let Some(slot) = booked {
+        let now = Instant::now();
+        let mut state = self.lock();
+        state.booking -= 1;
+        let unserved = match booked {
+            Some(Ok(slot)) => {
                 state.insert_slot(slot);
+                None
             }
+            // No slot before the latest deadline: the last lookup in the queue (the one
+            // this slot was for) cannot be served in time; say so now.
+            Some(Err(BookError::TooLate { by })) => {
+                state.queue.pop_last().map(|(_, flight)| (flight, by))
+            }
+            Some(Err(BookError::Full { .. })) | None => None,
+        };
+        if let Some((flight, _)) = &unserved {
+            flight.job.store(NO_JOB, Ordering::Relaxed);
+            self.unregister(&mut state, flight);
+            self.set_depth(state.queue.len());
+        }
+        drop(state);
+        if let Some((flight, by)) = unserved {
+            self.metrics.queue_refused(QueueRefusal::Expired);
+            flight.complete(Err(self.missed_deadline(now, by)));
         }
         self.expire();
         self.changed.notify_one();
