@@ -75,6 +75,16 @@ pub trait Pacer: Send + Sync + 'static {
         capacity: usize,
     ) -> BoxFuture<'_, Result<Instant, BookError>>;
 
+    /// Books at once, if this pacer can answer without waiting (a local one can); `None`
+    /// means use [`Pacer::book`].
+    fn book_at_once(
+        &self,
+        _not_after: Instant,
+        _capacity: usize,
+    ) -> Option<Result<Instant, BookError>> {
+        None
+    }
+
     /// The upstream penalised us: no start may be booked before `until`.
     fn penalize(&self, until: Instant) -> BoxFuture<'_, ()>;
 
@@ -178,6 +188,14 @@ impl Pacer for LocalPacer {
     ) -> BoxFuture<'_, Result<Instant, BookError>> {
         let result = self.book_now(Instant::now(), not_after, capacity);
         Box::pin(std::future::ready(result))
+    }
+
+    fn book_at_once(
+        &self,
+        not_after: Instant,
+        capacity: usize,
+    ) -> Option<Result<Instant, BookError>> {
+        Some(self.book_now(Instant::now(), not_after, capacity))
     }
 
     fn penalize(&self, until: Instant) -> BoxFuture<'_, ()> {

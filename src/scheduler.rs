@@ -319,10 +319,44 @@ impl Scheduler {
         state.flights.insert(key.clone(), flight.clone());
         let waiter = Waiter::new(self.clone(), flight.clone());
 
-        if self.shared.is_none() && state.slots.len() > state.queue.len() {
-            // A spare slot (its lookup left): no booking needed. (In shared mode the flight
-            // first asks the other replicas, on its admission task.)
-            let refused = self.place(&mut state, &flight, now);
+        if self.shared.is_none() {
+            // One process: admission is settled here and now, under this lock, with a spare
+            // slot (its lookup left) or one booked on the spot.
+            let refused = if state.slots.len() > state.queue.len() {
+                self.place(&mut state, &flight, now)
+            } else {
+                let permit = tracing::info_span!(
+                    parent: &flight.origin.span,
+                    "pacing.permit",
+                    score_proxy.pacing.slot_in_seconds = tracing::field::Empty,
+                );
+                let booked =
+                    permit.in_scope(|| self.pacer.book_at_once(deadline, self.queue_capacity));
+                if let Some(Ok(slot)) = &booked {
+                    permit.record(
+                        "score_proxy.pacing.slot_in_seconds",
+                        slot.saturating_duration_since(now).as_secs_f64(),
+                    );
+                }
+                drop(permit);
+                match booked {
+                    Some(Ok(slot)) => {
+                        state.insert_slot(slot);
+                        self.place(&mut state, &flight, now)
+                    }
+                    Some(Err(e)) => {
+                        self.unregister(&mut state, &flight);
+                        let draining = state.draining_until.is_some();
+                        Some(self.book_refusal(e, draining, now))
+                    }
+                    None => {
+                        state.booking += 1;
+                        drop(state);
+                        self.spawn_admission(flight);
+                        return Ok(Joined::Leader(waiter));
+                    }
+                }
+            };
             drop(state);
             if let Some(error) = refused {
                 flight.complete(Err(error));
@@ -331,11 +365,31 @@ impl Scheduler {
         } else {
             state.booking += 1;
             drop(state);
-            let scheduler = self.clone();
-            let span = tracing::info_span!(parent: &flight.origin.span, "pacing.permit");
-            tokio::spawn(scheduler.admit(flight).instrument(span));
+            self.spawn_admission(flight);
         }
         Ok(Joined::Leader(waiter))
+    }
+
+    fn spawn_admission(self: &Arc<Self>, flight: Arc<Flight>) {
+        let span = tracing::info_span!(parent: &flight.origin.span, "pacing.permit");
+        tokio::spawn(self.clone().admit(flight).instrument(span));
+    }
+
+    /// The refusal for a booking the pacer turned down.
+    fn book_refusal(&self, e: BookError, draining: bool, now: Instant) -> ProxyError {
+        match e {
+            BookError::Full { retry_after } => {
+                self.refused(Refusal::Full { retry_after }, draining)
+            }
+            // A running penalty is what pushed the start out: say so.
+            BookError::TooLate { by } if !draining && self.pacer.penalty_until().is_some() => {
+                self.metrics.queue_refused(QueueRefusal::Deadline);
+                self.missed_deadline(now, by)
+            }
+            BookError::TooLate { by } => {
+                self.refused(Refusal::Deadline { retry_after: by }, draining)
+            }
+        }
     }
 
     /// Books a slot for `flight` and places it in the queue (or refuses it). In shared mode,
@@ -399,20 +453,7 @@ impl Scheduler {
             Err(e) => {
                 self.unregister(&mut state, &flight);
                 let draining = state.draining_until.is_some();
-                let penalty = self.pacer.penalty_until();
-                Some(match e {
-                    BookError::Full { retry_after } => {
-                        self.refused(Refusal::Full { retry_after }, draining)
-                    }
-                    // A running penalty is what pushed the start out: say so.
-                    BookError::TooLate { by } if !draining && penalty.is_some() => {
-                        self.metrics.queue_refused(QueueRefusal::Deadline);
-                        self.missed_deadline(now, by)
-                    }
-                    BookError::TooLate { by } => {
-                        self.refused(Refusal::Deadline { retry_after: by }, draining)
-                    }
-                })
+                Some(self.book_refusal(e, draining, now))
             }
         };
         drop(state);
