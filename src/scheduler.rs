@@ -31,7 +31,7 @@ use tracing::Instrument;
 use crate::breaker::Breaker;
 use crate::cache::{CacheLookup, CachedScore, ScoreCache};
 use crate::error::ProxyError;
-use crate::metrics::{Metrics, QueueRefusal};
+use crate::metrics::{Metrics, QueueRefusal, SlotUnused};
 use crate::pacing::{BookError, Pacer};
 use crate::queue::{FairQueue, JobId, Refusal, Schedule};
 use crate::shared::{Resolution, Settled, Shared};
@@ -184,12 +184,15 @@ impl State {
         }
     }
 
-    /// Drops slots too far in the past to be used (see [`Pacer::late_tolerance`]).
-    fn prune(&mut self, now: Instant, tolerance: Option<Duration>) {
-        if let Some(tolerance) = tolerance {
-            let stale = self.slots.partition_point(|&s| s + tolerance < now);
-            self.slots.drain(..stale);
-        }
+    /// Drops slots too far in the past to be used (see [`Pacer::late_tolerance`]); returns
+    /// how many, and whether anyone was waiting (so the metrics can say why they went unused).
+    fn prune(&mut self, now: Instant, tolerance: Option<Duration>) -> (usize, bool) {
+        let Some(tolerance) = tolerance else {
+            return (0, false);
+        };
+        let stale = self.slots.partition_point(|&s| s + tolerance < now);
+        self.slots.drain(..stale);
+        (stale, !self.queue.is_empty())
     }
 
     /// Slots the queue is short of, counting bookings already under way.
@@ -415,7 +418,7 @@ impl Scheduler {
             // A spare slot (its lookup left) serves without booking another, if it is
             // still usable.
             let mut state = self.lock();
-            state.prune(Instant::now(), self.pacer.late_tolerance());
+            self.prune(&mut state, Instant::now());
             if state.slots.len() > state.queue.len() {
                 state.booking -= 1;
                 let refused = if flight.waiters.load(Ordering::Relaxed) == 0 {
@@ -466,7 +469,7 @@ impl Scheduler {
     /// Puts an admitted flight in the queue, at the fair position its slot allows. Returns
     /// the refusal to answer it with if there is none.
     fn place(&self, state: &mut State, flight: &Arc<Flight>, now: Instant) -> Option<ProxyError> {
-        state.prune(now, self.pacer.late_tolerance());
+        self.prune(state, now);
         let schedule = state.schedule(self.earliest(now), self.pacer.interval());
         match state.queue.admit(
             &flight.key.client_id,
@@ -488,6 +491,19 @@ impl Scheduler {
                 let draining = state.draining_until.is_some();
                 Some(self.refused(refusal, draining))
             }
+        }
+    }
+
+    /// Drops stale slots, counting each as a slot that passed unused.
+    fn prune(&self, state: &mut State, now: Instant) {
+        let (pruned, waiting) = state.prune(now, self.pacer.late_tolerance());
+        let why = if waiting {
+            SlotUnused::Late
+        } else {
+            SlotUnused::NoLookup
+        };
+        for _ in 0..pruned {
+            self.metrics.unused_slot(why);
         }
     }
 
@@ -762,7 +778,7 @@ impl Scheduler {
     pub fn expire(&self) {
         let now = Instant::now();
         let mut state = self.lock();
-        state.prune(now, self.pacer.late_tolerance());
+        self.prune(&mut state, now);
         let schedule = state.schedule(self.earliest(now), self.pacer.interval());
         let doomed = state.queue.expire(&schedule);
         if doomed.is_empty() {

@@ -144,6 +144,21 @@ async fn every_documented_route_is_served() {
         let body = reply.json();
         assert_ne!(body["error"], "not_found", "{path}: {}", reply.body);
     }
+    // The JSON bodies of the operators' endpoints match their schemas, field for field (a
+    // field added to `/status` but not to the document fails here, before schemathesis).
+    let document = spec();
+    for path in ["/health", "/ready", "/status", "/metrics"] {
+        let reply = app.get(path).await;
+        let schema = &document["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]
+            ["schema"];
+        conforms(&document, schema, &reply.json(), path);
+    }
+    let lookup = app.get("/proxy/score?cpf=12345678900&client_id=000").await;
+    assert_eq!(lookup.status, 400);
+    let schema = &document["paths"]["/proxy/score"]["get"]["responses"]["400"]["content"]["application/json"]
+        ["schema"];
+    conforms(&document, schema, &lookup.json(), "/proxy/score 400");
+
     let unknown = app.get("/no-such-route").await;
     assert_eq!(unknown.status, 404);
     assert_eq!(unknown.json()["error"], "not_found");
@@ -166,4 +181,63 @@ async fn every_documented_route_is_served() {
         "no route here should reach the upstream"
     );
     app.shutdown().await.expect("clean shutdown");
+}
+
+/// A small JSON-schema check, enough for the document's own schemas: `$ref`, `oneOf`,
+/// `type`, `enum`, `required`, `minimum`, and, for objects that list their properties, no
+/// property the document does not list.
+fn conforms(spec: &Value, schema: &Value, value: &Value, at: &str) {
+    if let Some(Value::String(r)) = schema.get("$ref") {
+        let target = spec
+            .pointer(r.trim_start_matches('#'))
+            .unwrap_or_else(|| panic!("{at}: dangling {r}"));
+        return conforms(spec, target, value, at);
+    }
+    if let Some(Value::Array(options)) = schema.get("oneOf") {
+        let matching = options
+            .iter()
+            .filter(|o| {
+                let (spec, o, value) = (spec.clone(), (*o).clone(), value.clone());
+                std::panic::catch_unwind(move || conforms(&spec, &o, &value, "")).is_ok()
+            })
+            .count();
+        assert_eq!(matching, 1, "{at}: {value} matches {matching} of oneOf");
+        return;
+    }
+    if let Some(Value::Array(allowed)) = schema.get("enum") {
+        assert!(allowed.contains(value), "{at}: {value} not in {allowed:?}");
+    }
+    match schema.get("type").and_then(Value::as_str) {
+        Some("object") => {
+            let object = value
+                .as_object()
+                .unwrap_or_else(|| panic!("{at}: {value} is not an object"));
+            for name in schema["required"].as_array().into_iter().flatten() {
+                let name = name.as_str().unwrap();
+                assert!(object.contains_key(name), "{at}: no required {name}");
+            }
+            let properties = schema["properties"].as_object();
+            for (name, field) in object {
+                match properties.and_then(|p| p.get(name)) {
+                    Some(sub) => conforms(spec, sub, field, &format!("{at}.{name}")),
+                    None => assert!(
+                        properties.is_none()
+                            || schema.get("additionalProperties") == Some(&Value::Bool(true)),
+                        "{at}: {name} is not in the document"
+                    ),
+                }
+            }
+        }
+        Some("integer") => assert!(value.is_i64() || value.is_u64(), "{at}: {value}"),
+        Some("number") => assert!(value.is_number(), "{at}: {value}"),
+        Some("string") => assert!(value.is_string(), "{at}: {value}"),
+        Some("boolean") => assert!(value.is_boolean(), "{at}: {value}"),
+        _ => {}
+    }
+    if let (Some(min), Some(v)) = (
+        schema.get("minimum").and_then(Value::as_f64),
+        value.as_f64(),
+    ) {
+        assert!(v >= min, "{at}: {v} below {min}");
+    }
 }

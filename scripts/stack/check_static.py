@@ -4,13 +4,21 @@
 - docker-compose.yml validates against the vendored Compose Specification schema
   (deploy/compose-spec.json), has the services and ports the stack promises, and every
   file or directory it mounts or builds from exists;
+- the `replicas` profile holds Redis (with a redis-cli ping healthcheck) and replicas that
+  share it and one redaction key, expect as many replicas as there are, keep a rate guard
+  above Redis round trips and publish distinct ports; the load generator of the profile
+  targets every replica; no service outside the profile depends on one inside it;
+- Prometheus scrapes every replica (job score-proxy-replicas names each compose service),
+  and every alert rule's job matcher selects both jobs;
 - the container paths the services are told to read (Prometheus's --config.file,
   Grafana's home dashboard and dashboard provider path) land on mounted repository files;
 - the Prometheus config's rule files exist, and so do the rule files of every unit test;
 - every Grafana data source has a fixed uid, and points at a compose service;
 - every dashboard in dashboards/ is well-formed Grafana JSON: unique uid, unique panel ids,
   grid positions inside the 24-column grid and not overlapping, every panel and query with
-  a provisioned data source uid, every template variable it uses defined.
+  a provisioned data source uid, every template variable it uses defined, a description
+  on every panel, and the configured rate limit never summed over instances (it is one
+  budget: max).
 
 Exit status 0 when everything holds; 1, with one line per problem, otherwise.
 Needs Python 3.11 with pyyaml and jsonschema.
@@ -44,6 +52,14 @@ DASHBOARDS = ROOT / "dashboards"
 REQUIRED_SERVICES = {"proxy", "upstream", "prometheus", "grafana", "jaeger", "loadgen"}
 REQUIRED_PORTS = {"proxy": 8000, "grafana": 3000, "prometheus": 9090, "jaeger": 16686}
 REQUIRED_DASHBOARDS = {"score-proxy-overview.json": "score-proxy", "upstream-budget.json": None}
+
+# The `replicas` profile: these services, and the scrape jobs the rules and dashboards use.
+PROFILE = "replicas"
+REQUIRED_PROFILE_SERVICES = {"redis", "proxy-1", "proxy-2", "proxy-3", "upstream-replicas", "loadgen-replicas"}
+JOBS = ("score-proxy", "score-proxy-replicas")
+REPLICAS_JOB = "score-proxy-replicas"
+# Shared mode places a booked slot to within half a Redis round trip: the guard covers it.
+MIN_SHARED_RATE_GUARD_MS = 20
 
 # Data source uids Grafana itself provides (built-in annotations, mixed queries).
 BUILTIN_DATASOURCE_UIDS = {"-- Grafana --", "grafana", "-- Mixed --", "-- Dashboard --"}
@@ -259,6 +275,110 @@ def check_compose(compose: dict) -> None:
         if host is None or not host.is_file():
             problem(f"{rel(COMPOSE)}: grafana's home dashboard {home} is not a mounted file")
 
+    check_replicas_profile(services)
+
+
+def environment(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(e.split("=", 1) if "=" in e else (e, "") for e in env)
+    return {k: "" if v is None else str(v) for k, v in env.items()}
+
+
+def interpolated_default(value: str) -> str:
+    """What `${VAR:-default}` comes to when VAR is unset (compose's interpolation)."""
+    return re.sub(r"\$\{\w+(?::?-([^}]*))?\}", lambda m: m.group(1) or "", value)
+
+
+def duration_ms(value: str) -> float | None:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s)\s*", value)
+    if not m:
+        return None
+    return float(m.group(1)) * (1 if m.group(2) == "ms" else 1000)
+
+
+def depends_on(service: dict) -> list[str]:
+    deps = service.get("depends_on") or []
+    return list(deps if isinstance(deps, list) else deps.keys())
+
+
+def check_replicas_profile(services: dict) -> None:
+    where = rel(COMPOSE)
+    in_profile = {n for n, s in services.items() if PROFILE in (s.get("profiles") or [])}
+    missing = REQUIRED_PROFILE_SERVICES - in_profile
+    if missing:
+        problem(f"{where}: profile {PROFILE!r} lacks services: {', '.join(sorted(missing))}")
+    # `docker compose up` without the profile must not need a service of the profile.
+    for name, service in services.items():
+        if service.get("profiles"):
+            continue
+        for dep in depends_on(service):
+            if dep in in_profile:
+                problem(f"{where}: service {name} (no profile) depends on {dep}, which only runs with --profile {PROFILE}")
+
+    redis = services.get("redis", {})
+    image = str(redis.get("image", ""))
+    if not re.fullmatch(r"redis:7(\.\d+)*(-[\w.]+)?", image):
+        problem(f"{where}: service redis must run a redis:7 image, runs {image!r}")
+    if "redis-cli" not in json.dumps(redis.get("healthcheck", {}).get("test")) or "ping" not in json.dumps(
+        redis.get("healthcheck", {}).get("test")
+    ):
+        problem(f"{where}: service redis needs a healthcheck with redis-cli ping")
+
+    replicas = sorted(n for n in in_profile if environment(services[n]).get("SCORE_PROXY_REDIS_URL"))
+    if not replicas:
+        problem(f"{where}: no service of profile {PROFILE!r} sets SCORE_PROXY_REDIS_URL")
+        return
+    keys, urls, ports = set(), set(), {}
+    for name in replicas:
+        service, env = services[name], environment(services[name])
+        url = urllib.parse.urlsplit(env["SCORE_PROXY_REDIS_URL"])
+        if url.hostname != "redis":
+            problem(f"{where}: {name}'s SCORE_PROXY_REDIS_URL must name the redis service, is {env['SCORE_PROXY_REDIS_URL']!r}")
+        urls.add(env["SCORE_PROXY_REDIS_URL"])
+        key = interpolated_default(env.get("SCORE_PROXY_REDACTION_KEY", ""))
+        if not key:
+            problem(f"{where}: {name} needs SCORE_PROXY_REDACTION_KEY (shared mode refuses to start without one)")
+        keys.add(env.get("SCORE_PROXY_REDACTION_KEY", ""))
+        expected = env.get("SCORE_PROXY_EXPECTED_REPLICAS", "")
+        if expected != str(len(replicas)):
+            problem(f"{where}: {name} sets SCORE_PROXY_EXPECTED_REPLICAS={expected!r}, but the profile runs {len(replicas)} replicas")
+        guard = duration_ms(env.get("SCORE_PROXY_RATE_GUARD", ""))
+        if guard is None or guard < MIN_SHARED_RATE_GUARD_MS:
+            problem(
+                f"{where}: {name} needs SCORE_PROXY_RATE_GUARD of at least {MIN_SHARED_RATE_GUARD_MS}ms in shared mode "
+                f"(a slot is placed to within half a Redis round trip), has {env.get('SCORE_PROXY_RATE_GUARD')!r}"
+            )
+        if "/health" not in json.dumps(service.get("healthcheck", {}).get("test")):
+            problem(f"{where}: {name}'s healthcheck must probe /health")
+        if "redis" not in depends_on(service):
+            problem(f"{where}: {name} must depend on redis")
+        for port in published_ports(service):
+            if port in ports:
+                problem(f"{where}: {name} and {ports[port]} both publish host port {port}")
+            ports[port] = name
+    if len(urls) > 1:
+        problem(f"{where}: the replicas use different Redis URLs: {sorted(urls)}")
+    if len(keys) > 1:
+        problem(f"{where}: the replicas must share one SCORE_PROXY_REDACTION_KEY, have {sorted(keys)}")
+
+    loadgen = services.get("loadgen-replicas", {})
+    targets = [t.strip() for t in environment(loadgen).get("LOADGEN_TARGET", "").split(",") if t.strip()]
+    hosts = sorted(urllib.parse.urlsplit(t).hostname or "" for t in targets)
+    if hosts != replicas:
+        problem(f"{where}: loadgen-replicas's LOADGEN_TARGET must list every replica ({', '.join(replicas)}), lists {targets}")
+    for t in targets:
+        port = urllib.parse.urlsplit(t).port
+        host = urllib.parse.urlsplit(t).hostname
+        listen = environment(services.get(host, {})).get("SCORE_PROXY_LISTEN", "")
+        if port is None or not listen.endswith(f":{port}"):
+            problem(f"{where}: loadgen-replicas targets {t}, but {host} listens on {listen!r}")
+    REPLICA_SERVICES.update({n: environment(services[n]).get("SCORE_PROXY_LISTEN", "") for n in replicas})
+
+
+# Filled by check_replicas_profile: replica service -> its SCORE_PROXY_LISTEN.
+REPLICA_SERVICES: dict[str, str] = {}
+
 
 # ------------------------------------------------------------------ prometheus
 
@@ -275,9 +395,24 @@ def check_prometheus() -> None:
         matches = glob.glob(str(PROM_CONFIG.parent / pattern))
         if not matches:
             problem(f"{rel(PROM_CONFIG)}: rule_files entry {pattern!r} matches no file")
-    jobs = [sc.get("job_name") for sc in config.get("scrape_configs") or []]
-    if "score-proxy" not in jobs:
-        problem(f"{rel(PROM_CONFIG)}: no scrape job named score-proxy (the rules and dashboards select on it)")
+    scrape = {sc.get("job_name"): sc for sc in config.get("scrape_configs") or []}
+    for job in JOBS:
+        if job not in scrape:
+            problem(f"{rel(PROM_CONFIG)}: no scrape job named {job} (the rules and dashboards select on it)")
+    # Every replica of the compose profile is scraped, on the port it listens on.
+    named: dict[str, int | None] = {}
+    for sd in (scrape.get(REPLICAS_JOB) or {}).get("dns_sd_configs") or []:
+        for name in sd.get("names") or []:
+            named[name] = sd.get("port")
+    for sc in (scrape.get(REPLICAS_JOB) or {}).get("static_configs") or []:
+        for t in sc.get("targets") or []:
+            host, _, port = str(t).rpartition(":")
+            named[host] = int(port) if port.isdigit() else None
+    for service, listen in REPLICA_SERVICES.items():
+        if service not in named:
+            problem(f"{rel(PROM_CONFIG)}: job {REPLICAS_JOB} does not scrape replica {service}")
+        elif not listen.endswith(f":{named[service]}"):
+            problem(f"{rel(PROM_CONFIG)}: job {REPLICAS_JOB} scrapes {service} on port {named[service]}, it listens on {listen!r}")
 
     tests = sorted(PROM_TESTS.glob("*.yml"))
     if not tests:
@@ -302,6 +437,11 @@ def check_prometheus() -> None:
                     alert = rule.get("alert")
                     if alert and not re.search(rf"alertname:\s*{re.escape(alert)}\b", test_text):
                         problem(f"{rel(path)}: alert {alert} has no promtool unit test")
+                    # Every job matcher selects the single proxy and the replicas alike.
+                    for op, value in re.findall(r'\bjob\s*(=~|!~|!=|=)\s*"([^"]*)"', str(rule.get("expr", ""))):
+                        matched = [j for j in JOBS if (re.fullmatch(value, j) if op == "=~" else j == value)]
+                        if op not in ("=", "=~") or matched != list(JOBS):
+                            problem(f"{rel(path)}: rule {alert or rule.get('record')} selects job{op}{value!r}, which misses one of {', '.join(JOBS)}")
 
 
 # ------------------------------------------------------------------ grafana
@@ -463,6 +603,8 @@ def check_dashboards(datasources: dict[str, dict]) -> None:
                 continue
             if not p.get("type"):
                 problem(f"{pwhere}: no type")
+            if not str(p.get("description") or "").strip():
+                problem(f"{pwhere}: no description (the (i) next to the title says what a panel shows)")
             puid = ds_uid(p.get("datasource"))
             if puid not in uids and puid not in BUILTIN_DATASOURCE_UIDS:
                 problem(f"{pwhere}: data source {puid!r} is not provisioned")
@@ -480,6 +622,9 @@ def check_dashboards(datasources: dict[str, dict]) -> None:
                     problem(f"{pwhere} query {t.get('refId')}: empty expr")
                 for name in variables_used(str(t.get("expr", ""))) - defined:
                     problem(f"{pwhere} query {t.get('refId')}: undefined variable ${name}")
+                # The configured rate is one budget for every instance of a job: max, never sum.
+                if re.search(r"\bsum\b(\s*by\s*\([^)]*\))?\s*\(\s*score_proxy_pacing_rate_per_second\b", str(t.get("expr", ""))):
+                    problem(f"{pwhere} query {t.get('refId')}: sums score_proxy_pacing_rate_per_second; the limit is one budget (use max)")
             defaults = (p.get("fieldConfig") or {}).get("defaults") or {}
             for link in (defaults.get("links") or []) + (p.get("links") or []):
                 check_link_uids(pwhere, str(link.get("url", "")), uids)

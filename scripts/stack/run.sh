@@ -4,9 +4,10 @@
 #
 #   bash scripts/stack/run.sh
 #
-# Needs: promtool and prometheus (Debian: apt-get install -y prometheus), python3 with
-# pyyaml and jsonschema (pip install pyyaml jsonschema), and a built score-proxy binary
-# ($SCORE_PROXY_BIN, default target/release/score-proxy). It builds and installs nothing.
+# Needs: promtool and prometheus (Debian: apt-get install -y prometheus), redis-server (for
+# the replicas; apt-get install -y redis-server), python3 with pyyaml and jsonschema (pip
+# install pyyaml jsonschema), and a built score-proxy binary ($SCORE_PROXY_BIN, default
+# target/release/score-proxy). It builds and installs nothing.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -23,6 +24,8 @@ command -v promtool >/dev/null 2>&1 \
     || missing "promtool not found on PATH. Install Debian's prometheus package (apt-get install -y prometheus), which provides promtool and prometheus."
 command -v prometheus >/dev/null 2>&1 \
     || missing "prometheus not found on PATH. Install Debian's prometheus package (apt-get install -y prometheus)."
+command -v redis-server >/dev/null 2>&1 \
+    || missing "redis-server not found on PATH (the end-to-end check runs the replicas against it). Install Debian's redis-server package (apt-get install -y redis-server)."
 command -v python3 >/dev/null 2>&1 || missing "python3 not found on PATH."
 python3 -c 'import yaml, jsonschema' 2>/dev/null \
     || missing "python3 lacks pyyaml or jsonschema: pip install pyyaml jsonschema"
@@ -53,7 +56,7 @@ step "promtool check config" promtool check config deploy/prometheus/prometheus.
 step "promtool check rules" promtool check rules "${rules[@]}"
 step "promtool test rules" promtool test rules "${tests[@]}"
 step "static checks (compose schema, mounts, dashboards)" python3 scripts/stack/check_static.py
-step "end-to-end (prometheus + proxy + simulator on loopback)" python3 scripts/stack/e2e.py
+step "end-to-end (prometheus + proxy + replicas + redis + simulators on loopback)" python3 scripts/stack/e2e.py
 
 echo
 echo "== all observability-stack checks passed"
