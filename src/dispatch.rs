@@ -21,7 +21,7 @@ use tracing::Instrument;
 use crate::breaker::{Breaker, BreakerState, CallVerdict};
 use crate::cache::CachedScore;
 use crate::metrics::{Metrics, SlotUnused, UpstreamOutcome};
-use crate::pacing::{Pacer, StartGate};
+use crate::pacing::{GateRefusal, Pacer, StartGate};
 use crate::scheduler::{Flight, Scheduler};
 use crate::telemetry;
 use crate::upstream::UpstreamClient;
@@ -61,12 +61,21 @@ impl Dispatcher {
                 self.unused(SlotUnused::Saturated);
                 continue;
             };
-            // The start gate: never closer than an interval to the last real start.
-            let Some(started) = self.gate.pass(slot).await else {
-                tracing::error!("the start gate refused a booked slot; no call made");
-                self.breaker.start_cancelled();
-                self.unused(SlotUnused::Gate);
-                continue;
+            // The start gate: never closer than an interval to the last real start, and
+            // never inside a penalty (one can become known while the slot waits there).
+            let started = match self.gate.pass(slot, || self.pacer.penalty_until()).await {
+                Ok(started) => started,
+                Err(refusal) => {
+                    if refusal == GateRefusal::Rate {
+                        tracing::error!("the start gate refused a booked slot; no call made");
+                    }
+                    self.breaker.start_cancelled();
+                    self.unused(match refusal {
+                        GateRefusal::Penalty => SlotUnused::Penalty,
+                        GateRefusal::Rate => SlotUnused::Gate,
+                    });
+                    continue;
+                }
             };
             // The last check: who is next, and does anyone still wait for it?
             let Some(flight) = self.scheduler.claim(started) else {

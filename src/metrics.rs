@@ -150,15 +150,18 @@ pub enum SlotUnused {
     Gate,
     /// The dispatcher reached it too late to use it safely.
     Late,
+    /// An upstream penalty became known while it waited to start.
+    Penalty,
 }
 
 impl SlotUnused {
-    pub const ALL: [SlotUnused; 5] = [
+    pub const ALL: [SlotUnused; 6] = [
         SlotUnused::NoLookup,
         SlotUnused::Breaker,
         SlotUnused::Saturated,
         SlotUnused::Gate,
         SlotUnused::Late,
+        SlotUnused::Penalty,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -168,6 +171,7 @@ impl SlotUnused {
             SlotUnused::Saturated => "saturated",
             SlotUnused::Gate => "gate",
             SlotUnused::Late => "late",
+            SlotUnused::Penalty => "penalty",
         }
     }
 }
@@ -718,7 +722,8 @@ impl Metrics {
                     "pacing_unused_slots_total",
                     "Booked start slots that passed without a call, by reason: no_lookup \
                      (every waiting client left), breaker, saturated (max in-flight calls \
-                     open), gate, late (reached too late to use safely).",
+                     open), gate, late (reached too late to use safely), penalty (a 429 came \
+                     while it waited to start).",
                 ),
                 &["reason"],
             )

@@ -240,17 +240,35 @@ impl StartGate {
         last.map_or(slot, |l| slot.max(l + self.interval))
     }
 
-    /// Waits for [`StartGate::earliest`], then takes the bucket's token and records the
-    /// start. `None` if the bucket refuses: a start that would exceed the rate is never made.
-    pub async fn pass(&self, slot: Instant) -> Option<Instant> {
+    /// Waits for [`StartGate::earliest`], then, if no penalty known by then covers the
+    /// start (`penalty_until` is asked after the wait: a 429 can arrive during it), takes the
+    /// bucket's token and records the start. A start that would fall inside a penalty or
+    /// exceed the rate is never made.
+    pub async fn pass(
+        &self,
+        slot: Instant,
+        penalty_until: impl Fn() -> Option<Instant>,
+    ) -> Result<Instant, GateRefusal> {
         tokio::time::sleep_until(self.earliest(slot)).await;
-        if !self.bucket.try_acquire(1) {
-            return None;
-        }
         let now = Instant::now();
+        if penalty_until().is_some_and(|until| now < until) {
+            return Err(GateRefusal::Penalty);
+        }
+        if !self.bucket.try_acquire(1) {
+            return Err(GateRefusal::Rate);
+        }
         *self.last_start.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
-        Some(now)
+        Ok(now)
     }
+}
+
+/// Why the start gate refused a slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateRefusal {
+    /// A penalty became known while the slot waited at the gate.
+    Penalty,
+    /// The token bucket would have been exceeded (a bug if it ever happens).
+    Rate,
 }
 
 #[cfg(test)]
@@ -305,6 +323,31 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_penalty_that_arrives_while_a_slot_waits_at_the_gate_voids_it() {
+        let gate = std::sync::Arc::new(StartGate::new(1000 * MS));
+        let pacer = std::sync::Arc::new(LocalPacer::new(1000 * MS));
+        let t0 = Instant::now();
+        gate.pass(t0, || pacer.penalty_until()).await.unwrap();
+        // The next slot was taken slightly early... (a spare from before) so it waits at the
+        // gate for the floor, one interval after the first start.
+        let waiting = {
+            let (gate, pacer) = (gate.clone(), pacer.clone());
+            tokio::spawn(async move { gate.pass(t0 + 10 * MS, || pacer.penalty_until()).await })
+        };
+        // ...and meanwhile the first call's 429 arrives.
+        tokio::time::advance(100 * MS).await;
+        pacer.penalize_now(Instant::now() + Duration::from_secs(2));
+        assert_eq!(waiting.await.unwrap(), Err(GateRefusal::Penalty));
+        // After the penalty, starts go through again.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(
+            gate.pass(Instant::now(), || pacer.penalty_until())
+                .await
+                .is_ok()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn no_booking_inside_a_penalty() {
         let pacer = LocalPacer::new(1000 * MS);
         let t0 = Instant::now();
@@ -319,20 +362,23 @@ mod tests {
     async fn the_gate_keeps_starts_an_interval_apart_even_when_a_start_was_late() {
         let gate = StartGate::new(1010 * MS);
         let t0 = Instant::now();
-        let first = gate.pass(t0).await.unwrap();
+        let first = gate.pass(t0, || None).await.unwrap();
         // The dispatcher woke 30 ms late for the next slot...
         tokio::time::advance(1040 * MS).await;
-        let second = gate.pass(t0 + 1010 * MS).await.unwrap();
+        let second = gate.pass(t0 + 1010 * MS, || None).await.unwrap();
         assert_eq!(second - first, 1040 * MS);
         // ...so the slot after it is pushed to keep the spacing from the real start.
-        let third = gate.pass(t0 + 2020 * MS).await.unwrap();
+        let third = gate.pass(t0 + 2020 * MS, || None).await.unwrap();
         assert_eq!(third - second, 1010 * MS);
         // Idle spells at awkward phases of leaky-bucket's refill grid never let two starts
         // bunch up, and the bucket never refuses a start the floor allows.
         let mut last = third;
         for idle in [0, 1500, 0, 2700, 10, 999, 0, 5050, 0] {
             tokio::time::advance(idle * MS).await;
-            let next = gate.pass(Instant::now()).await.expect("the bucket agrees");
+            let next = gate
+                .pass(Instant::now(), || None)
+                .await
+                .expect("the bucket agrees");
             assert!(next - last >= 1010 * MS, "{:?}", next - last);
             last = next;
         }
