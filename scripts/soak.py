@@ -175,10 +175,14 @@ def proc_sample(pid):
 
 
 def metric(text, series):
+    """The value of one series; for a family name without labels, the sum over its labels."""
+    total = None
     for line in text.splitlines():
         if line.startswith(series + " "):
             return float(line.split()[-1])
-    return None
+        if "{" not in series and line.startswith(series + "{"):
+            total = (total or 0.0) + float(line.split()[-1])
+    return total
 
 
 class Stats:
