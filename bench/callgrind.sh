@@ -3,16 +3,19 @@
 # throughput it does not move with other load on the machine. Used for BENCHMARKS.md's
 # profiling notes.
 #
-#   bench/callgrind.sh off|metrics|tracing|default [BIN]
+#   bench/callgrind.sh off|metrics|tracing|sampled|default|nginx [BIN]
 #
 # Starts the simulator (rate rule off), the proxy under `valgrind --tool=callgrind` in the
-# given telemetry mode (tracing exports to a throwaway OTLP sink), warms one key, zeroes the
+# given telemetry mode (tracing exports every span, `always_on`, to a throwaway OTLP sink;
+# sampled is the same with `parentbased_traceidratio` at 0.1), warms one key, zeroes the
 # counters, runs `wrk -t1 -c4 -d10s` with bench/wrk.lua, dumps, and prints instructions per
 # request and the callgrind file (read it with `callgrind_annotate --inclusive=yes FILE`).
-# Needs valgrind, wrk, curl and python3.
+# `nginx` does the same for the rival: bench/nginx.conf.template (rate 1000r/s, so the warm-up
+# is not paced) in one process (`master_process off`), a proxy_cache hit per request.
+# Needs valgrind, wrk, curl and python3 (and nginx for that mode).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mode="${1:?usage: bench/callgrind.sh off|metrics|tracing|default [BIN]}"
+mode="${1:?usage: bench/callgrind.sh off|metrics|tracing|sampled|default|nginx [BIN]}"
 bin="${2:-target/release/score-proxy}"
 out="${CALLGRIND_OUT:-target/callgrind}"
 mkdir -p "$out"
@@ -35,7 +38,7 @@ pids+=($!)
 case "$mode" in
     off) envs=(SCORE_PROXY_METRICS=false RUST_LOG=off) ;;
     metrics) envs=(SCORE_PROXY_METRICS=true RUST_LOG=off) ;;
-    tracing)
+    tracing|sampled)
         python3 - "$sink_port" >"$work/sink.log" 2>&1 <<'PY' &
 import http.server, sys
 class Sink(http.server.BaseHTTPRequestHandler):
@@ -52,15 +55,31 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_for
 PY
         pids+=($!)
         envs=(SCORE_PROXY_METRICS=true RUST_LOG=off
-              "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$sink_port" OTEL_TRACES_SAMPLER=always_on) ;;
+              "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$sink_port")
+        if [ "$mode" = tracing ]; then
+            envs+=(OTEL_TRACES_SAMPLER=always_on)
+        else
+            envs+=(OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.1)
+        fi ;;
     default) envs=(SCORE_PROXY_METRICS=true) ;;
+    nginx) export PATH="$PATH:/usr/sbin:/sbin"; command -v nginx >/dev/null || { echo "nginx is not installed" >&2; exit 2; } ;;
     *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac
 
 file="$out/callgrind.$mode"
-env -i "${envs[@]}" valgrind --tool=callgrind --callgrind-out-file="$file.%p" \
-    "$bin" --listen "127.0.0.1:$proxy_port" --upstream-url "http://127.0.0.1:$sim_port/api/score" \
-    >"$work/proxy.log" 2>&1 &
+if [ "$mode" = nginx ]; then
+    inner_port="$(free_port)"
+    sed -e "s|{{PREFIX}}|$work|g" -e "s|{{OUTER_PORT}}|$proxy_port|g" -e "s|{{INNER_PORT}}|$inner_port|g" \
+        -e "s|{{SIM_PORT}}|$sim_port|g" -e "s|{{RATE}}|1000r/s|g" -e "s|{{BURST}}|1000|g" \
+        bench/nginx.conf.template >"$work/nginx.conf"
+    valgrind --tool=callgrind --callgrind-out-file="$file.%p" \
+        "$(command -v nginx)" -p "$work" -e "$work/error.log" -c "$work/nginx.conf" \
+        -g 'daemon off; master_process off;' >"$work/proxy.log" 2>&1 &
+else
+    env -i "${envs[@]}" valgrind --tool=callgrind --callgrind-out-file="$file.%p" \
+        "$bin" --listen "127.0.0.1:$proxy_port" --upstream-url "http://127.0.0.1:$sim_port/api/score" \
+        >"$work/proxy.log" 2>&1 &
+fi
 vg=$!
 pids+=($vg)
 

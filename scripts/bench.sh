@@ -7,12 +7,14 @@
 #   scripts/bench.sh --quick            the CI smoke test (under 3 minutes, no timing
 #                                       thresholds): report under target/bench-report/
 #   scripts/bench.sh --only hits,memory some scenarios: burst, identical, hits, overload,
-#                                       telemetry, memory (report under target/bench-report/)
+#                                       telemetry, memory, replicas (report under
+#                                       target/bench-report/)
 #   scripts/bench.sh ... --out PATH     write the report elsewhere
 #
-# Installs nothing. nginx and wrk must be installed (`apt-get install -y nginx wrk`, which
-# scripts/install-deps.sh does); this script checks, builds the release binary the benchmark
-# drives, and runs `cargo bench --bench compare`.
+# Installs nothing. nginx, wrk and redis-server (the replicas scenario) must be installed
+# (`apt-get install -y nginx wrk redis-server`, which scripts/install-deps.sh does); this
+# script checks, builds the release binary the benchmark drives, and runs
+# `cargo bench --bench compare`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,11 +22,11 @@ cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin:/sbin"
 
 missing=()
-for tool in nginx wrk; do
+for tool in nginx wrk redis-server; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
-    echo "bench: missing ${missing[*]}: install with \`apt-get install -y nginx wrk\` (as root)" >&2
+    echo "bench: missing ${missing[*]}: install with \`apt-get install -y nginx wrk redis-server\` (as root)" >&2
     exit 1
 fi
 

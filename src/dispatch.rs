@@ -45,10 +45,11 @@ impl Dispatcher {
     /// Runs until the task is aborted.
     pub async fn run(self: Arc<Self>) {
         loop {
-            let slot = self.next_due_slot().await;
-            // Slots lost (late, or not usable below) are booked again for who still waits.
-            self.scheduler.replenish();
-            let Some(slot) = slot else { continue };
+            let Some(slot) = self.next_due_slot().await else {
+                // Every due slot came too late: book again for whoever still waits.
+                self.scheduler.replenish();
+                continue;
+            };
 
             // The breaker: nothing starts while it is open, one probe while half-open.
             if !self.breaker.may_start(Instant::now()) {
@@ -63,7 +64,13 @@ impl Dispatcher {
             };
             // The start gate: never closer than an interval to the last real start, and
             // never inside a penalty (one can become known while the slot waits there).
-            let started = match self.gate.pass(slot, || self.pacer.penalty_until()).await {
+            let started = match self
+                .gate
+                .pass(slot, self.pacer.late_tolerance(), || {
+                    self.pacer.penalty_until()
+                })
+                .await
+            {
                 Ok(started) => started,
                 Err(refusal) => {
                     if refusal == GateRefusal::Rate {
@@ -73,6 +80,7 @@ impl Dispatcher {
                     self.unused(match refusal {
                         GateRefusal::Penalty => SlotUnused::Penalty,
                         GateRefusal::Rate => SlotUnused::Gate,
+                        GateRefusal::Late => SlotUnused::Late,
                     });
                     continue;
                 }
@@ -83,6 +91,11 @@ impl Dispatcher {
                 self.unused(SlotUnused::NoLookup);
                 continue;
             };
+            // Slots that came too late on the way here are booked again for whoever still
+            // waits. Not before the claim: until then the queue still counts the lookup this
+            // slot is for, and the deficit would book it a second slot (in shared mode, a
+            // slot the whole fleet would lose).
+            self.scheduler.replenish();
             self.metrics
                 .queue_wait(started.saturating_duration_since(flight.admitted_at));
             tokio::spawn(self.clone().call(flight, permit, started));

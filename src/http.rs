@@ -24,6 +24,7 @@ use crate::metrics::{self, CacheResult, Route};
 use crate::pacing::PacingMode;
 use crate::proxy::{Answer, App, Lifecycle, LookupReport};
 use crate::telemetry;
+use crate::validation;
 
 /// The public router (port 8000): the lookup, health, status, and `/metrics` unless
 /// `--public-metrics false`.
@@ -99,7 +100,11 @@ async fn observe(State(app): State<Arc<App>>, request: Request, next: Next) -> R
 pub async fn score_direct<B>(app: Arc<App>, request: http::Request<B>) -> Response {
     let app_ref = &app;
     observed(app_ref, Route::Score, request, |request, ids| async move {
-        score_response(app_ref, request.uri().query(), &ids).await
+        let queue_timeout = request
+            .headers()
+            .get(validation::QUEUE_TIMEOUT_HEADER)
+            .map(HeaderValue::as_bytes);
+        score_response(app_ref, request.uri().query(), queue_timeout, &ids).await
     })
     .await
 }
@@ -288,16 +293,28 @@ const X_TRACE_ID: header::HeaderName = header::HeaderName::from_static("x-trace-
 const X_CACHE: header::HeaderName = header::HeaderName::from_static("x-cache");
 
 /// The router's handler for the lookup (HEAD, and requests the fast path does not take).
-async fn score(State(app): State<Arc<App>>, RawQuery(query): RawQuery) -> Response {
+async fn score(
+    State(app): State<Arc<App>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
     let ids = TRACE
         .try_with(|ids| *ids)
         .unwrap_or_else(|_| telemetry::fresh_ids());
-    score_response(&app, query.as_deref(), &ids).await
+    let queue_timeout = headers
+        .get(validation::QUEUE_TIMEOUT_HEADER)
+        .map(HeaderValue::as_bytes);
+    score_response(&app, query.as_deref(), queue_timeout, &ids).await
 }
 
-async fn score_response(app: &App, query: Option<&str>, ids: &telemetry::TraceIds) -> Response {
+async fn score_response(
+    app: &App,
+    query: Option<&str>,
+    queue_timeout: Option<&[u8]>,
+    ids: &telemetry::TraceIds,
+) -> Response {
     let mut report = LookupReport::default();
-    let (mut response, kind) = match app.lookup(query, ids, &mut report).await {
+    let (mut response, kind) = match app.lookup(query, queue_timeout, ids, &mut report).await {
         Ok(answer) => {
             let kind = answer.cache.as_str();
             (answer_response(answer), kind)

@@ -12,7 +12,7 @@
 //! - **once** (`score-proxy loadgen --mode once`): drives each outcome at least once, in a
 //!   fixed order, each within `--step-timeout`, and reports any it could not provoke in
 //!   [`LoadgenReport::missing`]. Outcomes that need the upstream to misbehave (5xx, garbage,
-//!   timeout, penalty, deadline) need `--sim-url`, and one (an unused pacer slot) can only
+//!   timeout, penalty) need `--sim-url`, and one (an unused pacer slot) can only
 //!   be seen on the proxy's `/metrics`; without them they are listed in
 //!   [`LoadgenReport::skipped`].
 //!
@@ -470,9 +470,28 @@ impl Generator {
 
     /// A GET to `target` whose answer is classified and counted.
     async fn get(&self, target: usize, url: Url, patience: Duration) -> Sent {
+        self.get_with(target, url, patience, None).await
+    }
+
+    /// As [`Generator::get`], optionally telling the proxy how long this client will wait
+    /// for its lookup to start (`X-Queue-Timeout`).
+    async fn get_with(
+        &self,
+        target: usize,
+        url: Url,
+        patience: Duration,
+        queue_timeout: Option<Duration>,
+    ) -> Sent {
         let _permit = self.limit.acquire().await;
+        let mut request = self.http.get(url);
+        if let Some(wait) = queue_timeout {
+            request = request.header(
+                crate::validation::QUEUE_TIMEOUT_HEADER,
+                format!("{:.3}", wait.as_secs_f64()),
+            );
+        }
         let exchange = async {
-            let response = self.http.get(url).send().await?;
+            let response = request.send().await?;
             let status = response.status().as_u16();
             let cache = response
                 .headers()
@@ -784,15 +803,43 @@ impl Generator {
                 self.sim_set(saved).await?;
                 outcomes_of([sent])
             }
-            Target::Penalty | Target::DeadlineUnreachable => self.penalty(shape).await?,
+            Target::Penalty => self.penalty(shape).await?,
+            Target::DeadlineUnreachable => self.deadline(shape).await,
         };
         Ok(outcomes)
     }
 
+    /// A burst of distinct lookups from clients that will wait only an interval and a half
+    /// for their call to start (`X-Queue-Timeout`): the third and later cannot, and are
+    /// refused at once (`deadline_unreachable`).
+    async fn deadline(self: &Arc<Self>, shape: ProxyShape) -> Vec<String> {
+        let wait = shape.interval.mul_f64(1.5);
+        let mut tasks = JoinSet::new();
+        for (cpf, client, patience) in self.distinct(4, self.patience) {
+            let generator = self.clone();
+            tasks.spawn(async move {
+                let target = generator.next_target();
+                let mut url = generator.url(target, "/proxy/score");
+                url.query_pairs_mut()
+                    .append_pair("cpf", &cpf)
+                    .append_pair("client_id", &client);
+                generator.get_with(target, url, patience, Some(wait)).await
+            });
+        }
+        let mut sent = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            if let Ok(s) = done {
+                sent.push(s);
+            }
+        }
+        outcomes_of(sent)
+    }
+
     /// Makes the simulator stricter than the proxy's pace, so the proxy's second call lands
     /// inside the upstream's interval and is penalised; while the proxy pauses, a burst of
-    /// distinct lookups finds its schedule pushed out (`deadline_unreachable`). The
-    /// simulator is put back before the answers are awaited, so retries succeed.
+    /// distinct lookups finds its schedule pushed out (`upstream_penalty`: refused because
+    /// of the penalty). The simulator is put back before the answers are awaited, so
+    /// retries succeed.
     async fn penalty(self: &Arc<Self>, shape: ProxyShape) -> anyhow::Result<Vec<String>> {
         let saved = self.sim_saved().await?;
         let before = self.metric("score_proxy_pacing_penalties_total").await;
@@ -1153,7 +1200,6 @@ impl Target {
                 | Target::UpstreamBadBody
                 | Target::UpstreamTimeout
                 | Target::Penalty
-                | Target::DeadlineUnreachable
         )
     }
 }

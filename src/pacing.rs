@@ -243,16 +243,22 @@ impl StartGate {
     /// Waits for [`StartGate::earliest`], then, if no penalty known by then covers the
     /// start (`penalty_until` is asked after the wait: a 429 can arrive during it), takes the
     /// bucket's token and records the start. A start that would fall inside a penalty or
-    /// exceed the rate is never made.
+    /// exceed the rate is never made; nor, with a `late_tolerance` (shared pacing: other
+    /// replicas hold the neighbouring slots), one that wakes up more than that after its
+    /// slot, whether its timer fired late or an earlier late start of ours pushed it.
     pub async fn pass(
         &self,
         slot: Instant,
+        late_tolerance: Option<Duration>,
         penalty_until: impl Fn() -> Option<Instant>,
     ) -> Result<Instant, GateRefusal> {
         tokio::time::sleep_until(self.earliest(slot)).await;
         let now = Instant::now();
         if penalty_until().is_some_and(|until| now < until) {
             return Err(GateRefusal::Penalty);
+        }
+        if late_tolerance.is_some_and(|tolerance| now > slot + tolerance) {
+            return Err(GateRefusal::Late);
         }
         if !self.bucket.try_acquire(1) {
             return Err(GateRefusal::Rate);
@@ -267,6 +273,8 @@ impl StartGate {
 pub enum GateRefusal {
     /// A penalty became known while the slot waited at the gate.
     Penalty,
+    /// It woke up too long after its slot to be used safely (shared pacing only).
+    Late,
     /// The token bucket would have been exceeded (a bug if it ever happens).
     Rate,
 }
@@ -327,12 +335,15 @@ mod tests {
         let gate = std::sync::Arc::new(StartGate::new(1000 * MS));
         let pacer = std::sync::Arc::new(LocalPacer::new(1000 * MS));
         let t0 = Instant::now();
-        gate.pass(t0, || pacer.penalty_until()).await.unwrap();
+        gate.pass(t0, None, || pacer.penalty_until()).await.unwrap();
         // The next slot was taken slightly early... (a spare from before) so it waits at the
         // gate for the floor, one interval after the first start.
         let waiting = {
             let (gate, pacer) = (gate.clone(), pacer.clone());
-            tokio::spawn(async move { gate.pass(t0 + 10 * MS, || pacer.penalty_until()).await })
+            tokio::spawn(async move {
+                gate.pass(t0 + 10 * MS, None, || pacer.penalty_until())
+                    .await
+            })
         };
         // ...and meanwhile the first call's 429 arrives.
         tokio::time::advance(100 * MS).await;
@@ -341,9 +352,38 @@ mod tests {
         // After the penalty, starts go through again.
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(
-            gate.pass(Instant::now(), || pacer.penalty_until())
+            gate.pass(Instant::now(), None, || pacer.penalty_until())
                 .await
                 .is_ok()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_a_late_tolerance_the_gate_refuses_a_slot_it_reaches_too_late() {
+        let gate = StartGate::new(1000 * MS);
+        let t0 = Instant::now();
+        // Within the tolerance: used, and recorded as the start.
+        tokio::time::advance(4 * MS).await;
+        assert_eq!(gate.pass(t0, Some(5 * MS), || None).await, Ok(t0 + 4 * MS));
+        // The next slot is pushed by that late start (the floor: an interval after it) past
+        // a 2 ms tolerance: another replica's slot may be an interval after ours, so it is
+        // given up rather than used.
+        assert_eq!(
+            gate.pass(t0 + 1000 * MS, Some(2 * MS), || None).await,
+            Err(GateRefusal::Late)
+        );
+        assert_eq!(Instant::now(), t0 + 1004 * MS);
+        // A slot reached 6 ms late (a stalled timer) is refused too...
+        tokio::time::advance(1002 * MS).await;
+        assert_eq!(
+            gate.pass(t0 + 2000 * MS, Some(5 * MS), || None).await,
+            Err(GateRefusal::Late)
+        );
+        // ...but without a tolerance (one process) lateness is harmless: the floor keeps the
+        // spacing from the real start, so it is used.
+        assert_eq!(
+            gate.pass(t0 + 2000 * MS, None, || None).await,
+            Ok(t0 + 2006 * MS)
         );
     }
 
@@ -362,13 +402,13 @@ mod tests {
     async fn the_gate_keeps_starts_an_interval_apart_even_when_a_start_was_late() {
         let gate = StartGate::new(1010 * MS);
         let t0 = Instant::now();
-        let first = gate.pass(t0, || None).await.unwrap();
+        let first = gate.pass(t0, None, || None).await.unwrap();
         // The dispatcher woke 30 ms late for the next slot...
         tokio::time::advance(1040 * MS).await;
-        let second = gate.pass(t0 + 1010 * MS, || None).await.unwrap();
+        let second = gate.pass(t0 + 1010 * MS, None, || None).await.unwrap();
         assert_eq!(second - first, 1040 * MS);
         // ...so the slot after it is pushed to keep the spacing from the real start.
-        let third = gate.pass(t0 + 2020 * MS, || None).await.unwrap();
+        let third = gate.pass(t0 + 2020 * MS, None, || None).await.unwrap();
         assert_eq!(third - second, 1010 * MS);
         // Idle spells at awkward phases of leaky-bucket's refill grid never let two starts
         // bunch up, and the bucket never refuses a start the floor allows.
@@ -376,7 +416,7 @@ mod tests {
         for idle in [0, 1500, 0, 2700, 10, 999, 0, 5050, 0] {
             tokio::time::advance(idle * MS).await;
             let next = gate
-                .pass(Instant::now(), || None)
+                .pass(Instant::now(), None, || None)
                 .await
                 .expect("the bucket agrees");
             assert!(next - last >= 1010 * MS, "{:?}", next - last);

@@ -169,21 +169,32 @@ impl App {
     }
 
     /// One `/proxy/score` lookup, from the raw query string to an answer or an error.
+    ///
+    /// `queue_timeout` is the raw `X-Queue-Timeout` header, if the client sent one: it can
+    /// only shorten the configured queue timeout, for this lookup.
     pub async fn lookup(
         &self,
         raw_query: Option<&str>,
+        queue_timeout: Option<&[u8]>,
         trace: &TraceIds,
         report: &mut LookupReport,
     ) -> Result<Answer, ProxyError> {
         let request_span = tracing::Span::current();
 
         // 1. Validation: a bad CPF or client id is refused here and costs no upstream budget.
-        let key = {
+        let (key, max_wait) = {
             let _span = tracing::info_span!("validation").entered();
-            validation::parse_lookup(raw_query, self.default_client_id()).map_err(|e| {
+            let rejected = |e: validation::QueryError| {
                 self.metrics.validation_rejected(e.reason());
                 ProxyError::InvalidQuery(e)
-            })?
+            };
+            let key =
+                validation::parse_lookup(raw_query, self.default_client_id()).map_err(rejected)?;
+            let max_wait = queue_timeout
+                .map(validation::parse_queue_timeout)
+                .transpose()
+                .map_err(rejected)?;
+            (key, max_wait)
         };
         if !request_span.is_disabled() {
             // Keyed-hash tags, never the values; computed only when a span records them.
@@ -210,7 +221,10 @@ impl App {
         };
 
         // 3-4. Fetch through the queue, the pacer and the upstream.
-        match self.fetch(&key, trace, &request_span, report).await {
+        match self
+            .fetch(&key, max_wait, trace, &request_span, report)
+            .await
+        {
             // Stale-if-error: an expired answer beats an error the caller can do nothing
             // about (the upstream failing or out of reach in time), never one that concerns
             // the caller (a rejected client id).
@@ -228,6 +242,7 @@ impl App {
     async fn fetch(
         &self,
         key: &validation::LookupKey,
+        max_wait: Option<Duration>,
         trace: &TraceIds,
         request_span: &tracing::Span,
         report: &mut LookupReport,
@@ -236,9 +251,9 @@ impl App {
         //    queue a new one, or be refused at once (429 when full, 503 when it could not
         //    start before its deadline or the breaker is open). Never a wait that ends in
         //    nothing.
-        let joined = self
-            .scheduler
-            .join(key, || FlightOrigin::new(request_span.clone(), *trace))?;
+        let joined = self.scheduler.join(key, max_wait, || {
+            FlightOrigin::new(request_span.clone(), *trace)
+        })?;
 
         // 4. Wait while the dispatcher paces and calls. If the client hangs up, axum drops
         //    this future, the waiter leaves, and an unstarted lookup leaves the queue.

@@ -274,9 +274,13 @@ impl Scheduler {
 
     /// Joins the flight for `key`, or creates one and starts admitting it, or refuses at
     /// once (circuit open, shutting down).
+    /// Joins the flight for `key`, or starts one whose deadline is `max_wait` (the client's
+    /// own, when shorter than the queue timeout) from now. A follower shares the flight and
+    /// its deadline whatever it asked: it can always leave by hanging up.
     pub fn join(
         self: &Arc<Self>,
         key: &LookupKey,
+        max_wait: Option<Duration>,
         origin: impl FnOnce() -> crate::telemetry::FlightOrigin,
     ) -> Result<Joined, ProxyError> {
         let now = Instant::now();
@@ -302,7 +306,7 @@ impl Scheduler {
             return Err(ProxyError::ShuttingDown);
         }
 
-        let mut deadline = now + self.queue_timeout;
+        let mut deadline = now + max_wait.map_or(self.queue_timeout, |w| w.min(self.queue_timeout));
         if let Some(until) = state.draining_until {
             deadline = deadline.min(until);
         }

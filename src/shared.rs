@@ -11,7 +11,9 @@
 //!   then leaves stays booked: the replica gives it to its next lookup, or lets it pass
 //!   unused. It cannot be handed back, because later slots were already booked behind it.
 //! - **Penalty.** A 429 seen by any replica is written to the same hash; every booking
-//!   script starts after it, and every reply tells the replica how much of it is left.
+//!   script starts after it, and every reply tells the replica how much of it is left. The
+//!   same script publishes it on `<prefix>:penalty`, so that replicas holding slots already
+//!   booked inside it give them up at their start gate instead of calling into it.
 //! - **Cache.** On a local miss, the flight looks in Redis (`<prefix>:cache:<tag>`, same TTL
 //!   and stale window) before anything else; a fetched answer is written there for the
 //!   others.
@@ -97,7 +99,8 @@ redis.call('PEXPIRE', KEYS[1], 86400000)
 return {0, start - now, penalty_left}
 "#;
 
-/// Records a penalty lasting ARGV[1] µs from Redis's now (the longest penalty wins).
+/// Records a penalty lasting ARGV[1] µs from Redis's now (the longest penalty wins), and
+/// publishes what is left of it, in µs, on KEYS[2] for the replicas holding slots inside it.
 const PENALIZE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -105,12 +108,14 @@ local until_ = now + tonumber(ARGV[1])
 local penalty = tonumber(redis.call('HGET', KEYS[1], 'penalty') or '0')
 if until_ > penalty then
   redis.call('HSET', KEYS[1], 'penalty', until_)
+  penalty = until_
 end
 local next_free = tonumber(redis.call('HGET', KEYS[1], 'next') or '0')
 if until_ > next_free then
   redis.call('HSET', KEYS[1], 'next', until_)
 end
 redis.call('PEXPIRE', KEYS[1], 86400000)
+redis.call('PUBLISH', KEYS[2], string.format('%d', penalty - now))
 return 1
 "#;
 
@@ -342,26 +347,38 @@ impl Shared {
         }
     }
 
-    /// Routes `<prefix>:done:<tag>` messages to the flights waiting on them; reconnects
-    /// whenever the subscription drops.
+    /// Routes `<prefix>:done:<tag>` messages to the flights waiting on them, and notes the
+    /// penalties published on `<prefix>:penalty`; reconnects whenever the subscription
+    /// drops.
     async fn listen_loop(self: Arc<Self>) {
         let pattern = format!("{}:done:*", self.config.prefix);
         let prefix = format!("{}:done:", self.config.prefix);
+        let penalty_channel = self.penalty_channel();
         loop {
             let subscribed = tokio::time::timeout(self.config.timeout * 3, async {
                 let mut pubsub = self.client.get_async_pubsub().await?;
                 pubsub.psubscribe(&pattern).await?;
+                pubsub.subscribe(&penalty_channel).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             })
             .await;
             if let Ok(Ok(pubsub)) = subscribed {
                 let mut messages = pubsub.into_on_message();
                 while let Some(msg) = messages.next().await {
-                    let Some(tag) = msg.get_channel_name().strip_prefix(&prefix) else {
-                        continue;
-                    };
+                    let channel = msg.get_channel_name();
                     let payload: String = msg.get_payload().unwrap_or_default();
-                    self.deliver(tag, parse_word(&payload));
+                    if channel == penalty_channel {
+                        // What is left of it from Redis's now; counted from its arrival
+                        // here, it errs long by the message's trip.
+                        if let Ok(left) = payload.parse::<f64>()
+                            && left > 0.0
+                        {
+                            let left = Duration::from_micros(left.min(1e12) as u64);
+                            self.note_penalty(Instant::now() + left);
+                        }
+                    } else if let Some(tag) = channel.strip_prefix(&prefix) {
+                        self.deliver(tag, parse_word(&payload));
+                    }
                 }
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -406,6 +423,10 @@ impl Shared {
 
     fn pace_key(&self) -> String {
         format!("{}:pace", self.config.prefix)
+    }
+
+    fn penalty_channel(&self) -> String {
+        format!("{}:penalty", self.config.prefix)
     }
 
     /// Settles a flight before any booking: from the shared cache, from another replica's
@@ -624,10 +645,12 @@ impl Pacer for Shared {
             if self.mode() == PacingMode::Shared {
                 let key = self.pace_key();
                 let left = until.saturating_duration_since(Instant::now()).as_micros() as u64;
+                let channel = self.penalty_channel();
                 let penalize = &self.penalize;
                 self.op("penalize", |mut c| async move {
                     penalize
                         .key(&key)
+                        .key(&channel)
                         .arg(left)
                         .invoke_async::<i64>(&mut c)
                         .await

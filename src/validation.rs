@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::time::Duration;
 
 use compact_str::CompactString;
 use percent_encoding::percent_decode;
@@ -219,6 +220,8 @@ pub enum QueryError {
     Repeated(&'static str),
     /// Percent-decoding produced bytes that are not UTF-8.
     NotUtf8(&'static str),
+    /// The `X-Queue-Timeout` header is not a number of seconds in range.
+    QueueTimeout,
 }
 
 impl QueryError {
@@ -234,11 +237,12 @@ impl QueryError {
             QueryError::ClientId(ClientIdError::Unprintable) => "client_id_unprintable",
             QueryError::Repeated(_) => "repeated_parameter",
             QueryError::NotUtf8(_) => "not_utf8",
+            QueryError::QueueTimeout => "queue_timeout_header",
         }
     }
 
     /// Every `reason` value, so metrics can pre-register them at zero.
-    pub const REASONS: [&'static str; 9] = [
+    pub const REASONS: [&'static str; 10] = [
         "cpf_missing",
         "cpf_format",
         "cpf_check_digits",
@@ -248,6 +252,7 @@ impl QueryError {
         "client_id_unprintable",
         "repeated_parameter",
         "not_utf8",
+        "queue_timeout_header",
     ];
 
     pub fn message(self) -> String {
@@ -256,8 +261,37 @@ impl QueryError {
             QueryError::ClientId(e) => e.message().to_owned(),
             QueryError::Repeated(name) => format!("the {name} parameter is given more than once"),
             QueryError::NotUtf8(name) => format!("the {name} parameter is not valid UTF-8"),
+            QueryError::QueueTimeout => format!(
+                "the {QUEUE_TIMEOUT_HEADER} header must be a number of seconds from 0.001 to \
+                 3600 (e.g. 2 or 0.5)"
+            ),
         }
     }
+}
+
+/// The request header with which a client shortens its own lookup's queue timeout.
+pub const QUEUE_TIMEOUT_HEADER: &str = "X-Queue-Timeout";
+
+/// Parses an `X-Queue-Timeout` header: decimal seconds, from 1 ms to an hour. A client that
+/// will give up after a few seconds says so, and a lookup that could not start in that time
+/// is refused at once (`503 deadline_unreachable`) instead of being queued for nothing.
+pub fn parse_queue_timeout(value: &[u8]) -> Result<Duration, QueryError> {
+    let text = std::str::from_utf8(value).map_err(|_| QueryError::QueueTimeout)?;
+    let text = text.trim();
+    // Plain decimals only: no signs, exponents, "inf" or "NaN".
+    if text.is_empty()
+        || !text.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        || text.bytes().filter(|&b| b == b'.').count() > 1
+        || text.starts_with('.')
+        || text.ends_with('.')
+    {
+        return Err(QueryError::QueueTimeout);
+    }
+    let seconds: f64 = text.parse().map_err(|_| QueryError::QueueTimeout)?;
+    if !(0.001..=3600.0).contains(&seconds) {
+        return Err(QueryError::QueueTimeout);
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// Parses the raw query string of `/proxy/score`.

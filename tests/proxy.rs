@@ -481,6 +481,71 @@ async fn a_lookup_that_cannot_start_before_its_deadline_is_refused_at_admission(
 }
 
 #[tokio::test]
+async fn a_client_can_shorten_its_own_deadline_with_x_queue_timeout() {
+    // 140 ms per start; the proxy would queue these for up to 30 s, but each client says it
+    // will wait at most 300 ms: about three fit (starts at 0, 140 and 280 ms), the rest are
+    // refused at once instead of being queued for a client that will have left.
+    let t = spawn(Setup::default()).await;
+    let lookups: Vec<_> = (0..8)
+        .map(|i| t.spawn_lookup_with(&cpf(i), "000", &[("x-queue-timeout", "0.3")]))
+        .collect();
+    let (mut ok, mut refused) = (0, 0);
+    for lookup in lookups {
+        let r = lookup.await.unwrap();
+        match r.status {
+            200 => ok += 1,
+            503 => {
+                refused += 1;
+                assert_eq!(r.json()["error"], "deadline_unreachable", "{}", r.body);
+                assert!(r.retry_after().unwrap() >= 1);
+            }
+            other => panic!("unexpected {other}: {}", r.body),
+        }
+    }
+    assert!(
+        (1..=3).contains(&ok) && ok + refused == 8,
+        "ok {ok}, refused {refused}"
+    );
+    assert_eq!(t.sim.calls(), ok);
+    assert_eq!(
+        t.metric("score_proxy_queue_refusals_total{reason=\"deadline\"}")
+            .await,
+        refused as f64
+    );
+
+    // A header that is not a number of seconds in range is a 400 that costs no call.
+    for bad in [
+        "", "-1", "0", "1e3", "NaN", "inf", ".5", "5.", "1.2.3", "3601", "2s",
+    ] {
+        let r = t
+            .spawn_lookup_with(&cpf(100), "000", &[("x-queue-timeout", bad)])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{bad:?}: {}", r.body);
+        assert_eq!(r.json()["error"], "invalid_request");
+        assert!(
+            r.json()["message"]
+                .as_str()
+                .unwrap()
+                .contains("X-Queue-Timeout")
+        );
+    }
+    assert_eq!(t.sim.calls(), ok);
+    assert_eq!(
+        t.metric("score_proxy_validation_rejections_total{reason=\"queue_timeout_header\"}")
+            .await,
+        11.0
+    );
+    // A longer one than the proxy's own queue timeout is accepted and changes nothing.
+    let r = t
+        .spawn_lookup_with(&cpf(101), "000", &[("x-queue-timeout", "3600")])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    t.assert_no_violations();
+}
+
+#[tokio::test]
 async fn a_slow_upstream_does_not_lower_throughput() {
     // Each call takes 500 ms; starts still come every 140 ms.
     let t = spawn(Setup::default().sim(|s| s.latency = Duration::from_millis(500))).await;

@@ -211,6 +211,19 @@ async fn three_replicas_share_one_budget_one_cache_and_one_flight_per_key() {
         keys.len(),
         "one call per distinct key"
     );
+    // And one booked start per call: a slot booked in Redis and never used would be lost
+    // to the whole fleet.
+    let booked: f64 = f
+        .replicas
+        .iter()
+        .map(|r| {
+            common::metric_value(
+                &r.app.metrics.render(),
+                "score_proxy_redis_operations_total{op=\"book\",outcome=\"ok\"}",
+            )
+        })
+        .sum();
+    assert_eq!(booked as usize, keys.len(), "one booking per call");
 
     // Every key is a hit on every other replica, from the shared cache.
     for (i, k) in keys.iter().enumerate() {
@@ -376,5 +389,62 @@ async fn losing_redis_falls_back_to_a_share_of_the_rate_and_recovers() {
         })
         .sum();
     assert!(fallbacks >= 3.0, "each replica counted its fallback");
+    drop(redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_penalty_seen_by_one_replica_stops_the_calls_the_others_had_booked() {
+    let redis = Redis::start(free_port());
+    // The upstream starts stricter than the fleet's pace (400 ms against 140 ms), so the
+    // second call of a burst is penalised; its penalty lasts a second.
+    let f = fleet(
+        &redis.url(),
+        SimulatorConfig {
+            min_interval: Duration::from_millis(400),
+            penalty: Duration::from_secs(1),
+            ..SimulatorConfig::default()
+        },
+    )
+    .await;
+    f.all_in(PacingMode::Shared).await;
+
+    // Six lookups over the three replicas: each replica books its slots (140 ms apart,
+    // fleet-wide) at once, before any call is made.
+    let burst: Vec<_> = (0..CAPACITY as u32)
+        .map(|i| f.lookup(i as usize, &cpf(3000 + i)))
+        .collect();
+    f.sim.wait_for_calls(2).await;
+    // From now on the upstream asks only what the fleet paces for.
+    f.sim.set_min_interval(common::SIM_INTERVAL);
+    for b in burst {
+        let r = b.await.unwrap();
+        assert_eq!(r.status, 200, "retried after the penalty: {}", r.body);
+    }
+
+    // Only the provoked call was penalised: the slots the other replicas held inside the
+    // penalty were given up, not sent into it (each would have been a violation).
+    let stats = f.sim.stats();
+    assert_eq!(stats.violations, 1, "{stats:#?}");
+    assert_eq!(stats.by_status.get(&429), Some(&1), "{stats:#?}");
+    let penalised = stats.arrivals.iter().find(|a| a.violation).unwrap().at;
+    assert!(
+        stats
+            .arrivals
+            .iter()
+            .filter(|a| a.at > penalised)
+            .all(|a| a.at >= penalised + Duration::from_secs(1)),
+        "no arrival inside the penalty: {stats:#?}"
+    );
+    let given_up: f64 = f
+        .replicas
+        .iter()
+        .map(|r| {
+            common::metric_value(
+                &r.app.metrics.render(),
+                "score_proxy_pacing_unused_slots_total{reason=\"penalty\"}",
+            )
+        })
+        .sum();
+    assert!(given_up >= 1.0, "slots inside the penalty were given up");
     drop(redis);
 }

@@ -10,7 +10,9 @@
 //! - an accepted key's CPF prints as 11 ASCII digits that parse back to itself, have valid
 //!   check digits and are not all equal, and its client id is 1..=128 printable ASCII;
 //! - a query that names `cpf` or `client_id` twice is refused;
-//! - a default client id changes nothing when the query gives a valid one.
+//! - a default client id changes nothing when the query gives a valid one;
+//! - the same bytes as an `X-Queue-Timeout` header value are accepted only as a plain
+//!   decimal number of seconds from 0.001 to 3600.
 //!
 //! The model repeats the one in `tests/proptest_cpf.rs` on purpose: the fuzz crate is a
 //! workspace of its own and shares no code with the tests.
@@ -20,13 +22,29 @@
 use libfuzzer_sys::fuzz_target;
 use score_proxy::validation::{
     ClientId, ClientIdError, Cpf, CpfError, MAX_CLIENT_ID_LEN, QueryError, parse_lookup,
+    parse_queue_timeout,
 };
 
 fuzz_target!(|data: &[u8]| {
     let query = String::from_utf8_lossy(data);
     check_query(&query);
     check_cpf(&query);
+    check_queue_timeout(data);
 });
+
+fn check_queue_timeout(data: &[u8]) {
+    let Ok(wait) = parse_queue_timeout(data) else {
+        return;
+    };
+    let text = std::str::from_utf8(data).expect("accepted values are UTF-8").trim();
+    assert!(
+        text.bytes().all(|b| b.is_ascii_digit() || b == b'.'),
+        "accepted {text:?}"
+    );
+    let seconds: f64 = text.parse().expect("accepted values are numbers");
+    assert!((0.001..=3600.0).contains(&seconds), "accepted {text:?}");
+    assert!((wait.as_secs_f64() - seconds).abs() < 1e-9, "{text:?} -> {wait:?}");
+}
 
 const DEFAULT_CLIENT: &str = "fuzz-default-client";
 

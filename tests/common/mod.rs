@@ -191,10 +191,24 @@ impl TestApp {
 
     /// Starts a lookup on its own task (for bursts and for clients that hang up).
     pub fn spawn_lookup(&self, cpf: &str, client_id: &str) -> JoinHandle<Reply> {
-        let client = self.client.clone();
-        let url = self.url(&format!("/proxy/score?cpf={cpf}&client_id={client_id}"));
+        self.spawn_lookup_with(cpf, client_id, &[])
+    }
+
+    /// As [`TestApp::spawn_lookup`], with extra request headers.
+    pub fn spawn_lookup_with(
+        &self,
+        cpf: &str,
+        client_id: &str,
+        headers: &[(&'static str, &str)],
+    ) -> JoinHandle<Reply> {
+        let mut request = self
+            .client
+            .get(self.url(&format!("/proxy/score?cpf={cpf}&client_id={client_id}")));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
         tokio::spawn(async move {
-            let response = client.get(url).send().await.expect("the proxy answers");
+            let response = request.send().await.expect("the proxy answers");
             let status = response.status().as_u16();
             let headers = response.headers().clone();
             let body = response.text().await.expect("a readable body");
