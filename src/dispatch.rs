@@ -29,7 +29,7 @@ use crate::upstream::UpstreamClient;
 pub struct Dispatcher {
     pub scheduler: Arc<Scheduler>,
     pub pacer: Arc<dyn Pacer>,
-    pub gate: StartGate,
+    pub gate: Arc<StartGate>,
     pub breaker: Arc<Breaker>,
     pub upstream: Arc<UpstreamClient>,
     pub metrics: Arc<Metrics>,
@@ -64,15 +64,33 @@ impl Dispatcher {
             };
             // The start gate: never closer than an interval to the last real start, and
             // never inside a penalty (one can become known while the slot waits there).
+            let floor = self.gate.earliest(slot).saturating_duration_since(slot);
             let started = match self
                 .gate
-                .pass(slot, self.pacer.late_tolerance(), || {
-                    self.pacer.penalty_until()
-                })
+                .pass(
+                    slot,
+                    self.pacer.late_tolerance(),
+                    || self.pacer.penalty_until(),
+                    || self.pacer.hold_until(),
+                )
                 .await
             {
-                Ok(started) => started,
+                Ok(started) => {
+                    tracing::debug!(
+                        floor_ms = floor.as_secs_f64() * 1e3,
+                        behind_ms = started.saturating_duration_since(slot).as_secs_f64() * 1e3,
+                        "slot used"
+                    );
+                    started
+                }
                 Err(refusal) => {
+                    tracing::debug!(
+                        ?refusal,
+                        floor_ms = floor.as_secs_f64() * 1e3,
+                        behind_ms =
+                            Instant::now().saturating_duration_since(slot).as_secs_f64() * 1e3,
+                        "slot refused at the start gate"
+                    );
                     if refusal == GateRefusal::Rate {
                         tracing::error!("the start gate refused a booked slot; no call made");
                     }
@@ -81,6 +99,7 @@ impl Dispatcher {
                         GateRefusal::Penalty => SlotUnused::Penalty,
                         GateRefusal::Rate => SlotUnused::Gate,
                         GateRefusal::Late => SlotUnused::Late,
+                        GateRefusal::Held => SlotUnused::Held,
                     });
                     continue;
                 }
@@ -122,6 +141,13 @@ impl Dispatcher {
                     let late = taken - usize::from(usable.is_some());
                     for _ in 0..late {
                         self.metrics.unused_slot(SlotUnused::Late);
+                    }
+                    if late > 0 {
+                        tracing::debug!(
+                            late,
+                            behind_ms = now.saturating_duration_since(slot).as_secs_f64() * 1e3,
+                            "due slots reached too late"
+                        );
                     }
                     return usable;
                 }

@@ -152,16 +152,19 @@ pub enum SlotUnused {
     Late,
     /// An upstream penalty became known while it waited to start.
     Penalty,
+    /// Another replica's call left late, less than an interval before it.
+    Held,
 }
 
 impl SlotUnused {
-    pub const ALL: [SlotUnused; 6] = [
+    pub const ALL: [SlotUnused; 7] = [
         SlotUnused::NoLookup,
         SlotUnused::Breaker,
         SlotUnused::Saturated,
         SlotUnused::Gate,
         SlotUnused::Late,
         SlotUnused::Penalty,
+        SlotUnused::Held,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -172,6 +175,7 @@ impl SlotUnused {
             SlotUnused::Gate => "gate",
             SlotUnused::Late => "late",
             SlotUnused::Penalty => "penalty",
+            SlotUnused::Held => "held",
         }
     }
 }
@@ -247,9 +251,10 @@ impl RedisOutcome {
 }
 
 /// The Redis operations shared mode makes (the `op` label).
-pub const REDIS_OPS: [&str; 8] = [
+pub const REDIS_OPS: [&str; 9] = [
     "book",
     "penalize",
+    "hold",
     "cache_get",
     "cache_set",
     "lease",
@@ -416,6 +421,7 @@ pub struct Metrics {
     upstream_duration: HashMap<UpstreamOutcome, Histogram>,
     upstream_in_flight: IntGauge,
     upstream_retries: IntCounter,
+    upstream_connect: Histogram,
 
     breaker_state: IntGauge,
     breaker_transitions: HashMap<&'static str, IntCounter>,
@@ -723,7 +729,8 @@ impl Metrics {
                     "Booked start slots that passed without a call, by reason: no_lookup \
                      (every waiting client left), breaker, saturated (max in-flight calls \
                      open), gate, late (reached too late to use safely), penalty (a 429 came \
-                     while it waited to start).",
+                     while it waited to start), held (another replica's call left late, too \
+                     close before it).",
                 ),
                 &["reason"],
             )
@@ -796,6 +803,18 @@ impl Metrics {
             .into_iter()
             .map(|o| (o, duration_vec.with_label_values(&[o.as_str()])))
             .collect();
+        let upstream_connect = reg(
+            &registry,
+            Histogram::with_opts(hopts(
+                "upstream_connect_duration_seconds",
+                "Time to open a new connection to the upstream (DNS, TCP, TLS); the call leaves \
+                 that much after its start, and the next start is pushed by it.",
+                &[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ],
+            ))
+            .expect("valid"),
+        );
         let upstream_in_flight = reg(
             &registry,
             IntGauge::with_opts(opts(
@@ -1015,6 +1034,7 @@ impl Metrics {
             upstream_duration,
             upstream_in_flight,
             upstream_retries,
+            upstream_connect,
             breaker_state,
             breaker_transitions,
             pacing_mode,
@@ -1152,6 +1172,11 @@ impl Metrics {
     }
 
     // Upstream
+
+    /// A new connection to the upstream, opened in `took`.
+    pub fn upstream_connect(&self, took: Duration) {
+        self.upstream_connect.observe(took.as_secs_f64());
+    }
 
     pub fn upstream_call(&self, status: Option<u16>, outcome: UpstreamOutcome, took: Duration) {
         let class = status_class(status);

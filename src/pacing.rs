@@ -91,6 +91,20 @@ pub trait Pacer: Send + Sync + 'static {
     /// The end of the current penalty, as far as this process knows.
     fn penalty_until(&self) -> Option<Instant>;
 
+    /// One of this process's calls left the upstream-bound connection late (it had to open
+    /// a connection first): no start may be made before `until`, which is an interval
+    /// after it. One process needs nothing here, its start gate already counts from the
+    /// real departure; a shared schedule tells the other replicas, whose slots next to it
+    /// were booked without knowing.
+    fn hold(&self, _until: Instant) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    /// The end of the latest hold (see [`Pacer::hold`]) another replica announced.
+    fn hold_until(&self) -> Option<Instant> {
+        None
+    }
+
     /// How late a booked slot may still be used. `None`: any time (every slot is this
     /// process's, and the start gate keeps the spacing from the last real start). A shared
     /// schedule interleaves other replicas' slots, so a slot used late crowds the next one:
@@ -240,22 +254,40 @@ impl StartGate {
         last.map_or(slot, |l| slot.max(l + self.interval))
     }
 
+    /// A call that started at the last recorded start actually left at `at` (it had to
+    /// open a connection first): the next start counts from there. Returns by how much the
+    /// departure was later than the recorded start.
+    pub fn note_departure(&self, at: Instant) -> Duration {
+        let mut last = self.last_start.lock().unwrap_or_else(|e| e.into_inner());
+        let late = last.map_or(Duration::ZERO, |l| at.saturating_duration_since(l));
+        if last.is_none_or(|l| at > l) {
+            *last = Some(at);
+        }
+        late
+    }
+
     /// Waits for [`StartGate::earliest`], then, if no penalty known by then covers the
     /// start (`penalty_until` is asked after the wait: a 429 can arrive during it), takes the
     /// bucket's token and records the start. A start that would fall inside a penalty or
-    /// exceed the rate is never made; nor, with a `late_tolerance` (shared pacing: other
-    /// replicas hold the neighbouring slots), one that wakes up more than that after its
-    /// slot, whether its timer fired late or an earlier late start of ours pushed it.
+    /// exceed the rate is never made; nor one inside another replica's hold (`hold_until`:
+    /// its call left late, see [`Pacer::hold`]); nor, with a `late_tolerance` (shared
+    /// pacing: other replicas hold the neighbouring slots), one that wakes up more than that
+    /// after its slot, whether its timer fired late or an earlier late start of ours pushed
+    /// it.
     pub async fn pass(
         &self,
         slot: Instant,
         late_tolerance: Option<Duration>,
         penalty_until: impl Fn() -> Option<Instant>,
+        hold_until: impl Fn() -> Option<Instant>,
     ) -> Result<Instant, GateRefusal> {
         tokio::time::sleep_until(self.earliest(slot)).await;
         let now = Instant::now();
         if penalty_until().is_some_and(|until| now < until) {
             return Err(GateRefusal::Penalty);
+        }
+        if hold_until().is_some_and(|until| now < until) {
+            return Err(GateRefusal::Held);
         }
         if late_tolerance.is_some_and(|tolerance| now > slot + tolerance) {
             return Err(GateRefusal::Late);
@@ -275,6 +307,8 @@ pub enum GateRefusal {
     Penalty,
     /// It woke up too long after its slot to be used safely (shared pacing only).
     Late,
+    /// Another replica's call left late, too close before it (shared pacing only).
+    Held,
     /// The token bucket would have been exceeded (a bug if it ever happens).
     Rate,
 }
@@ -335,13 +369,15 @@ mod tests {
         let gate = std::sync::Arc::new(StartGate::new(1000 * MS));
         let pacer = std::sync::Arc::new(LocalPacer::new(1000 * MS));
         let t0 = Instant::now();
-        gate.pass(t0, None, || pacer.penalty_until()).await.unwrap();
+        gate.pass(t0, None, || pacer.penalty_until(), || None)
+            .await
+            .unwrap();
         // The next slot was taken slightly early... (a spare from before) so it waits at the
         // gate for the floor, one interval after the first start.
         let waiting = {
             let (gate, pacer) = (gate.clone(), pacer.clone());
             tokio::spawn(async move {
-                gate.pass(t0 + 10 * MS, None, || pacer.penalty_until())
+                gate.pass(t0 + 10 * MS, None, || pacer.penalty_until(), || None)
                     .await
             })
         };
@@ -352,7 +388,7 @@ mod tests {
         // After the penalty, starts go through again.
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(
-            gate.pass(Instant::now(), None, || pacer.penalty_until())
+            gate.pass(Instant::now(), None, || pacer.penalty_until(), || None)
                 .await
                 .is_ok()
         );
@@ -364,27 +400,59 @@ mod tests {
         let t0 = Instant::now();
         // Within the tolerance: used, and recorded as the start.
         tokio::time::advance(4 * MS).await;
-        assert_eq!(gate.pass(t0, Some(5 * MS), || None).await, Ok(t0 + 4 * MS));
+        assert_eq!(
+            gate.pass(t0, Some(5 * MS), || None, || None).await,
+            Ok(t0 + 4 * MS)
+        );
         // The next slot is pushed by that late start (the floor: an interval after it) past
         // a 2 ms tolerance: another replica's slot may be an interval after ours, so it is
         // given up rather than used.
         assert_eq!(
-            gate.pass(t0 + 1000 * MS, Some(2 * MS), || None).await,
+            gate.pass(t0 + 1000 * MS, Some(2 * MS), || None, || None)
+                .await,
             Err(GateRefusal::Late)
         );
         assert_eq!(Instant::now(), t0 + 1004 * MS);
         // A slot reached 6 ms late (a stalled timer) is refused too...
         tokio::time::advance(1002 * MS).await;
         assert_eq!(
-            gate.pass(t0 + 2000 * MS, Some(5 * MS), || None).await,
+            gate.pass(t0 + 2000 * MS, Some(5 * MS), || None, || None)
+                .await,
             Err(GateRefusal::Late)
         );
         // ...but without a tolerance (one process) lateness is harmless: the floor keeps the
         // spacing from the real start, so it is used.
         assert_eq!(
-            gate.pass(t0 + 2000 * MS, None, || None).await,
+            gate.pass(t0 + 2000 * MS, None, || None, || None).await,
             Ok(t0 + 2006 * MS)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_departure_pushes_the_next_start_and_a_hold_refuses_a_slot() {
+        let gate = StartGate::new(1000 * MS);
+        let t0 = Instant::now();
+        gate.pass(t0, None, || None, || None).await.unwrap();
+        // The call had to open a connection: it left 120 ms after its start...
+        assert_eq!(gate.note_departure(t0 + 120 * MS), 120 * MS);
+        // ...so the next start waits for an interval after the departure, not the start.
+        let next = gate
+            .pass(t0 + 1000 * MS, None, || None, || None)
+            .await
+            .unwrap();
+        assert_eq!(next, t0 + 1120 * MS);
+        // A departure older than the last start changes nothing.
+        assert_eq!(gate.note_departure(t0 + 500 * MS), Duration::ZERO);
+        assert_eq!(gate.earliest(t0 + 2000 * MS), t0 + 2120 * MS);
+
+        // Another replica's late call holds starts until an interval after it left.
+        let hold = Instant::now() + 3000 * MS;
+        assert_eq!(
+            gate.pass(t0 + 2120 * MS, Some(5 * MS), || None, || Some(hold))
+                .await,
+            Err(GateRefusal::Held)
+        );
+        assert_eq!(Instant::now(), t0 + 2120 * MS);
     }
 
     #[tokio::test(start_paused = true)]
@@ -402,13 +470,19 @@ mod tests {
     async fn the_gate_keeps_starts_an_interval_apart_even_when_a_start_was_late() {
         let gate = StartGate::new(1010 * MS);
         let t0 = Instant::now();
-        let first = gate.pass(t0, None, || None).await.unwrap();
+        let first = gate.pass(t0, None, || None, || None).await.unwrap();
         // The dispatcher woke 30 ms late for the next slot...
         tokio::time::advance(1040 * MS).await;
-        let second = gate.pass(t0 + 1010 * MS, None, || None).await.unwrap();
+        let second = gate
+            .pass(t0 + 1010 * MS, None, || None, || None)
+            .await
+            .unwrap();
         assert_eq!(second - first, 1040 * MS);
         // ...so the slot after it is pushed to keep the spacing from the real start.
-        let third = gate.pass(t0 + 2020 * MS, None, || None).await.unwrap();
+        let third = gate
+            .pass(t0 + 2020 * MS, None, || None, || None)
+            .await
+            .unwrap();
         assert_eq!(third - second, 1010 * MS);
         // Idle spells at awkward phases of leaky-bucket's refill grid never let two starts
         // bunch up, and the bucket never refuses a start the floor allows.
@@ -416,7 +490,7 @@ mod tests {
         for idle in [0, 1500, 0, 2700, 10, 999, 0, 5050, 0] {
             tokio::time::advance(idle * MS).await;
             let next = gate
-                .pass(Instant::now(), None, || None)
+                .pass(Instant::now(), None, || None, || None)
                 .await
                 .expect("the bucket agrees");
             assert!(next - last >= 1010 * MS, "{:?}", next - last);

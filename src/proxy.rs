@@ -134,14 +134,23 @@ impl App {
             cache.clone(),
             metrics.clone(),
         );
+        // One process: starts a whole interval apart, from the real departures. Shared
+        // pacing: a start may be up to the late tolerance (half the guard) behind its slot,
+        // so the floor from this replica's previous start gives that back; otherwise the
+        // timer's millisecond of lateness would carry from one of its slots to the next
+        // adjacent one and add up. Any two starts stay 1/rate + half the guard apart.
+        let gate = Arc::new(StartGate::new(
+            interval.saturating_sub(pacer.late_tolerance().unwrap_or_default()),
+        ));
         let upstream = Arc::new(UpstreamClient::new(
             config.upstream_url.clone(),
             config.upstream_timeout,
+            on_connect(gate.clone(), pacer.clone(), metrics.clone(), interval),
         )?);
         let dispatcher = Arc::new(Dispatcher {
             scheduler: scheduler.clone(),
             pacer: pacer.clone(),
-            gate: StartGate::new(interval),
+            gate,
             breaker: breaker.clone(),
             upstream,
             metrics: metrics.clone(),
@@ -335,4 +344,28 @@ impl App {
     pub fn processing(&self) -> i64 {
         self.metrics.upstream_in_flight().get()
     }
+}
+
+/// What a new upstream connection means for pacing. The call that opened it left when it
+/// was ready, not when it started (a TLS handshake to the real API takes tens of
+/// milliseconds, far more than the guard): the next start counts from the departure, and in
+/// shared mode, if it left later than a slot may be used, the other replicas are held off
+/// for an interval after it.
+fn on_connect(
+    gate: Arc<StartGate>,
+    pacer: Arc<dyn Pacer>,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+) -> crate::upstream::OnConnect {
+    Arc::new(move |took, ready| {
+        metrics.upstream_connect(took);
+        let late = gate.note_departure(ready);
+        if pacer
+            .late_tolerance()
+            .is_some_and(|tolerance| late > tolerance)
+        {
+            let pacer = pacer.clone();
+            tokio::spawn(async move { pacer.hold(ready + interval).await });
+        }
+    })
 }

@@ -509,6 +509,9 @@ impl Scheduler {
         for _ in 0..pruned {
             self.metrics.unused_slot(why);
         }
+        if pruned > 0 {
+            tracing::debug!(pruned, ?why, "stale slots dropped");
+        }
     }
 
     /// The earliest a start can be: now, or the end of a running penalty.

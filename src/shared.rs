@@ -3,9 +3,12 @@
 //!
 //! - **Schedule.** [`Shared`] implements [`Pacer`]: a Lua script books the next start slot in
 //!   one hash (`<prefix>:pace`) using Redis's own clock (`TIME`), so replica clocks do not
-//!   matter: the reply says "your slot is d µs from now" and the replica counts d from the
-//!   middle of the round trip (off by at most half of it, which the guard must cover: keep
-//!   the guard well above Redis's round trip). Slots are `interval` apart
+//!   matter: the reply gives the slot on Redis's clock, and the replica puts it on its own
+//!   through its best estimate of the offset between the two (the reading, from the health
+//!   check's `TIME` or a booking, with the shortest round trip in the last 10 s: off by at
+//!   most half of that round trip, a few hundredths of a millisecond on a quiet loopback,
+//!   and the same for every slot, so a replica's own slots keep their spacing however slow
+//!   a booking was; the guard must cover the rest). Slots are `interval` apart
 //!   across all replicas; capacity counts every replica's booked slots, so `queue-capacity`
 //!   and deadlines keep their meaning fleet-wide. A slot booked for a lookup whose client
 //!   then leaves stays booked: the replica gives it to its next lookup, or lets it pass
@@ -13,7 +16,9 @@
 //! - **Penalty.** A 429 seen by any replica is written to the same hash; every booking
 //!   script starts after it, and every reply tells the replica how much of it is left. The
 //!   same script publishes it on `<prefix>:penalty`, so that replicas holding slots already
-//!   booked inside it give them up at their start gate instead of calling into it.
+//!   booked inside it give them up at their start gate instead of calling into it. A call
+//!   that left late (it had to open a connection) is announced the same way, as a hold for
+//!   an interval after it.
 //! - **Cache.** On a local miss, the flight looks in Redis (`<prefix>:cache:<tag>`, same TTL
 //!   and stale window) before anything else; a fetched answer is written there for the
 //!   others.
@@ -73,7 +78,7 @@ pub struct SharedConfig {
 
 /// Books the next start at least ARGV[4] µs ahead (time for the replica to be waiting for
 /// it, rather than racing it). The answer, in µs relative to Redis's clock:
-/// `[code, value, penalty_left]`.
+/// `[code, value, penalty_left, now]` (`now` absolute, for the replica's clock estimate).
 /// code 0: booked, value = wait until the slot; 1: full, value = wait until a place frees;
 /// 2: too late, value = by how much.
 const BOOK: &str = r#"
@@ -89,14 +94,14 @@ local from = math.max(now, penalty)
 local start = math.max(from, next_free, now + lead)
 local penalty_left = math.max(0, penalty - now)
 if math.floor((start - from) / interval) >= capacity then
-  return {1, math.max(0, start - from - capacity * interval), penalty_left}
+  return {1, math.max(0, start - from - capacity * interval), penalty_left, now}
 end
 if start - now > max_wait then
-  return {2, start - now - max_wait, penalty_left}
+  return {2, start - now - max_wait, penalty_left, now}
 end
 redis.call('HSET', KEYS[1], 'next', start + interval)
 redis.call('PEXPIRE', KEYS[1], 86400000)
-return {0, start - now, penalty_left}
+return {0, start - now, penalty_left, now}
 "#;
 
 /// Records a penalty lasting ARGV[1] µs from Redis's now (the longest penalty wins), and
@@ -119,6 +124,22 @@ redis.call('PUBLISH', KEYS[2], string.format('%d', penalty - now))
 return 1
 "#;
 
+/// Holds every start off until ARGV[1] µs from Redis's now (one of this replica's calls left
+/// late: it had to open a connection), and tells the replicas holding slots inside the hold
+/// on KEYS[2].
+const HOLD: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local until_ = now + tonumber(ARGV[1])
+local next_free = tonumber(redis.call('HGET', KEYS[1], 'next') or '0')
+if until_ > next_free then
+  redis.call('HSET', KEYS[1], 'next', until_)
+end
+redis.call('PEXPIRE', KEYS[1], 86400000)
+redis.call('PUBLISH', KEYS[2], 'hold:' .. string.format('%d', tonumber(ARGV[1])))
+return 1
+"#;
+
 /// Deletes a lease only if this replica still holds it.
 const RELEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -126,6 +147,21 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 "#;
+
+/// One reading of Redis's clock (`TIME`, or the `now` a booking returns) against ours:
+/// Redis's time `redis_us` (µs since the epoch) was our `local`, the middle of a round trip
+/// of `rtt`, give or take half of it. The sample with the shortest round trip wins, so a
+/// booking made while Redis or this process is busy is placed with the offset measured
+/// when both were quiet.
+#[derive(Clone, Copy, Debug)]
+struct ClockSample {
+    rtt: Duration,
+    local: Instant,
+    redis_us: i64,
+}
+
+/// How long a clock sample may be preferred to a newer one with a longer round trip.
+const CLOCK_SAMPLE_MAX_AGE: Duration = Duration::from_secs(10);
 
 /// What another replica said about a flight it led.
 #[derive(Clone, Debug)]
@@ -166,6 +202,10 @@ pub struct Shared {
     fallback: LocalPacer,
     /// The latest penalty end this replica knows of (its own 429s, and Redis's replies).
     penalty: Mutex<Option<Instant>>,
+    /// The latest hold (a replica's call that left late) this replica knows of.
+    hold: Mutex<Option<Instant>>,
+    /// Where Redis's clock stands against ours (see [`ClockSample`]).
+    clock: Mutex<Option<ClockSample>>,
     /// Flights waiting for another replica's word, by tag.
     listeners: Mutex<HashMap<String, Vec<oneshot::Sender<Word>>>>,
     good_pings: AtomicU32,
@@ -174,6 +214,7 @@ pub struct Shared {
     metrics: Arc<Metrics>,
     book: redis::Script,
     penalize: redis::Script,
+    hold_script: redis::Script,
     release: redis::Script,
 }
 
@@ -192,6 +233,8 @@ impl Shared {
             mode: watch::channel(PacingMode::Fallback).0,
             fallback,
             penalty: Mutex::new(None),
+            hold: Mutex::new(None),
+            clock: Mutex::new(None),
             listeners: Mutex::new(HashMap::new()),
             good_pings: AtomicU32::new(0),
             replica_id: id.iter().map(|b| format!("{b:02x}")).collect(),
@@ -199,6 +242,7 @@ impl Shared {
             metrics,
             book: redis::Script::new(BOOK),
             penalize: redis::Script::new(PENALIZE),
+            hold_script: redis::Script::new(HOLD),
             release: redis::Script::new(RELEASE),
             config,
         }))
@@ -321,12 +365,49 @@ impl Shared {
         }
     }
 
+    /// Redis's `TIME`: a liveness check, and a sample of its clock against ours (quiet
+    /// round trips every 500 ms keep the estimate tight).
     async fn ping(&self) -> bool {
-        self.op("ping", |mut c| async move {
-            redis::cmd("PING").query_async::<String>(&mut c).await
+        let sent = Instant::now();
+        let time = self
+            .op("ping", |mut c| async move {
+                redis::cmd("TIME").query_async::<(u64, u64)>(&mut c).await
+            })
+            .await;
+        let Some((secs, micros)) = time else {
+            return false;
+        };
+        self.clock_sample(sent, Instant::now(), (secs * 1_000_000 + micros) as i64);
+        true
+    }
+
+    /// Keeps the sample with the shortest round trip, replacing it when a new one is as
+    /// short or the kept one is older than [`CLOCK_SAMPLE_MAX_AGE`] (clocks drift).
+    fn clock_sample(&self, sent: Instant, received: Instant, redis_us: i64) {
+        let sample = ClockSample {
+            rtt: received - sent,
+            local: sent + (received - sent) / 2,
+            redis_us,
+        };
+        let mut clock = self.clock.lock().unwrap_or_else(|e| e.into_inner());
+        let keep_old = clock.is_some_and(|old| {
+            old.rtt < sample.rtt && received.duration_since(old.local) < CLOCK_SAMPLE_MAX_AGE
+        });
+        if !keep_old {
+            *clock = Some(sample);
+        }
+    }
+
+    /// Our instant for a time on Redis's clock, from the best clock sample; `None` without
+    /// one.
+    fn local_time(&self, redis_us: i64) -> Option<Instant> {
+        let sample = (*self.clock.lock().unwrap_or_else(|e| e.into_inner()))?;
+        let delta = redis_us - sample.redis_us;
+        Some(if delta >= 0 {
+            sample.local + Duration::from_micros(delta as u64)
+        } else {
+            sample.local - Duration::from_micros(delta.unsigned_abs())
         })
-        .await
-        .is_some()
     }
 
     async fn health_loop(self: Arc<Self>) {
@@ -370,11 +451,20 @@ impl Shared {
                     if channel == penalty_channel {
                         // What is left of it from Redis's now; counted from its arrival
                         // here, it errs long by the message's trip.
-                        if let Ok(left) = payload.parse::<f64>()
+                        let (hold, left) = match payload.strip_prefix("hold:") {
+                            Some(left) => (true, left),
+                            None => (false, payload.as_str()),
+                        };
+                        if let Ok(left) = left.parse::<f64>()
                             && left > 0.0
                         {
-                            let left = Duration::from_micros(left.min(1e12) as u64);
-                            self.note_penalty(Instant::now() + left);
+                            let until =
+                                Instant::now() + Duration::from_micros(left.min(1e12) as u64);
+                            if hold {
+                                self.note_hold(until);
+                            } else {
+                                self.note_penalty(until);
+                            }
                         }
                     } else if let Some(tag) = channel.strip_prefix(&prefix) {
                         self.deliver(tag, parse_word(&payload));
@@ -573,6 +663,13 @@ impl Shared {
         .await;
     }
 
+    fn note_hold(&self, until: Instant) {
+        let mut h = self.hold.lock().unwrap_or_else(|e| e.into_inner());
+        if h.is_none_or(|old| until > old) {
+            *h = Some(until);
+        }
+    }
+
     fn note_penalty(&self, until: Instant) {
         let mut p = self.penalty.lock().unwrap_or_else(|e| e.into_inner());
         if p.is_none_or(|old| until > old) {
@@ -611,23 +708,29 @@ impl Pacer for Shared {
                             .arg(max_wait)
                             .arg(capacity)
                             .arg(lead)
-                            .invoke_async::<(i64, i64, i64)>(&mut c)
+                            .invoke_async::<(i64, i64, i64, i64)>(&mut c)
                             .await
                     })
                     .await;
-                if let Some((code, value, penalty_left)) = reply {
-                    // Redis's "now" was some time between sending and receiving: take the
-                    // middle, which is off by at most half the round trip either way (the
-                    // guard must cover that).
+                if let Some((code, value, penalty_left, now_us)) = reply {
                     let received = Instant::now();
-                    let redis_now = sent + (received - sent) / 2;
+                    self.clock_sample(sent, received, now_us);
+                    // The slot on our clock, through the best clock sample: every slot of
+                    // this replica is translated with the same offset, so two slots Redis
+                    // placed an interval apart stay an interval apart here, however slow
+                    // each booking's round trip was. (Without a sample: Redis's "now" was
+                    // some time between sending and receiving; the middle is off by at most
+                    // half the round trip either way.)
                     let us = |v: i64| Duration::from_micros(v.max(0) as u64);
+                    let slot = self
+                        .local_time(now_us + value.max(0))
+                        .unwrap_or_else(|| sent + (received - sent) / 2 + us(value));
                     if penalty_left > 0 {
                         // A penalty errs long: count it from the reply.
                         self.note_penalty(received + us(penalty_left));
                     }
                     return match code {
-                        0 => Ok(redis_now + us(value)),
+                        0 => Ok(slot),
                         1 => Err(BookError::Full {
                             retry_after: us(value),
                         }),
@@ -658,6 +761,32 @@ impl Pacer for Shared {
                 .await;
             }
         })
+    }
+
+    fn hold(&self, until: Instant) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.note_hold(until);
+            if self.mode() == PacingMode::Shared {
+                let key = self.pace_key();
+                let channel = self.penalty_channel();
+                let left = until.saturating_duration_since(Instant::now()).as_micros() as u64;
+                let hold = &self.hold_script;
+                self.op("hold", |mut c| async move {
+                    hold.key(&key)
+                        .key(&channel)
+                        .arg(left)
+                        .invoke_async::<i64>(&mut c)
+                        .await
+                })
+                .await;
+            }
+        })
+    }
+
+    fn hold_until(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let hold = *self.hold.lock().unwrap_or_else(|e| e.into_inner());
+        hold.filter(|&t| t > now)
     }
 
     fn penalty_until(&self) -> Option<Instant> {

@@ -6,6 +6,10 @@
 //! the URL encoder (after validation it is digits only anyway), and the client id only as the
 //! `client-id` header, never into the URL.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -75,13 +79,16 @@ impl UpstreamClient {
         &self.url
     }
 
-    pub fn new(url: Url, timeout: Duration) -> anyhow::Result<Self> {
+    /// `on_connect` hears of every new connection (how long it took to open, and when it
+    /// was ready): a call that has to open one leaves that much after its start.
+    pub fn new(url: Url, timeout: Duration, on_connect: OnConnect) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .user_agent(concat!("score-proxy/", env!("CARGO_PKG_VERSION")))
+            .connector_layer(TimedConnectLayer(on_connect))
             .build()?;
         Ok(UpstreamClient { http, url })
     }
@@ -195,6 +202,61 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(wait.min(MAX_PENALTY))
 }
 
+/// Told of each new upstream connection: how long it took to open, and when it was ready.
+pub type OnConnect = Arc<dyn Fn(Duration, Instant) + Send + Sync>;
+
+/// Times reqwest's connector (DNS, TCP and TLS). A call on a pooled connection leaves when it
+/// starts; one that must open a connection (the first, or the first after an idle spell)
+/// leaves when the connection is ready, a TLS handshake later. The dispatcher uses this to
+/// keep the *arrivals* an interval apart, not only the starts.
+#[derive(Clone)]
+struct TimedConnectLayer(OnConnect);
+
+impl<S> tower::Layer<S> for TimedConnectLayer {
+    type Service = TimedConnect<S>;
+
+    fn layer(&self, inner: S) -> TimedConnect<S> {
+        TimedConnect {
+            inner,
+            on_connect: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct TimedConnect<S> {
+    inner: S,
+    on_connect: OnConnect,
+}
+
+impl<S, R> tower::Service<R> for TimedConnect<S>
+where
+    S: tower::Service<R>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, target: R) -> Self::Future {
+        let started = Instant::now();
+        let connecting = self.inner.call(target);
+        let on_connect = self.on_connect.clone();
+        Box::pin(async move {
+            let connected = connecting.await;
+            if connected.is_ok() {
+                let ready = Instant::now();
+                on_connect(ready - started, ready);
+            }
+            connected
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,6 +274,43 @@ mod tests {
         assert_eq!(parse_retry_after("-1", now), None);
         assert_eq!(parse_retry_after("2 seconds", now), None);
         assert_eq!(parse_retry_after("", now), None);
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_is_timed_once_and_reused_calls_are_not() {
+        use std::sync::Mutex;
+        let sim = crate::simulator::Simulator::spawn(crate::simulator::SimulatorConfig {
+            min_interval: Duration::ZERO,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let seen: Arc<Mutex<Vec<(Duration, Instant)>>> = Arc::default();
+        let on_connect: OnConnect = {
+            let seen = seen.clone();
+            Arc::new(move |took, ready| seen.lock().unwrap().push((took, ready)))
+        };
+        let client = UpstreamClient::new(
+            sim.url().parse().unwrap(),
+            Duration::from_secs(5),
+            on_connect,
+        )
+        .unwrap();
+        let key =
+            crate::validation::parse_lookup(Some("cpf=52998224725&client_id=000"), None).unwrap();
+        let before = Instant::now();
+        let first = client.call(&key, None).await;
+        assert_eq!(first.outcome, UpstreamOutcome::Ok);
+        {
+            let seen = seen.lock().unwrap();
+            assert_eq!(seen.len(), 1, "the first call opened a connection");
+            let (took, ready) = seen[0];
+            assert!(ready >= before + took && ready <= first.finished_at);
+        }
+        // The second call reuses the pooled connection: nothing to time.
+        let second = client.call(&key, None).await;
+        assert_eq!(second.outcome, UpstreamOutcome::Ok);
+        assert_eq!(seen.lock().unwrap().len(), 1);
     }
 
     #[test]

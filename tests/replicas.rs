@@ -448,3 +448,56 @@ async fn a_penalty_seen_by_one_replica_stops_the_calls_the_others_had_booked() {
     assert!(given_up >= 1.0, "slots inside the penalty were given up");
     drop(redis);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_left_late_holds_the_other_replicas_off() {
+    let redis = Redis::start(free_port());
+    let f = fleet(&redis.url(), sim_config()).await;
+    f.all_in(PacingMode::Shared).await;
+
+    // A burst over the three replicas; right after the first call arrives (the next slot is
+    // 140 ms away), replica 0 announces that a call of its left late and holds every start
+    // off for 600 ms, as it does when a call had to open a connection first.
+    let burst: Vec<_> = (0..CAPACITY as u32)
+        .map(|i| f.lookup(i as usize, &cpf(4000 + i)))
+        .collect();
+    f.sim.wait_for_calls(1).await;
+    let held_from = f.sim.elapsed();
+    let hold = Duration::from_millis(600);
+    f.replicas[0]
+        .app
+        .pacer
+        .hold(tokio::time::Instant::now() + hold)
+        .await;
+    for b in burst {
+        let r = b.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+
+    // Nothing arrived during the hold: the slots inside it were given up and booked again.
+    let stats = f.sim.stats();
+    assert_eq!(stats.violations, 0, "{stats:#?}");
+    assert_eq!(stats.calls as usize, CAPACITY, "{stats:#?}");
+    assert!(
+        stats
+            .arrivals
+            .iter()
+            .all(|a| a.at <= held_from || a.at >= held_from + hold),
+        "an arrival inside the hold: {stats:#?}"
+    );
+    let held: f64 = f
+        .replicas
+        .iter()
+        .map(|r| {
+            common::metric_value(
+                &r.app.metrics.render(),
+                "score_proxy_pacing_unused_slots_total{reason=\"held\"}",
+            )
+        })
+        .sum();
+    assert!(
+        held >= 1.0,
+        "the other replicas gave up their slots inside the hold"
+    );
+    drop(redis);
+}
