@@ -2644,7 +2644,7 @@ impl BurstResult {
                     .copied()
                     .unwrap_or((f64::NAN, f64::NAN));
                 format!(
-                    "{} ({calls:.0} calls, {books:.0} booked)",
+                    "{} ({calls:.0} calls, {books:.0} booking requests)",
                     fmt_statuses(&statuses(&mine))
                 )
             })
@@ -3021,22 +3021,24 @@ async fn scenario_replicas(suite: &mut Suite) -> Result<()> {
          lookups sent at once, each on its own connection, lookup i to replica i mod 3 (round \
          robin); both take the proxy's default queue of 20 (fleet-wide in shared mode) and \
          refuse the rest at once with 429.\n\n\
-         **Why the real contract and the default 10 ms guard.** The guard must cover half of \
-         Redis's round trip (a replica counts its booked slot from the middle of the booking's \
-         round trip) plus each replica's own timer and scheduling jitter. Redis's PING round \
-         trip on this loopback: p50 {}, p99 {} (200 PINGs); the replicas' own `book` round trip \
-         (the Lua script, from their `score_proxy_redis_operation_duration_seconds`, during the \
-         bursts, when every lookup of the burst talks to Redis at once): mean {} over \
-         {book_count:.0} bookings, 99 % at most {} (histogram bucket). A replica's slot is \
-         placed to within half of that; 10 ms covers it with room for timer and scheduling \
-         jitter (the *min gap* column shows what was left). At 1 call/s \
+         **Why the real contract and the default 10 ms guard.** The guard must cover the \
+         error of each replica's estimate of Redis's clock (half its quickest recent round \
+         trip: the health check reads Redis's `TIME` every 500 ms, and every booking's reply \
+         carries Redis's time too) plus each replica's own timer and scheduling jitter. Redis's \
+         PING round trip on this loopback: p50 {}, p99 {} (200 PINGs); the replicas' own `book` \
+         round trip (the Lua script, from their `score_proxy_redis_operation_duration_seconds`, \
+         during the bursts, when every lookup of the burst talks to Redis at once): mean {} \
+         over {book_count:.0} booking requests, 99 % at most {} (histogram bucket). A slot is \
+         placed with the quiet round trip's error, not a busy booking's; 10 ms covers that with \
+         room for timer and scheduling jitter (the *min gap* column shows what was left). At 1 \
+         call/s \
          a larger guard costs budget (25 ms: 1/1.025 = 97.6 % of the rate, below the 0.98 \
          target), and scaling the rate up to make the burst shorter would make any guard a \
          larger share of the interval: the real contract keeps the comparison with one process \
          exact.\n\n\
          *Answers (per replica)* is what each replica answered, how many upstream calls it \
-         made (its `score_proxy_upstream_calls_total`) and how many start slots it booked in \
-         Redis. *Unused slots* are booked slots that passed without a call \
+         made (its `score_proxy_upstream_calls_total`) and how many booking requests Redis \
+         answered (slots booked, and requests refused at the fleet's capacity). *Unused slots* are booked slots that passed without a call \
          (`score_proxy_pacing_unused_slots_total`, all proxies, by reason: `late` is a slot a \
          replica reached more than half the guard after its time, given up rather than risk \
          the neighbouring replica's slot). *Calls / keys* is upstream calls \
