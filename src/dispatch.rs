@@ -62,8 +62,10 @@ impl Dispatcher {
                 self.unused(SlotUnused::Saturated);
                 continue;
             };
-            // The start gate: never closer than an interval to the last real start, and
-            // never inside a penalty (one can become known while the slot waits there).
+            // The start gate: never closer than its spacing to the last real departure (an
+            // interval; in shared mode less the late tolerance, see `App::new`), never inside
+            // a penalty or another replica's hold (either can become known while the slot
+            // waits there), and in shared mode never later than the tolerance.
             let floor = self.gate.earliest(slot).saturating_duration_since(slot);
             let started = match self
                 .gate

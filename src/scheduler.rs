@@ -273,10 +273,10 @@ impl Scheduler {
     }
 
     /// Joins the flight for `key`, or creates one and starts admitting it, or refuses at
-    /// once (circuit open, shutting down).
-    /// Joins the flight for `key`, or starts one whose deadline is `max_wait` (the client's
-    /// own, when shorter than the queue timeout) from now. A follower shares the flight and
-    /// its deadline whatever it asked: it can always leave by hanging up.
+    /// once (circuit open, shutting down). A new flight's deadline is the queue timeout from
+    /// now, or `max_wait` (the client's own `X-Queue-Timeout`) when that is shorter. A
+    /// follower shares the flight and its deadline whatever it asked: it can always leave by
+    /// hanging up.
     pub fn join(
         self: &Arc<Self>,
         key: &LookupKey,
