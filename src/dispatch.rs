@@ -66,7 +66,12 @@ impl Dispatcher {
             // interval; in shared mode less the late tolerance, see `App::new`), never inside
             // a penalty or another replica's hold (either can become known while the slot
             // waits there), and in shared mode never later than the tolerance.
-            let floor = self.gate.earliest(slot).saturating_duration_since(slot);
+            // How far the gate's floor pushes this slot, for the debug lines below only.
+            let floor = if tracing::enabled!(tracing::Level::DEBUG) {
+                self.gate.earliest(slot).saturating_duration_since(slot)
+            } else {
+                Duration::ZERO
+            };
             let started = match self
                 .gate
                 .pass(

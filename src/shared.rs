@@ -664,19 +664,26 @@ impl Shared {
     }
 
     fn note_hold(&self, until: Instant) {
-        let mut h = self.hold.lock().unwrap_or_else(|e| e.into_inner());
-        if h.is_none_or(|old| until > old) {
-            *h = Some(until);
-        }
+        extend_to(&self.hold, until);
     }
 
     fn note_penalty(&self, until: Instant) {
-        let mut p = self.penalty.lock().unwrap_or_else(|e| e.into_inner());
-        if p.is_none_or(|old| until > old) {
-            *p = Some(until);
-        }
-        drop(p);
+        extend_to(&self.penalty, until);
         self.fallback.penalize_now(until);
+    }
+}
+
+/// A known end (a penalty's, a hold's), if it is still ahead.
+fn running(end: &Mutex<Option<Instant>>) -> Option<Instant> {
+    let now = Instant::now();
+    (*end.lock().unwrap_or_else(|e| e.into_inner())).filter(|&t| t > now)
+}
+
+/// Moves a known end (a penalty's, a hold's) to `until` if that is later: the longest wins.
+fn extend_to(end: &Mutex<Option<Instant>>, until: Instant) {
+    let mut end = end.lock().unwrap_or_else(|e| e.into_inner());
+    if end.is_none_or(|old| until > old) {
+        *end = Some(until);
     }
 }
 
@@ -784,15 +791,11 @@ impl Pacer for Shared {
     }
 
     fn hold_until(&self) -> Option<Instant> {
-        let now = Instant::now();
-        let hold = *self.hold.lock().unwrap_or_else(|e| e.into_inner());
-        hold.filter(|&t| t > now)
+        running(&self.hold)
     }
 
     fn penalty_until(&self) -> Option<Instant> {
-        let now = Instant::now();
-        let mine = *self.penalty.lock().unwrap_or_else(|e| e.into_inner());
-        mine.filter(|&t| t > now)
+        running(&self.penalty)
     }
 
     fn late_tolerance(&self) -> Option<Duration> {

@@ -4,11 +4,13 @@
 //! fleet of replicas sharing one budget through a real `redis-server` (Debian's, started on a
 //! loopback port, as `tests/replicas.rs` does).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
+mod common;
+
+use std::process::Stdio;
 use std::time::Duration;
 
 use clap::Parser;
+use common::redis::Redis;
 use score_proxy::config::Cli;
 use score_proxy::loadgen::{self, LoadgenArgs, LoadgenMode};
 use score_proxy::server::Server;
@@ -231,62 +233,16 @@ async fn continuous_spreads_requests_over_every_target() {
     }
 }
 
-/// A `redis-server` on a free loopback port, killed on drop.
-struct Redis {
-    child: Child,
-    url: String,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let mut child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect(
-                "redis-server on PATH (apt-get install redis-server, or scripts/install-deps.sh)",
-            );
-        let stdout = child.stdout.take().unwrap();
-        let (ready, is_ready) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.contains("Ready to accept connections") {
-                    let _ = ready.send(());
-                }
-            }
-        });
-        is_ready
-            .recv_timeout(Duration::from_secs(20))
-            .expect("redis-server becomes ready");
-        Redis {
-            child,
-            url: format!("redis://127.0.0.1:{port}"),
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Three replicas sharing one budget through Redis, driven by the real binary with its
 /// targets in `LOADGEN_TARGET`: every outcome appears, and every replica gets traffic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn once_provokes_every_outcome_from_a_fleet() {
     let redis = Redis::start();
+    let redis_url = redis.url();
     let sim = simulator().await;
     let shared = [
         "--redis-url",
-        redis.url.as_str(),
+        redis_url.as_str(),
         "--redaction-key",
         "loadgen-smoke-secret",
         "--expected-replicas",

@@ -5,73 +5,16 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::redis::Redis;
 use common::{Reply, cpf};
 use score_proxy::pacing::PacingMode;
 use score_proxy::proxy::App;
 use score_proxy::server::Server;
 use score_proxy::simulator::{Simulator, SimulatorConfig, SimulatorHandle};
 use tokio::sync::oneshot;
-
-/// A `redis-server` on a loopback port, killed on drop.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    /// Starts it and waits for its "Ready to accept connections" line.
-    fn start(port: u16) -> Redis {
-        let mut child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--loglevel",
-                "notice",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect(
-                "redis-server on PATH (apt-get install redis-server, or scripts/install-deps.sh)",
-            );
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut told = false;
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if !told && line.contains("Ready to accept connections") {
-                    let _ = tx.send(());
-                    told = true;
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(20))
-            .expect("redis-server becomes ready");
-        Redis { child, port }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 struct Replica {
     addr: std::net::SocketAddr,
@@ -169,14 +112,6 @@ impl Fleet {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn sim_config() -> SimulatorConfig {
     SimulatorConfig {
         min_interval: common::SIM_INTERVAL,
@@ -187,7 +122,7 @@ fn sim_config() -> SimulatorConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_budget_one_cache_and_one_flight_per_key() {
-    let redis = Redis::start(free_port());
+    let redis = Redis::start();
     let f = fleet(&redis.url(), sim_config()).await;
     f.all_in(PacingMode::Shared).await;
     assert_eq!(f.ready(0).await["pacing"], "shared");
@@ -301,8 +236,8 @@ async fn three_replicas_share_one_budget_one_cache_and_one_flight_per_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_redis_falls_back_to_a_share_of_the_rate_and_recovers() {
-    let port = free_port();
-    let redis = Redis::start(port);
+    let port = common::free_port();
+    let redis = Redis::start_on(port);
     let f = fleet(&redis.url(), sim_config()).await;
     f.all_in(PacingMode::Shared).await;
 
@@ -356,7 +291,7 @@ async fn losing_redis_falls_back_to_a_share_of_the_rate_and_recovers() {
     }
 
     // Redis comes back: every replica returns to the shared schedule.
-    let redis = Redis::start(port);
+    let redis = Redis::start_on(port);
     f.all_in(PacingMode::Shared).await;
     assert_eq!(f.ready(2).await["pacing"], "shared");
     let recovered_at = f.sim.elapsed();
@@ -394,7 +329,7 @@ async fn losing_redis_falls_back_to_a_share_of_the_rate_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_penalty_seen_by_one_replica_stops_the_calls_the_others_had_booked() {
-    let redis = Redis::start(free_port());
+    let redis = Redis::start();
     // The upstream starts stricter than the fleet's pace (400 ms against 140 ms), so the
     // second call of a burst is penalised; its penalty lasts a second.
     let f = fleet(
@@ -451,7 +386,7 @@ async fn a_penalty_seen_by_one_replica_stops_the_calls_the_others_had_booked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_that_left_late_holds_the_other_replicas_off() {
-    let redis = Redis::start(free_port());
+    let redis = Redis::start();
     let f = fleet(&redis.url(), sim_config()).await;
     f.all_in(PacingMode::Shared).await;
 

@@ -7,6 +7,8 @@
 //! proxy's start and the simulator's arrival stamp on a loaded machine.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -296,4 +298,12 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
             value.trim().parse().ok()
         })
         .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
+
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
