@@ -360,6 +360,11 @@ fn on_connect(
     Arc::new(move |took, ready| {
         metrics.upstream_connect(took);
         let late = gate.note_departure(ready);
+        tracing::debug!(
+            took_ms = took.as_secs_f64() * 1e3,
+            late_ms = late.as_secs_f64() * 1e3,
+            "upstream connection opened"
+        );
         if pacer
             .late_tolerance()
             .is_some_and(|tolerance| late > tolerance)
