@@ -14,7 +14,7 @@
 # Installs nothing. nginx, wrk and redis-server (the replicas scenario) must be installed
 # (`apt-get install -y nginx wrk redis-server`, which scripts/install-deps.sh does); this
 # script checks, builds the release binary the benchmark drives, and runs
-# `cargo bench --bench compare`.
+# `cargo run --release -p score-bench`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,5 +44,5 @@ else
     echo "bench: open-file limit is $hard (hard); the overload scenario may run short of descriptors" >&2
 fi
 
-cargo build --release --locked
-exec cargo bench --locked --bench compare -- "$@"
+cargo build --release --locked --workspace --bins
+exec cargo run --release --locked -p score-bench -- "$@"

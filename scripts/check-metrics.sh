@@ -8,8 +8,10 @@ need promtool prometheus
 need curl curl
 BIN="${SCORE_PROXY_BIN:-target/release/score-proxy}"
 [ -x "$BIN" ] || die "$BIN not found: run cargo build --release first"
+SIM_BIN="${SCORE_SIM_BIN:-$(dirname "$BIN")/score-sim}"
+[ -x "$SIM_BIN" ] || die "$SIM_BIN not found: run cargo build --release --workspace first"
 
-start_bg simulator "$BIN" simulate-upstream --listen 127.0.0.1:0 --min-interval 100ms
+start_bg simulator "$SIM_BIN" --listen 127.0.0.1:0 --min-interval 100ms
 SIM="$ADDR"
 start_bg proxy env RUST_LOG=info "$BIN" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
     --upstream-url "http://$SIM/api/score" --rate 8 --rate-guard 20ms

@@ -5,7 +5,7 @@
 #   scripts/schemathesis.sh                      ~2 minutes, fixed seed (CI)
 #   SCHEMATHESIS_MAX_EXAMPLES=1000 SCHEMATHESIS_SEED=$RANDOM scripts/schemathesis.sh
 #
-# It starts `score-proxy simulate-upstream` and the proxy on free loopback ports at a fast
+# It starts `score-sim` and the proxy on free loopback ports at a fast
 # pace (simulator: 1 call per 50 ms, 100 ms penalty; proxy: 15 calls/s with a 15 ms guard,
 # 2 s queue and upstream timeouts, a 2 s cache so that repeated values reach the upstream
 # again, a default client id so that lookups without one reach it too) and runs schemathesis twice, then stops everything:
@@ -28,6 +28,7 @@ CHECKS="not_a_server_error,response_schema_conformance,status_code_conformance,c
 WORK="target/schemathesis"
 VENV="target/schemathesis-venv"
 BIN="target/release/score-proxy"
+SIM_BIN="target/release/score-sim"
 
 fail() { echo "schemathesis.sh: FAILED: $*" >&2; exit 1; }
 note() { echo "schemathesis.sh: $*"; }
@@ -47,6 +48,7 @@ fi
 # --- the binary ----------------------------------------------------------------------------
 cargo build --release --locked --quiet
 [ -x "$BIN" ] || fail "$BIN was not built"
+[ -x "$SIM_BIN" ] || fail "$SIM_BIN was not built"
 
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
@@ -70,7 +72,7 @@ PORT="$(free_port)"
 SIM="http://127.0.0.1:$SIM_PORT"
 PROXY="http://127.0.0.1:$PORT"
 
-"$BIN" simulate-upstream --listen "127.0.0.1:$SIM_PORT" --min-interval 50ms --penalty 100ms \
+"$SIM_BIN" --listen "127.0.0.1:$SIM_PORT" --min-interval 50ms --penalty 100ms \
     >"$WORK/simulator.log" 2>&1 &
 PIDS+=("$!")
 SCORE_PROXY_LOG_FORMAT=json RUST_LOG=info OTEL_SDK_DISABLED=true \

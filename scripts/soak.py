@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Soak test driver for score-proxy (Python standard library only; run it via scripts/soak.sh).
 
-Starts `score-proxy simulate-upstream` and the proxy on free loopback ports, then for
+Starts `score-sim` and the proxy on free loopback ports, then for
 --minutes keeps 2 x queue-capacity clients busy with a mix of lookups while the simulator's
 faults switch every --phase-seconds, and samples the proxy's resident memory and open file
 descriptors. At the end it checks, and exits 1 if any check fails:
@@ -35,6 +35,7 @@ calibration call) so that arrival times can be compared with the moments clients
 started while the proxy was still learning of the hang-up).
 """
 
+from pathlib import Path
 import argparse
 import http.client
 import itertools
@@ -472,7 +473,7 @@ def main():
     try:
         env = dict(os.environ, RUST_LOG="info,score_proxy::access=off", OTEL_SDK_DISABLED="true")
         children.append(subprocess.Popen(
-            [args.bin, "simulate-upstream", "--listen", f"127.0.0.1:{sim_port}", *pace["sim"]],
+            [str(Path(args.bin).with_name("score-sim")), "--listen", f"127.0.0.1:{sim_port}", *pace["sim"]],
             stdout=open(f"{args.out}/simulator.log", "w"), stderr=subprocess.STDOUT, env=env,
             start_new_session=True))
         renice(children[-1].pid)

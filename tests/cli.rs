@@ -9,9 +9,25 @@ use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_score-proxy");
 
+/// The simulator's own binary, built beside the proxy's by a workspace build (`cargo
+/// nextest run --workspace`, as `scripts/test` runs it). A process of its own: these tests
+/// measure the upstream's clock apart from the proxy's.
+fn sim_command() -> Command {
+    let bin = std::path::Path::new(BIN).with_file_name("score-sim");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build the workspace's binaries (cargo build --workspace --bins)",
+        bin.display()
+    );
+    clean(Command::new(bin))
+}
+
 /// A command with none of the proxy's variables inherited from the environment.
 fn command() -> Command {
-    let mut cmd = Command::new(BIN);
+    clean(Command::new(BIN))
+}
+
+fn clean(mut cmd: Command) -> Command {
     for (key, _) in std::env::vars() {
         if key.starts_with("SCORE_PROXY_")
             || key.starts_with("OTEL_")
@@ -156,8 +172,8 @@ fn sigterm_stops_it_cleanly_with_exit_0() {
 /// a quiet machine is measured in the benchmark (`BENCHMARKS.md`, burst rows).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_originals_burst_of_twenty_at_the_real_rate() {
-    let mut sim = command();
-    sim.args(["simulate-upstream", "--listen", "127.0.0.1:0"]);
+    let mut sim = sim_command();
+    sim.args(["--listen", "127.0.0.1:0"]);
     let (_sim, sim_addr) = start(sim, "listening");
 
     let mut proxy = command();
@@ -211,10 +227,10 @@ async fn the_originals_burst_of_twenty_at_the_real_rate() {
 async fn ten_thousand_concurrent_connections() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const CONNECTIONS: usize = 10_000;
-    score_proxy::server::raise_fd_limit();
+    score_proxy::http::server::raise_fd_limit();
 
-    let mut sim = command();
-    sim.args(["simulate-upstream", "--listen", "127.0.0.1:0"]);
+    let mut sim = sim_command();
+    sim.args(["--listen", "127.0.0.1:0"]);
     let (_sim, sim_addr) = start(sim, "listening");
     let mut proxy = command();
     proxy

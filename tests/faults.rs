@@ -11,7 +11,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Setup, TestApp, cpf, spawn};
-use score_proxy::simulator::{Fault, RetryAfterMode};
+use score_sim::{Fault, RetryAfterMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

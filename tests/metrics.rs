@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Setup, cpf, metric_value, spawn};
-use score_proxy::simulator::Fault;
+use score_sim::Fault;
 
 #[tokio::test]
 async fn a_known_scenario_leaves_exact_counts() {

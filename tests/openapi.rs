@@ -7,10 +7,10 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use score_proxy::error::ProxyError;
+use score_proxy::lookup::error::ProxyError;
 use serde_json::Value;
 
-const SPEC: &str = include_str!("../src/openapi.json");
+const SPEC: &str = include_str!("../src/http/openapi.json");
 
 /// The routes `http::router` registers on the public listener (with `--public-metrics`,
 /// the default). Kept by hand on purpose: adding a route should mean updating this list,
@@ -59,7 +59,7 @@ fn document_is_openapi_3_0_with_every_public_route() {
 /// there without being documented fails here rather than in production.
 #[test]
 fn route_list_matches_the_router_source() {
-    let source = include_str!("../src/http.rs");
+    let source = include_str!("../src/http/mod.rs");
     let start = source
         .find("pub fn router(")
         .expect("http.rs defines `pub fn router`");
@@ -77,11 +77,11 @@ fn route_list_matches_the_router_source() {
 /// Error kinds produced outside `ProxyError`: the router's fallbacks and size limits
 /// (`http.rs`) and the connections refused before a request is read (`server.rs`).
 const OTHER_KINDS: [(&str, &str); 5] = [
-    ("not_found", include_str!("../src/http.rs")),
-    ("method_not_allowed", include_str!("../src/http.rs")),
-    ("uri_too_long", include_str!("../src/http.rs")),
-    ("headers_too_large", include_str!("../src/http.rs")),
-    ("overloaded", include_str!("../src/server.rs")),
+    ("not_found", include_str!("../src/http/mod.rs")),
+    ("method_not_allowed", include_str!("../src/http/mod.rs")),
+    ("uri_too_long", include_str!("../src/http/mod.rs")),
+    ("headers_too_large", include_str!("../src/http/mod.rs")),
+    ("overloaded", include_str!("../src/http/server.rs")),
 ];
 
 #[test]

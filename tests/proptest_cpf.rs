@@ -1,4 +1,4 @@
-//! Property tests of stage 1 (`score_proxy::validation`): CPF parsing and the query parser
+//! Property tests of stage 1 (`score_proxy::lookup::validation`): CPF parsing and the query parser
 //! of `/proxy/score`, checked against a reference model written here from the rules in
 //! `UPSTREAM.md`, independently of the implementation.
 //!
@@ -11,14 +11,14 @@
 //! `proptest-regressions/` and replayed first next time. `PROPTEST_CASES=N` runs more cases.
 
 use proptest::prelude::*;
-use score_proxy::validation::{
+use score_proxy::lookup::validation::{
     ClientId, ClientIdError, Cpf, CpfError, MAX_CLIENT_ID_LEN, QueryError, parse_lookup,
 };
 
 /// The reference model: what the rules say, written without looking at how `validation.rs`
 /// computes it.
 mod model {
-    use score_proxy::validation::{ClientIdError, CpfError, QueryError};
+    use score_proxy::lookup::validation::{ClientIdError, CpfError, QueryError};
 
     /// Mod-11 check digit of `digits` with weights `len + 1` down to `2`.
     pub fn check_digit(digits: &[u8]) -> u8 {

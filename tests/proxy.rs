@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::{Setup, cpf, spawn};
-use score_proxy::simulator::{Fault, RetryAfterMode};
+use score_sim::{Fault, RetryAfterMode};
 
 #[tokio::test]
 async fn the_originals_curl_works_unchanged() {
@@ -421,11 +421,13 @@ async fn an_unreachable_upstream_is_a_502() {
         .local_addr()
         .unwrap()
         .port();
-    let sim = score_proxy::simulator::Simulator::spawn(Default::default())
+    let sim = score_sim::Simulator::spawn(Default::default())
         .await
         .unwrap();
     let config = common::config(&format!("http://127.0.0.1:{port}/api/score"), &[]);
-    let server = score_proxy::server::Server::bind(config).await.unwrap();
+    let server = score_proxy::http::server::Server::bind(config)
+        .await
+        .unwrap();
     let addr = server.local_addr();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(server.run(async {

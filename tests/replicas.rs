@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use common::redis::Redis;
 use common::{Reply, cpf};
-use score_proxy::pacing::PacingMode;
-use score_proxy::proxy::App;
-use score_proxy::server::Server;
-use score_proxy::simulator::{Simulator, SimulatorConfig, SimulatorHandle};
+use score_proxy::app::App;
+use score_proxy::http::server::Server;
+use score_proxy::lookup::pacing::PacingMode;
+use score_sim::{Simulator, SimulatorConfig, SimulatorHandle};
 use tokio::sync::oneshot;
 
 struct Replica {

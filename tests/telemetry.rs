@@ -381,10 +381,10 @@ async fn no_cpf_or_client_id_in_any_span_log_line_or_metric_across_every_scenari
         404
     );
     // Timeout, queue full, a client that hangs up.
-    t.sim.set_fault(score_proxy::simulator::Fault::Hang);
+    t.sim.set_fault(score_sim::Fault::Hang);
     let hung = t.spawn_lookup(&secrets[4], SECRET_CLIENT);
     t.sim.wait_for_calls(3).await;
-    t.sim.set_fault(score_proxy::simulator::Fault::None);
+    t.sim.set_fault(score_sim::Fault::None);
     let queued = t.spawn_lookup(&secrets[5], SECRET_CLIENT);
     let quitter = t.spawn_lookup(&secrets[6], SECRET_CLIENT);
     t.queue_depth_reaches(2).await;
@@ -414,8 +414,8 @@ async fn no_cpf_or_client_id_in_any_span_log_line_or_metric_across_every_scenari
         assert!(!metrics.contains(secret), "metrics hold {secret}");
     }
     // The pseudonyms are there instead, so one lookup can still be followed.
-    let tag = score_proxy::redact::client(
-        &score_proxy::validation::ClientId::parse(SECRET_CLIENT).unwrap(),
+    let tag = score_proxy::telemetry::redact::client(
+        &score_proxy::lookup::validation::ClientId::parse(SECRET_CLIENT).unwrap(),
     );
     assert!(
         spans

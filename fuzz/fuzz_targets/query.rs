@@ -20,7 +20,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use score_proxy::validation::{
+use score_validation::{
     ClientId, ClientIdError, Cpf, CpfError, MAX_CLIENT_ID_LEN, QueryError, parse_lookup,
     parse_queue_timeout,
 };
@@ -36,14 +36,19 @@ fn check_queue_timeout(data: &[u8]) {
     let Ok(wait) = parse_queue_timeout(data) else {
         return;
     };
-    let text = std::str::from_utf8(data).expect("accepted values are UTF-8").trim();
+    let text = std::str::from_utf8(data)
+        .expect("accepted values are UTF-8")
+        .trim();
     assert!(
         text.bytes().all(|b| b.is_ascii_digit() || b == b'.'),
         "accepted {text:?}"
     );
     let seconds: f64 = text.parse().expect("accepted values are numbers");
     assert!((0.001..=3600.0).contains(&seconds), "accepted {text:?}");
-    assert!((wait.as_secs_f64() - seconds).abs() < 1e-9, "{text:?} -> {wait:?}");
+    assert!(
+        (wait.as_secs_f64() - seconds).abs() < 1e-9,
+        "{text:?} -> {wait:?}"
+    );
 }
 
 const DEFAULT_CLIENT: &str = "fuzz-default-client";

@@ -93,6 +93,53 @@ VARIABLE = re.compile(r"\$(\w+)|\[\[(\w+?)(?::(\w+))?\]\]|\$\{(\w+)(?:\.([^:^}]+
 problems: list[str] = []
 
 
+
+# What each image built from the Dockerfile may hold: its entrypoint binary and nothing else
+# of ours (the proxy's image has no simulator and no load generator in it).
+IMAGE_BINARIES = {"proxy": "score-proxy", "simulator": "score-sim", "loadgen": "score-loadgen"}
+OUR_BINARIES = set(IMAGE_BINARIES.values())
+
+
+def dockerfile_stages(dockerfile: Path) -> dict[str, list[str]]:
+    """The Dockerfile's stages by name, each with its instruction lines (continuations joined)."""
+    stages: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"FROM\s+\S+(?:\s+AS\s+(\S+))?", line, re.IGNORECASE)
+        if m:
+            current = stages.setdefault(m.group(1) or f"<stage {len(stages)}>", [])
+            continue
+        if current is not None:
+            current.append(line)
+    return stages
+
+
+def check_build_target(name: str, dockerfile: Path, target: str | None) -> None:
+    """A service built from our Dockerfile names a stage that exists, and that stage copies
+    in only the binary its service runs."""
+    stages = dockerfile_stages(dockerfile)
+    if target is None:
+        problem(f"{rel(COMPOSE)}: service {name} builds {rel(dockerfile)} without a target: name one of {sorted(stages)}")
+        return
+    if target not in stages:
+        problem(f"{rel(COMPOSE)}: service {name} builds target {target!r}, which {rel(dockerfile)} does not define")
+        return
+    want = IMAGE_BINARIES.get(target)
+    copied = {
+        binary
+        for line in stages[target]
+        if line.upper().startswith("COPY")
+        for binary in OUR_BINARIES
+        if re.search(rf"/{re.escape(binary)}(\s|$)", line)
+    }
+    if want is None or copied != {want}:
+        problem(f"{rel(dockerfile)}: stage {target!r} (service {name}) copies {sorted(copied)}; it must copy only {want!r}")
+
+
 def problem(msg: str) -> None:
     problems.append(msg)
 
@@ -207,6 +254,8 @@ def check_compose(compose: dict) -> None:
                 dockerfile = ctx / build.get("dockerfile", "Dockerfile")
                 if not dockerfile.is_file():
                     problem(f"{rel(COMPOSE)}: service {name} builds with {rel(dockerfile)}, which does not exist")
+                else:
+                    check_build_target(name, dockerfile, build.get("target"))
         # env files exist.
         env_files = service.get("env_file") or []
         if isinstance(env_files, str):

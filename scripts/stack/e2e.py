@@ -2,7 +2,7 @@
 """End-to-end check of the observability stack, without Docker.
 
 On loopback, with temporary storage and free ports, it starts:
-  - the upstream simulator (`score-proxy simulate-upstream`), fast: 1 call per 200 ms,
+  - the upstream simulator (`score-sim`), fast: 1 call per 200 ms,
     answering after 100 ms;
   - the proxy, fast: 5 calls/s, a queue of 8 that times out after 3 s, a 1 s upstream
     timeout, a 10 s cache TTL (so entries expire during the run) and a 2 s breaker
@@ -593,12 +593,12 @@ def main() -> int:
     redis_bin = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
     if not redis_bin:
         die("redis-server not found on PATH: install Debian's package (apt-get install -y redis-server) or set REDIS_SERVER")
-    loadgen = shlex.split(os.environ.get("SCORE_PROXY_LOADGEN", "")) or [str(bin_path), "loadgen"]
+    loadgen = shlex.split(os.environ.get("SCORE_PROXY_LOADGEN", "")) or [str(bin_path.with_name("score-loadgen"))]
     probe = subprocess.run(loadgen + ["--help"], capture_output=True, text=True)
     if probe.returncode != 0:
         die(
-            f"`{' '.join(loadgen)} --help` failed (status {probe.returncode}): the binary has no "
-            f"`loadgen` subcommand, or SCORE_PROXY_LOADGEN is wrong.\n{probe.stderr.strip()[:500]}"
+            f"`{' '.join(loadgen)} --help` failed (status {probe.returncode}): build the workspace "
+            f"(cargo build --release --workspace), or SCORE_PROXY_LOADGEN is wrong.\n{probe.stderr.strip()[:500]}"
         )
 
     tmp = Path(tempfile.mkdtemp(prefix="score-proxy-e2e-"))
@@ -672,7 +672,7 @@ def run(
     quiet = {"OTEL_SDK_DISABLED": "true", "RUST_LOG": "warn"}
 
     print(f"== starting simulator ({sim_url}), proxy ({proxy_url}), prometheus ({prom_url})")
-    procs.start("simulator", [str(bin_path), "simulate-upstream", "--listen", f"127.0.0.1:{sim_port}", *SIM_ARGS], quiet)
+    procs.start("simulator", [str(bin_path.with_name("score-sim")), "--listen", f"127.0.0.1:{sim_port}", *SIM_ARGS], quiet)
     proxy = procs.start(
         "proxy",
         [str(bin_path), "--listen", f"127.0.0.1:{proxy_port}", "--upstream-url", f"{sim_url}/api/score", *PROXY_ARGS],
@@ -684,7 +684,7 @@ def run(
     redis = procs.start("redis", redis_argv)
     procs.start(
         "fleet-simulator",
-        [str(bin_path), "simulate-upstream", "--listen", f"127.0.0.1:{fleet_sim_port}", *SIM_ARGS],
+        [str(bin_path.with_name("score-sim")), "--listen", f"127.0.0.1:{fleet_sim_port}", *SIM_ARGS],
         quiet,
     )
     wait_until("redis to answer PING", lambda: redis_ping(redis_port), 20, procs=procs)

@@ -7,17 +7,18 @@
 //! proxy's start and the simulator's arrival stamp on a loaded machine.
 #![allow(dead_code)]
 
-pub mod redis;
+#[allow(unused_imports)]
+pub use score_test_support::redis;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use score_proxy::app::App;
 use score_proxy::config::{Cli, Config};
-use score_proxy::proxy::App;
-use score_proxy::server::Server;
-use score_proxy::simulator::{SimStats, Simulator, SimulatorConfig, SimulatorHandle};
-use score_proxy::validation::Cpf;
+use score_proxy::http::server::Server;
+use score_proxy::lookup::validation::Cpf;
+use score_sim::{SimStats, Simulator, SimulatorConfig, SimulatorHandle};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -300,10 +301,5 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
 }
 
-/// A loopback port free at the time of asking.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
+#[allow(unused_imports)]
+pub use score_test_support::free_port;

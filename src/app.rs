@@ -1,0 +1,368 @@
+//! The application: every stage wired together, and a lookup's path through them.
+//!
+//! [`App::lookup`] reads top to bottom as the pipeline: validation, cache, coalescing and
+//! admission, then waiting while the dispatcher paces and makes the call.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
+use tracing::{Instrument, field};
+
+use crate::config::Config;
+use crate::lookup::breaker::Breaker;
+use crate::lookup::cache::CacheResult;
+use crate::lookup::cache::{CacheConfig, CacheLookup, CachedScore, LocalCache, ScoreCache};
+use crate::lookup::dispatch::Dispatcher;
+use crate::lookup::error::ProxyError;
+use crate::lookup::pacing::{LocalPacer, Pacer, PacingMode, StartGate};
+use crate::lookup::scheduler::{FlightInfo, Joined, Scheduler, Source};
+use crate::lookup::upstream::UpstreamClient;
+use crate::lookup::validation::{self, ClientId};
+use crate::shared::{Shared, SharedConfig};
+use crate::shutdown::Lifecycle;
+use crate::telemetry::metrics::{Metrics, MetricsConfig};
+use crate::telemetry::redact;
+use crate::telemetry::{self, FlightOrigin, TraceIds};
+
+/// A score, and how it was obtained.
+#[derive(Debug)]
+pub struct Answer {
+    pub body: Bytes,
+    pub cache: CacheResult,
+    /// How old the answer is (for `Age`).
+    pub age: Duration,
+}
+
+/// What one lookup went through, for its access log line and span attributes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LookupReport {
+    pub cache: Option<CacheResult>,
+    pub flight: FlightInfo,
+}
+
+pub struct App {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub cache: Arc<LocalCache>,
+    pub scheduler: Arc<Scheduler>,
+    pub pacer: Arc<dyn Pacer>,
+    /// Shared mode's Redis side, when `--redis-url` is set.
+    pub shared: Option<Arc<Shared>>,
+    pub breaker: Arc<Breaker>,
+    pub dispatcher: Arc<Dispatcher>,
+    lifecycle: watch::Sender<Lifecycle>,
+    pub started_at: Instant,
+}
+
+impl App {
+    /// Builds every stage from a validated configuration. Spawns nothing: see
+    /// [`crate::http::server`] for the tasks.
+    pub fn new(config: Config) -> anyhow::Result<Arc<App>> {
+        if let Some(key) = &config.redaction_key {
+            redact::set_key(key);
+        }
+        let interval = LocalPacer::interval_for(config.rate_per_second, config.rate_guard);
+        let metrics = Arc::new(Metrics::new(&MetricsConfig {
+            enabled: config.metrics_enabled,
+            rate_per_second: config.rate_per_second,
+            interval,
+            queue_capacity: config.queue_capacity,
+            queue_timeout: config.queue_timeout,
+        }));
+        // One process paces alone; replicas share a schedule (and a cache tier) in Redis.
+        let shared = match &config.redis {
+            None => None,
+            Some(redis) => Some(Shared::new(
+                SharedConfig {
+                    url: redis.url.clone(),
+                    prefix: redis.prefix.clone(),
+                    timeout: redis.timeout,
+                    expected_replicas: redis.expected_replicas,
+                    interval,
+                    guard: config.rate_guard,
+                    cache_ttl: config.cache_ttl,
+                    stale_for: config.stale_if_error,
+                    upstream_timeout: config.upstream_timeout,
+                    key_secret: config.redaction_key.clone().unwrap_or_default(),
+                },
+                metrics.clone(),
+            )?),
+        };
+        let pacer: Arc<dyn Pacer> = match &shared {
+            Some(shared) => shared.clone(),
+            None => {
+                metrics.set_pacing_mode(PacingMode::Local);
+                Arc::new(LocalPacer::new(interval))
+            }
+        };
+        let breaker = {
+            let metrics = metrics.clone();
+            Arc::new(Breaker::new(
+                config.breaker_failures,
+                config.breaker_cooldown,
+                move |state| metrics.breaker_transition(state),
+            ))
+        };
+        let cache = {
+            let metrics = metrics.clone();
+            Arc::new(LocalCache::new(
+                &CacheConfig {
+                    ttl: config.cache_ttl,
+                    stale_for: config.stale_if_error,
+                    max_entries: config.cache_max_entries,
+                },
+                move |cause| metrics.cache_evicted(cause),
+            ))
+        };
+        let scheduler = Scheduler::new(
+            config.queue_capacity,
+            config.queue_timeout,
+            pacer.clone(),
+            shared.clone(),
+            breaker.clone(),
+            cache.clone(),
+            metrics.clone(),
+        );
+        // One process: starts a whole interval apart, from the real departures. Shared
+        // pacing: a start may be up to the late tolerance (half the guard) behind its slot,
+        // so the floor from this replica's previous start gives that back; otherwise the
+        // timer's millisecond of lateness would carry from one of its slots to the next
+        // adjacent one and add up. Any two starts stay 1/rate + half the guard apart.
+        let gate = Arc::new(StartGate::new(
+            interval.saturating_sub(pacer.late_tolerance().unwrap_or_default()),
+        ));
+        let upstream = Arc::new(UpstreamClient::new(
+            config.upstream_url.clone(),
+            config.upstream_timeout,
+            on_connect(gate.clone(), pacer.clone(), metrics.clone(), interval),
+        )?);
+        let dispatcher = Arc::new(Dispatcher {
+            scheduler: scheduler.clone(),
+            pacer: pacer.clone(),
+            gate,
+            breaker: breaker.clone(),
+            upstream,
+            metrics: metrics.clone(),
+            in_flight: Arc::new(Semaphore::new(config.upstream_max_in_flight)),
+            default_penalty: config.upstream_penalty,
+            guard: config.rate_guard,
+            breaker_cooldown: config.breaker_cooldown,
+        });
+        Ok(Arc::new(App {
+            config,
+            metrics,
+            cache,
+            scheduler,
+            pacer,
+            shared,
+            breaker,
+            dispatcher,
+            lifecycle: watch::channel(Lifecycle::Running).0,
+            started_at: Instant::now(),
+        }))
+    }
+
+    pub fn default_client_id(&self) -> Option<&ClientId> {
+        self.config.client_id.as_ref()
+    }
+
+    /// One `/proxy/score` lookup, from the raw query string to an answer or an error.
+    ///
+    /// `queue_timeout` is the raw `X-Queue-Timeout` header, if the client sent one: it can
+    /// only shorten the configured queue timeout, for this lookup.
+    pub async fn lookup(
+        &self,
+        raw_query: Option<&str>,
+        queue_timeout: Option<&[u8]>,
+        trace: &TraceIds,
+        report: &mut LookupReport,
+    ) -> Result<Answer, ProxyError> {
+        let request_span = tracing::Span::current();
+
+        // 1. Validation: a bad CPF or client id is refused here and costs no upstream budget.
+        let (key, max_wait) = {
+            let _span = tracing::info_span!("validation").entered();
+            let rejected = |e: validation::QueryError| {
+                self.metrics.validation_rejected(e.reason());
+                ProxyError::InvalidQuery(e)
+            };
+            let key =
+                validation::parse_lookup(raw_query, self.default_client_id()).map_err(rejected)?;
+            let max_wait = queue_timeout
+                .map(validation::parse_queue_timeout)
+                .transpose()
+                .map_err(rejected)?;
+            (key, max_wait)
+        };
+        if !request_span.is_disabled() {
+            // Keyed-hash tags, never the values; computed only when a span records them.
+            request_span.record("score_proxy.cpf", redact::cpf(key.cpf));
+            request_span.record("score_proxy.client", redact::client(&key.client_id));
+        }
+
+        // 2. Cache, keyed by client id and CPF: a hit never leaves this process.
+        let cached = {
+            let span = tracing::info_span!("cache.lookup", score_proxy.cache.result = field::Empty);
+            let _entered = span.enter();
+            let cached = self.cache.get(&key);
+            let result = match cached {
+                CacheLookup::Fresh(_) => "hit",
+                CacheLookup::Stale(_) | CacheLookup::Miss => "miss",
+            };
+            span.record("score_proxy.cache.result", result);
+            cached
+        };
+        let stale = match cached {
+            CacheLookup::Fresh(hit) => return Ok(self.hit(hit, report)),
+            CacheLookup::Stale(old) => Some(old),
+            CacheLookup::Miss => None,
+        };
+
+        // 3-4. Fetch through the queue, the pacer and the upstream.
+        match self
+            .fetch(&key, max_wait, trace, &request_span, report)
+            .await
+        {
+            // Stale-if-error: an expired answer beats an error the caller can do nothing
+            // about (the upstream failing or out of reach in time), never one that concerns
+            // the caller (a rejected client id).
+            Err(e) if e.stale_ok() && stale.is_some() => {
+                let old = stale.expect("checked");
+                self.metrics.cache_lookup(CacheResult::Stale);
+                request_span.record("score_proxy.stale_after", e.kind());
+                Ok(self.answer(old, CacheResult::Stale, report))
+            }
+            other => other,
+        }
+    }
+
+    /// Stages 3 and 4: coalescing, admission, and the wait for the dispatcher.
+    async fn fetch(
+        &self,
+        key: &validation::LookupKey,
+        max_wait: Option<Duration>,
+        trace: &TraceIds,
+        request_span: &tracing::Span,
+        report: &mut LookupReport,
+    ) -> Result<Answer, ProxyError> {
+        // 3. Coalescing and admission: join an identical lookup already on its way, or
+        //    queue a new one, or be refused at once (429 when full, 503 when it could not
+        //    start before its deadline or the breaker is open). Never a wait that ends in
+        //    nothing.
+        let joined = self.scheduler.join(key, max_wait, || {
+            FlightOrigin::new(request_span.clone(), *trace)
+        })?;
+
+        // 4. Wait while the dispatcher paces and calls. If the client hangs up, axum drops
+        //    this future, the waiter leaves, and an unstarted lookup leaves the queue.
+        let (mut waiter, cache_result) = match joined {
+            Joined::Cached(hit) => return Ok(self.hit(hit, report)),
+            Joined::Leader(waiter) => (waiter, CacheResult::Miss),
+            Joined::Follower(waiter) => (waiter, CacheResult::Coalesced),
+        };
+        self.metrics.cache_lookup(cache_result);
+        report.cache = Some(cache_result);
+        if cache_result == CacheResult::Miss {
+            // Booking a start slot (the pacing.permit span is on the booking task), then
+            // waiting in the queue until the call starts.
+            if let Some(position) = waiter.queued().await {
+                waiter
+                    .started()
+                    .instrument(tracing::info_span!(
+                        "queue.wait",
+                        score_proxy.queue.position = position
+                    ))
+                    .await;
+            }
+        }
+
+        let mut closed = self.lifecycle.subscribe();
+        let wait_span = match cache_result {
+            CacheResult::Coalesced => tracing::info_span!("coalesce.wait"),
+            _ => tracing::info_span!("upstream.wait"),
+        };
+        let result = tokio::select! {
+            result = waiter.wait().instrument(wait_span.clone()) => result,
+            _ = closed.wait_for(|l| *l == Lifecycle::Closed) => Err(ProxyError::ShuttingDown),
+        };
+        if cache_result == CacheResult::Coalesced {
+            telemetry::link_to_call(&wait_span, &waiter.flight().origin);
+        }
+        report.flight = waiter.flight().info();
+        // In shared mode the answer may have come from another replica.
+        let cache_result = match report.flight.source {
+            Source::SharedCache if cache_result == CacheResult::Miss => CacheResult::Hit,
+            Source::Replica if cache_result == CacheResult::Miss => CacheResult::Coalesced,
+            _ => cache_result,
+        };
+        result.map(|score| self.answer(score, cache_result, report))
+    }
+
+    /// An answer from the local cache (counted as a hit).
+    fn hit(&self, score: CachedScore, report: &mut LookupReport) -> Answer {
+        self.metrics.cache_lookup(CacheResult::Hit);
+        self.answer(score, CacheResult::Hit, report)
+    }
+
+    fn answer(&self, score: CachedScore, cache: CacheResult, report: &mut LookupReport) -> Answer {
+        report.cache = Some(cache);
+        Answer {
+            age: score.fetched_at.elapsed(),
+            body: score.body,
+            cache,
+        }
+    }
+
+    pub fn lifecycle(&self) -> Lifecycle {
+        *self.lifecycle.borrow()
+    }
+
+    /// Shutdown has begun: admit only what can start within `grace`.
+    pub fn begin_drain(&self, grace: Duration) {
+        self.scheduler.begin_drain(Instant::now() + grace);
+        self.lifecycle.send_replace(Lifecycle::Draining);
+    }
+
+    /// The grace period is over: answer everything still waiting with 503.
+    pub fn close(&self) {
+        self.scheduler.close();
+        self.lifecycle.send_replace(Lifecycle::Closed);
+    }
+
+    /// Upstream calls under way.
+    pub fn processing(&self) -> i64 {
+        self.metrics.upstream_in_flight().get()
+    }
+}
+
+/// What a new upstream connection means for pacing. The call that opened it left when it
+/// was ready, not when it started (a TLS handshake to the real API takes tens of
+/// milliseconds, far more than the guard): the next start counts from the departure, and in
+/// shared mode, if it left later than a slot may be used, the other replicas are held off
+/// for an interval after it.
+fn on_connect(
+    gate: Arc<StartGate>,
+    pacer: Arc<dyn Pacer>,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+) -> crate::lookup::upstream::OnConnect {
+    Arc::new(move |took, ready| {
+        metrics.upstream_connect(took);
+        let late = gate.note_departure(ready);
+        tracing::debug!(
+            took_ms = took.as_secs_f64() * 1e3,
+            late_ms = late.as_secs_f64() * 1e3,
+            "upstream connection opened"
+        );
+        if pacer
+            .late_tolerance()
+            .is_some_and(|tolerance| late > tolerance)
+        {
+            let pacer = pacer.clone();
+            tokio::spawn(async move { pacer.hold(ready + interval).await });
+        }
+    })
+}

@@ -1,0 +1,748 @@
+//! Command line, environment, and the checks that run before any port is bound.
+//!
+//! Every setting is a flag and an environment variable with a default. clap collects them as
+//! text; [`ServeArgs::validate`] then converts every one and reports **all** problems at once
+//! (a deploy that fails should say everything that is wrong, not one thing per attempt).
+//! `main` exits with status 2 on any of them.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use url::Url;
+
+use crate::lookup::validation::ClientId;
+use crate::telemetry::{LogFormat, OtelSettings};
+
+/// The defaults, in one place (the README's table repeats them).
+pub mod defaults {
+    pub const LISTEN: &str = "0.0.0.0:8000";
+    pub const UPSTREAM_URL: &str = "https://score.hsborges.dev/api/score";
+    pub const RATE: &str = "1";
+    pub const RATE_GUARD: &str = "10ms";
+    pub const QUEUE_CAPACITY: &str = "20";
+    pub const QUEUE_TIMEOUT: &str = "30s";
+    pub const CACHE_TTL: &str = "300s";
+    pub const CACHE_MAX_ENTRIES: &str = "100000";
+    pub const UPSTREAM_TIMEOUT: &str = "10s";
+    pub const UPSTREAM_MAX_IN_FLIGHT: &str = "16";
+    pub const UPSTREAM_PENALTY: &str = "2s";
+    pub const SHUTDOWN_GRACE: &str = "10s";
+    pub const STALE_IF_ERROR: &str = "0s";
+    pub const BREAKER_FAILURES: &str = "5";
+    pub const BREAKER_COOLDOWN: &str = "30s";
+    pub const MAX_CONNECTIONS: &str = "10000";
+    pub const HEADER_READ_TIMEOUT: &str = "10s";
+    pub const REDIS_TIMEOUT: &str = "100ms";
+    pub const REDIS_PREFIX: &str = "score-proxy";
+    pub const EXPECTED_REPLICAS: &str = "3";
+    pub const PUBLIC_METRICS: &str = "true";
+    pub const LOG_FORMAT: &str = "text";
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "score-proxy",
+    version,
+    about = "A paced, cached, coalescing proxy in front of a rate-limited credit-score API",
+    args_conflicts_with_subcommands = true,
+    args_override_self = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Settings of the proxy (when no subcommand is given, `serve` is implied).
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+// Parsed once at start-up: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the proxy (the default).
+    Serve(ServeArgs),
+    /// Run the proxy on :8000 against an in-process simulator: a working proxy offline.
+    #[cfg(feature = "demo")]
+    Demo(DemoArgs),
+    /// Exit 0 if the proxy's /health answers 200 (for container health checks: the image
+    /// has no curl).
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct HealthcheckArgs {
+    /// The URL to probe.
+    #[arg(
+        long,
+        env = "SCORE_PROXY_HEALTHCHECK_URL",
+        default_value = "http://127.0.0.1:8000/health"
+    )]
+    pub url: String,
+    /// How long to wait for the answer.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Simulated upstream latency.
+    #[arg(long, default_value = "150ms", value_parser = humantime::parse_duration)]
+    pub upstream_latency: Duration,
+    /// Proxy settings (the upstream URL is replaced by the simulator's).
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Every setting of the proxy, as given (validated by [`ServeArgs::validate`]).
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "SCORE_PROXY_LISTEN", default_value = defaults::LISTEN)]
+    pub listen: String,
+    /// The score API's address.
+    #[arg(long, env = "SCORE_PROXY_UPSTREAM_URL", default_value = defaults::UPSTREAM_URL)]
+    pub upstream_url: String,
+    /// Upstream calls per second allowed, for all callers together.
+    #[arg(long = "rate", env = "SCORE_PROXY_RATE_PER_SECOND", default_value = defaults::RATE)]
+    pub rate_per_second: String,
+    /// Added to 1/rate between call starts, to absorb clock and network jitter.
+    #[arg(long, env = "SCORE_PROXY_RATE_GUARD", default_value = defaults::RATE_GUARD)]
+    pub rate_guard: String,
+    /// Most distinct lookups that may wait for upstream budget.
+    #[arg(long, env = "SCORE_PROXY_QUEUE_CAPACITY", default_value = defaults::QUEUE_CAPACITY)]
+    pub queue_capacity: String,
+    /// Longest a lookup may wait for its upstream call to start.
+    #[arg(long, env = "SCORE_PROXY_QUEUE_TIMEOUT", default_value = defaults::QUEUE_TIMEOUT)]
+    pub queue_timeout: String,
+    /// How long a score is served from the cache.
+    #[arg(long, env = "SCORE_PROXY_CACHE_TTL", default_value = defaults::CACHE_TTL)]
+    pub cache_ttl: String,
+    /// Most entries the cache holds.
+    #[arg(long, env = "SCORE_PROXY_CACHE_MAX_ENTRIES", default_value = defaults::CACHE_MAX_ENTRIES)]
+    pub cache_max_entries: String,
+    /// Longest an upstream call may take, body included.
+    #[arg(long, env = "SCORE_PROXY_UPSTREAM_TIMEOUT", default_value = defaults::UPSTREAM_TIMEOUT)]
+    pub upstream_timeout: String,
+    /// Most upstream calls open at once (calls overlap when the upstream is slow).
+    #[arg(long, env = "SCORE_PROXY_UPSTREAM_MAX_IN_FLIGHT", default_value = defaults::UPSTREAM_MAX_IN_FLIGHT)]
+    pub upstream_max_in_flight: String,
+    /// Penalty assumed after a 429 without a usable Retry-After.
+    #[arg(long, env = "SCORE_PROXY_UPSTREAM_PENALTY", default_value = defaults::UPSTREAM_PENALTY)]
+    pub upstream_penalty: String,
+    /// Client id used when a lookup gives none (SCORE_PROXY_CLIENT_ID, else CLIENT_ID).
+    #[arg(long, env = "SCORE_PROXY_CLIENT_ID")]
+    pub client_id: Option<String>,
+    /// How long past the TTL an answer may still be served when the upstream fails
+    /// (X-Cache: STALE); 0s turns stale-if-error off.
+    #[arg(long, env = "SCORE_PROXY_STALE_IF_ERROR", default_value = defaults::STALE_IF_ERROR)]
+    pub stale_if_error: String,
+    /// Consecutive upstream failures that open the circuit breaker (0 disables it).
+    #[arg(long, env = "SCORE_PROXY_BREAKER_FAILURES", default_value = defaults::BREAKER_FAILURES)]
+    pub breaker_failures: String,
+    /// How long an open circuit breaker refuses lookups before letting one probe through.
+    #[arg(long, env = "SCORE_PROXY_BREAKER_COOLDOWN", default_value = defaults::BREAKER_COOLDOWN)]
+    pub breaker_cooldown: String,
+    /// Most client connections open at once on the main listener; beyond it, new connections
+    /// get a 503 and are closed.
+    #[arg(long, env = "SCORE_PROXY_MAX_CONNECTIONS", default_value = defaults::MAX_CONNECTIONS)]
+    pub max_connections: String,
+    /// Longest a client may take to send a request head (slow clients, idle keep-alive).
+    #[arg(long, env = "SCORE_PROXY_HEADER_READ_TIMEOUT", default_value = defaults::HEADER_READ_TIMEOUT)]
+    pub header_read_timeout: String,
+    /// Redis shared by several replicas (schedule, penalty, cache, coalescing); unset: this
+    /// process paces alone.
+    #[arg(long, env = "SCORE_PROXY_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Longest a Redis operation may take before the replica falls back to pacing alone.
+    #[arg(long, env = "SCORE_PROXY_REDIS_TIMEOUT", default_value = defaults::REDIS_TIMEOUT)]
+    pub redis_timeout: String,
+    /// Prefix of every Redis key (several fleets can share one Redis).
+    #[arg(long, env = "SCORE_PROXY_REDIS_PREFIX", default_value = defaults::REDIS_PREFIX)]
+    pub redis_prefix: String,
+    /// Replicas sharing the budget: without Redis each paces at rate / this.
+    #[arg(long, env = "SCORE_PROXY_EXPECTED_REPLICAS", default_value = defaults::EXPECTED_REPLICAS)]
+    pub expected_replicas: String,
+    /// On SIGTERM/Ctrl-C, how long queued and running lookups get to finish.
+    #[arg(long, env = "SCORE_PROXY_SHUTDOWN_GRACE", default_value = defaults::SHUTDOWN_GRACE)]
+    pub shutdown_grace: String,
+    /// A second listener for /metrics, /health, /ready and /status (operators only).
+    #[arg(long, env = "SCORE_PROXY_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// Serve /metrics on the main listener too (set false when an admin listener serves it).
+    #[arg(long, env = "SCORE_PROXY_PUBLIC_METRICS", default_value = defaults::PUBLIC_METRICS)]
+    pub public_metrics: String,
+    /// Record per-request metrics (false only to measure what telemetry costs).
+    #[arg(long, env = "SCORE_PROXY_METRICS", default_value = "true")]
+    pub metrics: String,
+    /// Log line format: text or json.
+    #[arg(long, env = "SCORE_PROXY_LOG_FORMAT", default_value = defaults::LOG_FORMAT)]
+    pub log_format: String,
+    /// Secret for the keyed hash that stands in for CPFs and client ids in logs and spans
+    /// (random per process when unset).
+    #[arg(long, env = "SCORE_PROXY_REDACTION_KEY", hide_env_values = true)]
+    pub redaction_key: Option<String>,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub upstream_url: Url,
+    pub rate_per_second: f64,
+    pub rate_guard: Duration,
+    pub queue_capacity: usize,
+    pub queue_timeout: Duration,
+    pub cache_ttl: Duration,
+    pub cache_max_entries: u64,
+    pub upstream_timeout: Duration,
+    pub upstream_max_in_flight: usize,
+    pub upstream_penalty: Duration,
+    pub client_id: Option<ClientId>,
+    pub shutdown_grace: Duration,
+    pub stale_if_error: Duration,
+    pub breaker_failures: u32,
+    pub breaker_cooldown: Duration,
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub admin_listen: Option<SocketAddr>,
+    pub redis: Option<RedisSettings>,
+    pub public_metrics: bool,
+    pub metrics_enabled: bool,
+    pub log_format: LogFormat,
+    pub redaction_key: Option<String>,
+    pub otel: OtelSettings,
+}
+
+/// Shared mode's settings (present when `--redis-url` is).
+#[derive(Clone, Debug)]
+pub struct RedisSettings {
+    pub url: String,
+    pub timeout: Duration,
+    pub prefix: String,
+    pub expected_replicas: u32,
+}
+
+/// One thing wrong with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// `--flag (ENV_VAR)`.
+    pub setting: String,
+    pub problem: String,
+}
+
+impl std::fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.setting, self.problem)
+    }
+}
+
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn check<T>(&mut self, flag: &str, env: &str, result: Result<T, String>) -> Option<T> {
+        result
+            .map_err(|problem| {
+                self.0.push(ConfigProblem {
+                    setting: format!("--{flag} ({env})"),
+                    problem,
+                })
+            })
+            .ok()
+    }
+}
+
+impl ServeArgs {
+    /// Converts and checks every setting; `env` reads the environment (for `CLIENT_ID` and
+    /// the `OTEL_*` variables), injectable for tests.
+    pub fn validate(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, Vec<ConfigProblem>> {
+        let mut p = Problems(Vec::new());
+        let listen = p.check("listen", "SCORE_PROXY_LISTEN", parse_addr(&self.listen));
+        let upstream_url = p.check(
+            "upstream-url",
+            "SCORE_PROXY_UPSTREAM_URL",
+            parse_upstream_url(&self.upstream_url),
+        );
+        let rate = p.check(
+            "rate",
+            "SCORE_PROXY_RATE_PER_SECOND",
+            parse_rate(&self.rate_per_second),
+        );
+        let rate_guard = p.check(
+            "rate-guard",
+            "SCORE_PROXY_RATE_GUARD",
+            parse_duration(&self.rate_guard, Duration::ZERO, Duration::from_secs(10)),
+        );
+        let queue_capacity = p.check(
+            "queue-capacity",
+            "SCORE_PROXY_QUEUE_CAPACITY",
+            parse_int(&self.queue_capacity, 1, 100_000),
+        );
+        let queue_timeout = p.check(
+            "queue-timeout",
+            "SCORE_PROXY_QUEUE_TIMEOUT",
+            parse_duration(
+                &self.queue_timeout,
+                Duration::from_millis(1),
+                Duration::from_secs(3600),
+            ),
+        );
+        let cache_ttl = p.check(
+            "cache-ttl",
+            "SCORE_PROXY_CACHE_TTL",
+            parse_duration(
+                &self.cache_ttl,
+                Duration::ZERO,
+                Duration::from_secs(30 * 86400),
+            ),
+        );
+        let cache_max_entries = p.check(
+            "cache-max-entries",
+            "SCORE_PROXY_CACHE_MAX_ENTRIES",
+            parse_int(&self.cache_max_entries, 0, 100_000_000),
+        );
+        let upstream_timeout = p.check(
+            "upstream-timeout",
+            "SCORE_PROXY_UPSTREAM_TIMEOUT",
+            parse_duration(
+                &self.upstream_timeout,
+                Duration::from_millis(1),
+                Duration::from_secs(600),
+            ),
+        );
+        let max_in_flight = p.check(
+            "upstream-max-in-flight",
+            "SCORE_PROXY_UPSTREAM_MAX_IN_FLIGHT",
+            parse_int(&self.upstream_max_in_flight, 1, 10_000),
+        );
+        let penalty = p.check(
+            "upstream-penalty",
+            "SCORE_PROXY_UPSTREAM_PENALTY",
+            parse_duration(
+                &self.upstream_penalty,
+                Duration::ZERO,
+                Duration::from_secs(600),
+            ),
+        );
+        let client_id = match self.client_id.clone().or_else(|| env("CLIENT_ID")) {
+            None => Some(None),
+            Some(raw) if raw.is_empty() => Some(None),
+            Some(raw) => p.check(
+                "client-id",
+                "SCORE_PROXY_CLIENT_ID or CLIENT_ID",
+                ClientId::parse(&raw)
+                    .map(Some)
+                    .map_err(|e| e.message().to_owned()),
+            ),
+        };
+        let shutdown_grace = p.check(
+            "shutdown-grace",
+            "SCORE_PROXY_SHUTDOWN_GRACE",
+            parse_duration(
+                &self.shutdown_grace,
+                Duration::ZERO,
+                Duration::from_secs(3600),
+            ),
+        );
+        let stale_if_error = p.check(
+            "stale-if-error",
+            "SCORE_PROXY_STALE_IF_ERROR",
+            parse_duration(
+                &self.stale_if_error,
+                Duration::ZERO,
+                Duration::from_secs(30 * 86400),
+            ),
+        );
+        let breaker_failures = p.check(
+            "breaker-failures",
+            "SCORE_PROXY_BREAKER_FAILURES",
+            parse_int(&self.breaker_failures, 0, 1_000_000),
+        );
+        let breaker_cooldown = p.check(
+            "breaker-cooldown",
+            "SCORE_PROXY_BREAKER_COOLDOWN",
+            parse_duration(
+                &self.breaker_cooldown,
+                Duration::from_millis(1),
+                Duration::from_secs(3600),
+            ),
+        );
+        let max_connections = p.check(
+            "max-connections",
+            "SCORE_PROXY_MAX_CONNECTIONS",
+            parse_int(&self.max_connections, 1, 1_000_000),
+        );
+        let header_read_timeout = p.check(
+            "header-read-timeout",
+            "SCORE_PROXY_HEADER_READ_TIMEOUT",
+            parse_duration(
+                &self.header_read_timeout,
+                Duration::from_millis(1),
+                Duration::from_secs(3600),
+            ),
+        );
+        let admin_listen = match &self.admin_listen {
+            None => Some(None),
+            Some(raw) if raw.is_empty() => Some(None),
+            Some(raw) => p.check(
+                "admin-listen",
+                "SCORE_PROXY_ADMIN_LISTEN",
+                parse_addr(raw).map(Some),
+            ),
+        };
+        let redis_timeout = p.check(
+            "redis-timeout",
+            "SCORE_PROXY_REDIS_TIMEOUT",
+            parse_duration(
+                &self.redis_timeout,
+                Duration::from_millis(1),
+                Duration::from_secs(10),
+            ),
+        );
+        let expected_replicas = p.check(
+            "expected-replicas",
+            "SCORE_PROXY_EXPECTED_REPLICAS",
+            parse_int(&self.expected_replicas, 1, 1000),
+        );
+        let redis_prefix = p.check(
+            "redis-prefix",
+            "SCORE_PROXY_REDIS_PREFIX",
+            if !self.redis_prefix.is_empty()
+                && self.redis_prefix.len() <= 64
+                && self
+                    .redis_prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+            {
+                Ok(self.redis_prefix.clone())
+            } else {
+                Err(format!(
+                    "'{}' must be 1 to 64 letters, digits or -_.:",
+                    self.redis_prefix
+                ))
+            },
+        );
+        let redis_url = match self.redis_url.as_deref().map(str::trim) {
+            None | Some("") => Some(None),
+            Some(raw) => p.check(
+                "redis-url",
+                "SCORE_PROXY_REDIS_URL",
+                redis::Client::open(raw)
+                    .map(|_| Some(raw.to_owned()))
+                    .map_err(|e| format!("'{raw}' is not a Redis URL ({e})")),
+            ),
+        };
+        if matches!(redis_url, Some(Some(_)))
+            && self.redaction_key.as_deref().is_none_or(str::is_empty)
+        {
+            p.0.push(ConfigProblem {
+                setting: "--redaction-key (SCORE_PROXY_REDACTION_KEY)".into(),
+                problem: "shared mode (--redis-url) needs the same redaction key on every \
+                          replica: Redis keys are hashed with it"
+                    .into(),
+            });
+        }
+        let redis = match (redis_url, redis_timeout, redis_prefix, expected_replicas) {
+            (Some(None), ..) => Some(None),
+            (Some(Some(url)), Some(timeout), Some(prefix), Some(expected_replicas)) => {
+                Some(Some(RedisSettings {
+                    url,
+                    timeout,
+                    prefix,
+                    expected_replicas: expected_replicas as u32,
+                }))
+            }
+            _ => None,
+        };
+        let public_metrics = p.check(
+            "public-metrics",
+            "SCORE_PROXY_PUBLIC_METRICS",
+            parse_bool(&self.public_metrics),
+        );
+        let metrics_enabled = p.check("metrics", "SCORE_PROXY_METRICS", parse_bool(&self.metrics));
+        let log_format = p.check(
+            "log-format",
+            "SCORE_PROXY_LOG_FORMAT",
+            match self.log_format.trim() {
+                "text" => Ok(LogFormat::Text),
+                "json" => Ok(LogFormat::Json),
+                other => Err(format!("'{other}' is not a log format (text or json)")),
+            },
+        );
+        let otel = p.check("(OpenTelemetry)", "OTEL_*", OtelSettings::from_env(&env));
+
+        if let (Some(listen), Some(Some(admin))) = (listen, admin_listen)
+            && listen == admin
+            && listen.port() != 0
+        {
+            p.0.push(ConfigProblem {
+                setting: "--admin-listen (SCORE_PROXY_ADMIN_LISTEN)".into(),
+                problem: "must differ from --listen".into(),
+            });
+        }
+        if public_metrics == Some(false) && admin_listen == Some(None) {
+            p.0.push(ConfigProblem {
+                setting: "--public-metrics (SCORE_PROXY_PUBLIC_METRICS)".into(),
+                problem: "false needs --admin-listen, or /metrics would be served nowhere".into(),
+            });
+        }
+
+        match (
+            listen,
+            upstream_url,
+            rate,
+            rate_guard,
+            queue_capacity,
+            queue_timeout,
+            cache_ttl,
+            cache_max_entries,
+            upstream_timeout,
+            max_in_flight,
+            penalty,
+            client_id,
+            shutdown_grace,
+            (
+                stale_if_error,
+                breaker_failures,
+                breaker_cooldown,
+                max_connections,
+                header_read_timeout,
+            ),
+            (admin_listen, redis),
+            public_metrics,
+            metrics_enabled,
+            log_format,
+            otel,
+        ) {
+            (
+                Some(listen),
+                Some(upstream_url),
+                Some(rate_per_second),
+                Some(rate_guard),
+                Some(queue_capacity),
+                Some(queue_timeout),
+                Some(cache_ttl),
+                Some(cache_max_entries),
+                Some(upstream_timeout),
+                Some(upstream_max_in_flight),
+                Some(upstream_penalty),
+                Some(client_id),
+                Some(shutdown_grace),
+                (
+                    Some(stale_if_error),
+                    Some(breaker_failures),
+                    Some(breaker_cooldown),
+                    Some(max_connections),
+                    Some(header_read_timeout),
+                ),
+                (Some(admin_listen), Some(redis)),
+                Some(public_metrics),
+                Some(metrics_enabled),
+                Some(log_format),
+                Some(otel),
+            ) if p.0.is_empty() => Ok(Config {
+                listen,
+                upstream_url,
+                rate_per_second,
+                rate_guard,
+                queue_capacity: queue_capacity as usize,
+                queue_timeout,
+                cache_ttl,
+                cache_max_entries,
+                upstream_timeout,
+                upstream_max_in_flight: upstream_max_in_flight as usize,
+                upstream_penalty,
+                client_id,
+                shutdown_grace,
+                stale_if_error,
+                breaker_failures: breaker_failures as u32,
+                breaker_cooldown,
+                max_connections: max_connections as usize,
+                header_read_timeout,
+                admin_listen,
+                redis,
+                public_metrics,
+                metrics_enabled,
+                log_format,
+                redaction_key: self.redaction_key.clone().filter(|k| !k.is_empty()),
+                otel,
+            }),
+            _ => Err(p.0),
+        }
+    }
+}
+
+fn parse_addr(raw: &str) -> Result<SocketAddr, String> {
+    raw.trim()
+        .parse()
+        .map_err(|_| format!("'{raw}' is not an address like 0.0.0.0:8000 or 127.0.0.1:8000"))
+}
+
+fn parse_upstream_url(raw: &str) -> Result<Url, String> {
+    let url = Url::parse(raw.trim()).map_err(|e| format!("'{raw}' is not a URL ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("'{raw}' must be an http or https URL"));
+    }
+    if url.host().is_none() {
+        return Err(format!("'{raw}' has no host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("'{raw}' must not carry a query or fragment"));
+    }
+    Ok(url)
+}
+
+fn parse_rate(raw: &str) -> Result<f64, String> {
+    let rate: f64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{raw}' is not a number"))?;
+    if !(rate.is_finite() && rate > 0.0 && rate <= 1000.0) {
+        return Err(format!(
+            "'{raw}' must be more than 0 and at most 1000 per second"
+        ));
+    }
+    Ok(rate)
+}
+
+fn parse_int(raw: &str, min: u64, max: u64) -> Result<u64, String> {
+    let n: u64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{raw}' is not a whole number"))?;
+    if n < min || n > max {
+        return Err(format!("'{raw}' must be between {min} and {max}"));
+    }
+    Ok(n)
+}
+
+/// Durations need a unit (`300ms`, `30s`, `5m`): a bare `10` could mean seconds or
+/// milliseconds, and guessing wrong by 1000x is the kind of mistake config should not allow.
+fn parse_duration(raw: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let trimmed = raw.trim();
+    if !trimmed.is_empty() && trimmed.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Err(format!(
+            "'{raw}' needs a unit, e.g. {trimmed}s or {trimmed}ms"
+        ));
+    }
+    let d = humantime::parse_duration(trimmed)
+        .map_err(|_| format!("'{raw}' is not a duration like 300ms, 30s or 5m"))?;
+    if d < min || d > max {
+        return Err(format!(
+            "'{raw}' must be between {} and {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(d)
+}
+
+fn parse_bool(raw: &str) -> Result<bool, String> {
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("'{raw}' is not true or false")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> ServeArgs {
+        let mut argv = vec!["score-proxy"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).unwrap().serve
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = args(&[]).validate(no_env).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8000");
+        assert_eq!(
+            c.upstream_url.as_str(),
+            "https://score.hsborges.dev/api/score"
+        );
+        assert_eq!(c.rate_per_second, 1.0);
+        assert_eq!(c.rate_guard, Duration::from_millis(10));
+        assert_eq!(c.queue_capacity, 20);
+        assert_eq!(c.queue_timeout, Duration::from_secs(30));
+        assert_eq!(c.cache_ttl, Duration::from_secs(300));
+        assert_eq!(c.cache_max_entries, 100_000);
+        assert_eq!(c.upstream_timeout, Duration::from_secs(10));
+        assert!(c.client_id.is_none());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let problems = args(&[
+            "--listen",
+            "nowhere",
+            "--rate",
+            "abc",
+            "--rate-guard",
+            "10",
+            "--queue-capacity",
+            "0",
+            "--queue-timeout",
+            "soon",
+            "--upstream-url",
+            "ftp://x/y",
+            "--client-id",
+            "tab\there",
+        ])
+        .validate(no_env)
+        .unwrap_err();
+        let settings: Vec<_> = problems.iter().map(|p| p.setting.as_str()).collect();
+        assert_eq!(
+            settings,
+            [
+                "--listen (SCORE_PROXY_LISTEN)",
+                "--upstream-url (SCORE_PROXY_UPSTREAM_URL)",
+                "--rate (SCORE_PROXY_RATE_PER_SECOND)",
+                "--rate-guard (SCORE_PROXY_RATE_GUARD)",
+                "--queue-capacity (SCORE_PROXY_QUEUE_CAPACITY)",
+                "--queue-timeout (SCORE_PROXY_QUEUE_TIMEOUT)",
+                "--client-id (SCORE_PROXY_CLIENT_ID or CLIENT_ID)",
+            ]
+        );
+        assert!(problems[3].problem.contains("needs a unit"));
+    }
+
+    #[test]
+    fn client_id_falls_back_to_the_originals_variable() {
+        let c = args(&[])
+            .validate(|k| (k == "CLIENT_ID").then(|| "000".to_owned()))
+            .unwrap();
+        assert_eq!(c.client_id.unwrap().as_str(), "000");
+        let c = args(&["--client-id", "explicit"])
+            .validate(|k| (k == "CLIENT_ID").then(|| "000".to_owned()))
+            .unwrap();
+        assert_eq!(c.client_id.unwrap().as_str(), "explicit");
+    }
+
+    #[test]
+    fn metrics_must_be_served_somewhere() {
+        assert!(
+            args(&["--public-metrics", "false"])
+                .validate(no_env)
+                .is_err()
+        );
+        let c = args(&[
+            "--public-metrics",
+            "false",
+            "--admin-listen",
+            "127.0.0.1:9100",
+        ])
+        .validate(no_env)
+        .unwrap();
+        assert!(!c.public_metrics);
+    }
+}

@@ -1,0 +1,257 @@
+//! Stage 2: answers that need no upstream call.
+//!
+//! A bounded, TTL-expiring map from [`LookupKey`] (client id + CPF) to the upstream's body.
+//! Keying on the client id as well as the CPF is the fix for the original's cross-client leak:
+//! an answer fetched with one client's id is never served to another.
+//!
+//! The hit path is synchronous and takes no lock that the queue or the dispatcher takes
+//! (moka's reads are lock-free), and a hit costs one reference-count increment for the body.
+//! The [`ScoreCache`] trait is the seam where a shared second tier (for several replicas) can
+//! sit behind this local one later.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use moka::notification::RemovalCause;
+
+use crate::lookup::validation::LookupKey;
+
+/// One cached upstream answer.
+#[derive(Clone, Debug)]
+pub struct CachedScore {
+    /// The upstream's JSON body, byte for byte.
+    pub body: Bytes,
+    /// When the upstream produced it (for `Age` and freshness).
+    pub fetched_at: Instant,
+}
+
+/// What the cache knows about a key.
+#[derive(Clone, Debug)]
+pub enum CacheLookup {
+    Fresh(CachedScore),
+    /// Past its TTL but within the stale-if-error window: only for when the upstream fails.
+    Stale(CachedScore),
+    Miss,
+}
+
+/// Why an entry left the cache (the `cause` label of the eviction metric).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Eviction {
+    Expired,
+    Size,
+    Replaced,
+    Explicit,
+}
+
+impl Eviction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Eviction::Expired => "expired",
+            Eviction::Size => "size",
+            Eviction::Replaced => "replaced",
+            Eviction::Explicit => "explicit",
+        }
+    }
+    pub const ALL: [Eviction; 4] = [
+        Eviction::Expired,
+        Eviction::Size,
+        Eviction::Replaced,
+        Eviction::Explicit,
+    ];
+}
+
+/// The small interface the request path uses; see the module docs.
+pub trait ScoreCache: Send + Sync + 'static {
+    fn get(&self, key: &LookupKey) -> CacheLookup;
+    fn insert(&self, key: LookupKey, value: CachedScore);
+    /// Approximate number of entries (moka counts lazily).
+    fn entry_count(&self) -> u64;
+}
+
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    pub ttl: Duration,
+    /// How long past the TTL an answer is kept for stale-if-error; zero disables it.
+    pub stale_for: Duration,
+    pub max_entries: u64,
+}
+
+/// The in-process cache, on moka.
+pub struct LocalCache {
+    inner: moka::sync::Cache<LookupKey, CachedScore>,
+    ttl: Duration,
+}
+
+impl LocalCache {
+    /// `on_evict` is called for every removal (from moka's housekeeping, on whichever thread
+    /// runs it), so it must be cheap: the metrics counter increment it is meant for is.
+    pub fn new(config: &CacheConfig, on_evict: impl Fn(Eviction) + Send + Sync + 'static) -> Self {
+        let on_evict = Arc::new(on_evict);
+        let inner = moka::sync::Cache::builder()
+            .max_capacity(config.max_entries)
+            .time_to_live(config.ttl + config.stale_for)
+            .eviction_listener(move |_key, _value, cause| {
+                on_evict(match cause {
+                    RemovalCause::Expired => Eviction::Expired,
+                    RemovalCause::Size => Eviction::Size,
+                    RemovalCause::Replaced => Eviction::Replaced,
+                    RemovalCause::Explicit => Eviction::Explicit,
+                })
+            })
+            .build();
+        LocalCache {
+            inner,
+            ttl: config.ttl,
+        }
+    }
+
+    /// Runs moka's pending housekeeping now, so counts and evictions are up to date (tests
+    /// and `/status` want exact numbers; the hit path never calls this).
+    pub fn sync(&self) {
+        self.inner.run_pending_tasks();
+    }
+}
+
+impl ScoreCache for LocalCache {
+    fn get(&self, key: &LookupKey) -> CacheLookup {
+        match self.inner.get(key) {
+            Some(v) if v.fetched_at.elapsed() < self.ttl => CacheLookup::Fresh(v),
+            Some(v) => CacheLookup::Stale(v),
+            None => CacheLookup::Miss,
+        }
+    }
+
+    fn insert(&self, key: LookupKey, value: CachedScore) {
+        self.inner.insert(key, value);
+    }
+
+    fn entry_count(&self) -> u64 {
+        self.inner.entry_count()
+    }
+}
+
+/// How the cache stage resolved a lookup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CacheResult {
+    Hit,
+    Miss,
+    Coalesced,
+    Stale,
+}
+
+impl CacheResult {
+    pub const ALL: [CacheResult; 4] = [
+        CacheResult::Hit,
+        CacheResult::Miss,
+        CacheResult::Coalesced,
+        CacheResult::Stale,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Miss => "miss",
+            CacheResult::Coalesced => "coalesced",
+            CacheResult::Stale => "stale",
+        }
+    }
+
+    /// The `X-Cache` header value.
+    pub fn header(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "HIT",
+            CacheResult::Miss => "MISS",
+            CacheResult::Coalesced => "COALESCED",
+            CacheResult::Stale => "STALE",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lookup::validation::parse_lookup;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    fn key(q: &str) -> LookupKey {
+        parse_lookup(Some(q), None).unwrap()
+    }
+
+    fn score(body: &'static str) -> CachedScore {
+        CachedScore {
+            body: Bytes::from_static(body.as_bytes()),
+            fetched_at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn keyed_by_client_and_cpf() {
+        let cache = LocalCache::new(
+            &CacheConfig {
+                ttl: Duration::from_secs(60),
+                stale_for: Duration::ZERO,
+                max_entries: 10,
+            },
+            |_| {},
+        );
+        cache.insert(key("cpf=89336333089&client_id=a"), score("{\"score\":1}"));
+        assert!(matches!(
+            cache.get(&key("cpf=89336333089&client_id=a")),
+            CacheLookup::Fresh(v) if v.body == "{\"score\":1}"
+        ));
+        assert!(matches!(
+            cache.get(&key("cpf=89336333089&client_id=b")),
+            CacheLookup::Miss
+        ));
+        assert!(matches!(
+            cache.get(&key("cpf=01658739060&client_id=a")),
+            CacheLookup::Miss
+        ));
+    }
+
+    #[test]
+    fn old_entries_are_stale_within_the_window() {
+        let cache = LocalCache::new(
+            &CacheConfig {
+                ttl: Duration::from_secs(60),
+                stale_for: Duration::from_secs(600),
+                max_entries: 10,
+            },
+            |_| {},
+        );
+        let k = key("cpf=89336333089&client_id=a");
+        let old = CachedScore {
+            body: Bytes::from_static(b"{}"),
+            fetched_at: Instant::now() - Duration::from_secs(120),
+        };
+        cache.insert(k.clone(), old);
+        assert!(matches!(cache.get(&k), CacheLookup::Stale(_)));
+    }
+
+    #[test]
+    fn bounded_in_entries_and_counts_evictions() {
+        let evicted = Arc::new(AtomicU64::new(0));
+        let counter = evicted.clone();
+        let cache = LocalCache::new(
+            &CacheConfig {
+                ttl: Duration::from_secs(60),
+                stale_for: Duration::ZERO,
+                max_entries: 5,
+            },
+            move |cause| {
+                if cause == Eviction::Size {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+        );
+        for base in 1..=50u32 {
+            let cpf = crate::lookup::validation::Cpf::from_base(base * 1000).unwrap();
+            cache.insert(key(&format!("cpf={cpf}&client_id=a")), score("{}"));
+            cache.sync();
+        }
+        cache.sync();
+        assert!(cache.entry_count() <= 5, "{}", cache.entry_count());
+        assert_eq!(evicted.load(Ordering::Relaxed) + cache.entry_count(), 50);
+    }
+}
