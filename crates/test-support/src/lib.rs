@@ -1,9 +1,11 @@
 //! What score-proxy's tests, benches and fuzz target share, once.
 //!
+//! - [`prom`]: a parser for the Prometheus text format, for scrapes of `/metrics`.
 //! - [`redis`]: a real `redis-server` on a loopback port, killed on drop.
 //! - [`free_port`]: a loopback port free at the time of asking.
 #![forbid(unsafe_code)]
 
+pub mod prom;
 pub mod redis;
 
 /// A loopback port free at the time of asking.
