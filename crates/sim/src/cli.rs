@@ -1,4 +1,4 @@
-//! Arguments of `score-proxy simulate-upstream`, which runs the simulator on its own so
+//! Arguments of `score-sim`, which runs the simulator on its own so
 //! that scripts, benchmarks and the original Python proxy can be pointed at it.
 
 use std::collections::HashSet;

@@ -1,8 +1,8 @@
 //! The upstream simulator: a strict, instrumented stand-in for the credit-score API.
 //!
-//! Nobody on the project can reach the real API (see `UPSTREAM.md`), so every test and
+//! Nobody on the project can reach the real API (see `docs/upstream.md`), so every test and
 //! benchmark runs against this instead, in-process on loopback or as the
-//! `score-proxy simulate-upstream` subcommand. It has to be *strict* where the real API
+//! `score-sim` binary (`score-proxy demo` links it in-process). It has to be *strict* where the real API
 //! is (one call per `min_interval` for all callers together, judged on its own clock at
 //! arrival, with a penalty that every arrival during it extends), because a lenient
 //! stand-in would let a badly paced proxy pass. And it has to be *instrumented*, because
@@ -16,7 +16,7 @@
 //!   proxy's validation on purpose.
 //! - [`record`]: the rate rule's judge and the record of every arrival.
 //! - [`routes`]: the HTTP surface, the score endpoint and the control endpoints.
-//! - [`cli`]: the arguments of the `simulate-upstream` subcommand.
+//! - [`cli`]: the arguments of the `score-sim` binary.
 //!
 //! The simulator logs only through `tracing` at debug level and never logs a CPF or a
 //! client id: its logs end up next to the proxy's, which must not carry personal data.
