@@ -14,7 +14,7 @@
 # Installs nothing. nginx, wrk and redis-server (the replicas scenario) must be installed
 # (`apt-get install -y nginx wrk redis-server`, which scripts/install-deps.sh does); this
 # script checks, builds the release binary the benchmark drives, and runs
-# `cargo run --release -p score-bench`.
+# `score-bench` (crates/bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,4 +45,6 @@ else
 fi
 
 cargo build --release --locked --workspace --bins
-exec cargo run --release --locked -p score-bench -- "$@"
+# Run the binary the workspace build made: `cargo run -p score-bench` alone would resolve the
+# proxy library's features for that one package and build it a second time.
+exec target/release/score-bench "$@"

@@ -7,6 +7,9 @@
 //! soon" wait twice the interval or more, so that a loaded machine only ever widens the
 //! margins. Tests of everything else switch the rate rule off (`min_interval: 0`) and need
 //! no waiting at all.
+//!
+//! Size: one file for the whole contract (rate rule, penalty, faults, control endpoints,
+//! arguments), read top to bottom as the simulator's specification; each test is short.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Once;

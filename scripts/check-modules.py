@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Checks that the modules of each crate in the workspace import one another without cycles.
+"""Checks the shape of the workspace's Rust code: no module import cycles in any crate, and
+no source file over 600 lines unless its module doc says why (a `//!` line starting with
+`Size:`).
 
 A node is a source file (a module: `a/b.rs` or `a/b/mod.rs` is `crate::a::b`); an edge is
 every `crate::...`, `super::...` or `self::...` path the file names outside comments
@@ -9,8 +11,8 @@ its children is structure, not a dependency), and nor are edges into a module's
 `#[cfg(test)]` code. Prints each cycle found and exits 1; prints the module count and exits 0
 otherwise.
 
-    scripts/module-cycles.py            every crate: src/ and crates/*/src
-    scripts/module-cycles.py -v         also prints every edge
+    scripts/check-modules.py            every crate: src/, crates/*/src, tests/, fuzz/
+    scripts/check-modules.py -v         also prints every edge
 """
 import re
 import sys
@@ -140,10 +142,35 @@ def check(src: Path, verbose: bool) -> int:
     return len(found)
 
 
+MAX_LINES = 600
+
+
+def check_sizes() -> int:
+    """Files over MAX_LINES lines without a `//! Size:` line saying why."""
+    bad = 0
+    dirs = [ROOT / "src", ROOT / "tests", ROOT / "fuzz" / "fuzz_targets"]
+    dirs += sorted(p for p in (ROOT / "crates").iterdir() if p.is_dir())
+    count = 0
+    for d in dirs:
+        for f in sorted(d.rglob("*.rs")):
+            if "target" in f.relative_to(ROOT).parts:
+                continue
+            count += 1
+            text = f.read_text()
+            lines = text.count("\n")
+            if lines > MAX_LINES and not re.search(r"^//! Size:", text, re.M):
+                print(f"{f.relative_to(ROOT)}: {lines} lines, and no `//! Size:` line in its module doc says why")
+                bad += 1
+    if not bad:
+        print(f"{count} source files, none over {MAX_LINES} lines without a reason")
+    return bad
+
+
 def main() -> int:
     verbose = "-v" in sys.argv
     srcs = [ROOT / "src"] + sorted(p / "src" for p in (ROOT / "crates").iterdir() if (p / "src").is_dir())
     bad = sum(check(src, verbose) for src in srcs)
+    bad += check_sizes()
     return 1 if bad else 0
 
 
