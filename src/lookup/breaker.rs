@@ -11,7 +11,6 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// The breaker's state, as `/ready`, `/status` and the `score_proxy_breaker_state` gauge show it.
@@ -62,8 +61,6 @@ pub struct Breaker {
     on_transition: Box<dyn Fn(BreakerState) + Send + Sync>,
     cooldown: Duration,
     inner: Mutex<Inner>,
-    /// Bumped on every transition, so the dispatcher can wait for one.
-    changed: watch::Sender<BreakerState>,
 }
 
 impl Breaker {
@@ -79,7 +76,6 @@ impl Breaker {
             on_transition: Box::new(on_transition),
             cooldown,
             inner: Mutex::new(Inner::Closed { failures: 0 }),
-            changed: watch::channel(BreakerState::Closed).0,
         }
     }
 
@@ -93,7 +89,6 @@ impl Breaker {
             && now >= until
         {
             *inner = Inner::HalfOpen { probing: false };
-            self.changed.send_replace(BreakerState::HalfOpen);
             (self.on_transition)(BreakerState::HalfOpen);
         }
     }
@@ -119,7 +114,8 @@ impl Breaker {
     }
 
     /// The dispatcher asks before each start. In the half-open state only one call (the
-    /// probe) may be under way; `false` means wait for [`Breaker::changed`].
+    /// probe) may be under way; `false` means the start slot in hand passes unused (the
+    /// dispatcher counts it as `breaker` and moves on to the next one).
     pub fn may_start(&self, now: Instant) -> bool {
         let mut inner = self.lock();
         self.settle(&mut inner, now);
@@ -139,7 +135,6 @@ impl Breaker {
         if let Inner::HalfOpen { probing } = &mut *self.lock() {
             *probing = false;
         }
-        self.changed.send_modify(|_| {});
     }
 
     /// Records a call's outcome. Returns the new state if it changed.
@@ -167,7 +162,6 @@ impl Breaker {
             (Inner::HalfOpen { probing }, CallVerdict::Neutral) => {
                 // The probe told us nothing: let another call probe.
                 *probing = false;
-                self.changed.send_modify(|_| {});
                 None
             }
             // Late answers to calls started before the breaker opened change nothing.
@@ -179,14 +173,8 @@ impl Breaker {
             Inner::HalfOpen { .. } => BreakerState::HalfOpen,
         };
         *inner = next;
-        self.changed.send_replace(state);
         (self.on_transition)(state);
         Some(state)
-    }
-
-    /// Watches transitions (and probe slots freeing up).
-    pub fn changed(&self) -> watch::Receiver<BreakerState> {
-        self.changed.subscribe()
     }
 
     /// When an open breaker turns half-open, if it is open.
