@@ -6,8 +6,10 @@
 //!
 //! The hit path is synchronous and takes no lock that the queue or the dispatcher takes
 //! (moka's reads are lock-free), and a hit costs one reference-count increment for the body.
-//! The [`ScoreCache`] trait is the seam where a shared second tier (for several replicas) can
-//! sit behind this local one later.
+//! The [`ScoreCache`] trait is the seam the scheduler sees, and where a tier behind the
+//! memory one (the persistent store to come) plugs in. Shared mode's Redis tier is not
+//! behind this trait: it is asynchronous, so `crate::shared` consults it on the miss path,
+//! after this cache and before a flight is led (a Redis round trip never sits on a hit).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
