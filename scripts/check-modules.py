@@ -63,9 +63,9 @@ def edges_of(mod: tuple[str, ...], is_dir_module: bool, text: str, modules: set)
         if root == "crate":
             base = ()
         elif root == "self":
-            base = mod if is_dir_module else mod[:-1]
-        else:  # super
-            base = mod[:-1] if is_dir_module else mod[:-2]
+            base = mod
+        else:  # super: the parent module, whether this one is `a/b.rs` or `a/b/mod.rs`
+            base = mod[:-1]
             while parts and parts[0] == "super":
                 parts, base = parts[1:], base[:-1]
         full = base + tuple(parts)
