@@ -10,7 +10,7 @@
 //! with a [`Pacer`]; slots are `interval` apart. The scheduler knows, at admission, the exact
 //! instant each waiting lookup will start (its place in the fair order maps to the replica's
 //! booked slots), so a lookup that could not start before its deadline is refused at once.
-//! [`LocalPacer`] books slots in this process; the shared pacer in `shared.rs` books them in
+//! [`LocalPacer`] books slots in this process; the shared pacer (`crate::shared`) books them in
 //! Redis, so that several replicas share one schedule.
 //!
 //! Every start then passes the [`StartGate`]: a floor (`last start + interval`, so a
