@@ -1,26 +1,25 @@
 //! How connections come and go, as metrics name it: the listener, and why a connection was
 //! refused or ended badly (a leaf module, shared by the accept loops and the metrics).
+//!
+//! Each label value is its variant's name in snake case.
 
 /// Which listener a connection came in on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum Listener {
     Public,
     Admin,
 }
 
 impl Listener {
-    pub const ALL: [Listener; 2] = [Listener::Public, Listener::Admin];
-
     pub fn as_str(self) -> &'static str {
-        match self {
-            Listener::Public => "public",
-            Listener::Admin => "admin",
-        }
+        self.into()
     }
 }
 
 /// Why a connection was turned away before any request was read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum ConnectionRefusal {
     /// `max-connections` were already open.
     Limit,
@@ -29,7 +28,8 @@ pub enum ConnectionRefusal {
 }
 
 /// How a connection ended badly.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum ConnectionError {
     /// The request head did not arrive within `header-read-timeout` (slowloris, or an idle
     /// keep-alive connection reaching the limit).
@@ -39,22 +39,4 @@ pub enum ConnectionError {
     /// Reset or broken by the peer.
     Io,
     Other,
-}
-
-impl ConnectionError {
-    pub const ALL: [ConnectionError; 4] = [
-        ConnectionError::HeaderTimeout,
-        ConnectionError::Parse,
-        ConnectionError::Io,
-        ConnectionError::Other,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConnectionError::HeaderTimeout => "header_timeout",
-            ConnectionError::Parse => "parse",
-            ConnectionError::Io => "io",
-            ConnectionError::Other => "other",
-        }
-    }
 }

@@ -2,45 +2,41 @@
 //! route without depending on the handlers.
 
 /// The routes, as the `route` label spells them (axum's matched path, or `unmatched`).
-/// The discriminants index the metrics' per-route tables, in `ALL`'s order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The discriminants index the metrics' per-route tables, in `VARIANTS`' order.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    strum::IntoStaticStr,
+    strum::VariantArray,
+    strum::EnumString,
+)]
+#[strum(serialize_all = "snake_case")]
 pub enum Route {
+    #[strum(serialize = "/proxy/score")]
     Score = 0,
+    #[strum(serialize = "/health")]
     Health,
+    #[strum(serialize = "/ready")]
     Ready,
+    #[strum(serialize = "/status")]
     Status,
+    #[strum(serialize = "/metrics")]
     Metrics,
+    #[strum(serialize = "/openapi.json")]
     OpenApi,
     Unmatched,
 }
 
 impl Route {
-    pub const ALL: [Route; 7] = [
-        Route::Score,
-        Route::Health,
-        Route::Ready,
-        Route::Status,
-        Route::Metrics,
-        Route::OpenApi,
-        Route::Unmatched,
-    ];
-
     pub fn as_str(self) -> &'static str {
-        match self {
-            Route::Score => "/proxy/score",
-            Route::Health => "/health",
-            Route::Ready => "/ready",
-            Route::Status => "/status",
-            Route::Metrics => "/metrics",
-            Route::OpenApi => "/openapi.json",
-            Route::Unmatched => "unmatched",
-        }
+        self.into()
     }
 
     pub fn from_path(path: &str) -> Route {
-        Route::ALL
-            .into_iter()
-            .find(|r| r.as_str() == path)
-            .unwrap_or(Route::Unmatched)
+        path.parse().unwrap_or(Route::Unmatched)
     }
 }

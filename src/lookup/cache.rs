@@ -37,30 +37,15 @@ pub enum CacheLookup {
     Miss,
 }
 
-/// Why an entry left the cache (the `cause` label of the eviction metric).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Why an entry left the cache (the `cause` label of the eviction metric, spelled from the
+/// variant's name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum Eviction {
     Expired,
     Size,
     Replaced,
     Explicit,
-}
-
-impl Eviction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Eviction::Expired => "expired",
-            Eviction::Size => "size",
-            Eviction::Replaced => "replaced",
-            Eviction::Explicit => "explicit",
-        }
-    }
-    pub const ALL: [Eviction; 4] = [
-        Eviction::Expired,
-        Eviction::Size,
-        Eviction::Replaced,
-        Eviction::Explicit,
-    ];
 }
 
 /// The small interface the request path uses; see the module docs.
@@ -134,7 +119,27 @@ impl ScoreCache for LocalCache {
 }
 
 /// How the cache stage resolved a lookup.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+///
+/// Both spellings come from the variant's name: snake case for the `result` and `outcome`
+/// labels, upper case (through the derived twin [`XCache`]) for the `X-Cache` header.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    strum::IntoStaticStr,
+    strum::VariantArray,
+    strum::EnumDiscriminants,
+)]
+#[strum(serialize_all = "snake_case")]
+#[strum_discriminants(
+    name(XCache),
+    derive(strum::IntoStaticStr),
+    strum(serialize_all = "SCREAMING_SNAKE_CASE"),
+    doc = "A [`CacheResult`] as the `X-Cache` header spells it."
+)]
 pub enum CacheResult {
     Hit,
     Miss,
@@ -143,30 +148,13 @@ pub enum CacheResult {
 }
 
 impl CacheResult {
-    pub const ALL: [CacheResult; 4] = [
-        CacheResult::Hit,
-        CacheResult::Miss,
-        CacheResult::Coalesced,
-        CacheResult::Stale,
-    ];
-
     pub fn as_str(self) -> &'static str {
-        match self {
-            CacheResult::Hit => "hit",
-            CacheResult::Miss => "miss",
-            CacheResult::Coalesced => "coalesced",
-            CacheResult::Stale => "stale",
-        }
+        self.into()
     }
 
     /// The `X-Cache` header value.
     pub fn header(self) -> &'static str {
-        match self {
-            CacheResult::Hit => "HIT",
-            CacheResult::Miss => "MISS",
-            CacheResult::Coalesced => "COALESCED",
-            CacheResult::Stale => "STALE",
-        }
+        XCache::from(self).into()
     }
 }
 

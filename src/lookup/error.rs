@@ -11,15 +11,30 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use strum::{EnumCount, VariantNames};
 
 use crate::lookup::validation::QueryError;
 
 /// Why a lookup did not produce a score.
 ///
-/// `Clone` because one coalesced upstream outcome is handed to every waiter.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// `Clone` because one coalesced upstream outcome is handed to every waiter. Each variant's
+/// `kind` string is its name in snake case unless it says otherwise, spelled once by the
+/// derived [`ErrorKind`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, strum::EnumDiscriminants)]
+#[strum_discriminants(
+    name(ErrorKind),
+    derive(
+        strum::IntoStaticStr,
+        strum::EnumString,
+        strum::VariantNames,
+        strum::EnumCount
+    ),
+    strum(serialize_all = "snake_case"),
+    doc = "The kind of a [`ProxyError`], without its details: what `kind()` spells."
+)]
 pub enum ProxyError {
     #[error("{}", .0.message())]
+    #[strum_discriminants(strum(serialize = "invalid_request"))]
     InvalidQuery(QueryError),
 
     /// The queue already holds `queue-capacity` distinct lookups.
@@ -44,6 +59,7 @@ pub enum ProxyError {
 
     /// 5xx, an unexpected status, or a connection failure.
     #[error("the upstream failed to answer ({detail})")]
+    #[strum_discriminants(strum(serialize = "upstream_error"))]
     UpstreamFailed { detail: &'static str },
 
     /// A `200` whose body is not a JSON object with a `score`.
@@ -68,35 +84,19 @@ pub enum ProxyError {
 impl ProxyError {
     /// A short, stable name: the `error` field of the body and the `outcome` label of metrics.
     pub fn kind(&self) -> &'static str {
-        match self {
-            ProxyError::InvalidQuery(_) => "invalid_request",
-            ProxyError::QueueFull { .. } => "queue_full",
-            ProxyError::DeadlineUnreachable { .. } => "deadline_unreachable",
-            ProxyError::UpstreamPenalty { .. } => "upstream_penalty",
-            ProxyError::UpstreamUnauthorized => "upstream_unauthorized",
-            ProxyError::UpstreamRejectedInput => "upstream_rejected_input",
-            ProxyError::UpstreamFailed { .. } => "upstream_error",
-            ProxyError::UpstreamBadBody => "upstream_bad_body",
-            ProxyError::UpstreamTimeout => "upstream_timeout",
-            ProxyError::CircuitOpen { .. } => "circuit_open",
-            ProxyError::ShuttingDown => "shutting_down",
-        }
+        ErrorKind::from(self).into()
     }
 
-    /// Every `kind`, so metrics can pre-register them.
-    pub const KINDS: [&'static str; 11] = [
-        "invalid_request",
-        "queue_full",
-        "deadline_unreachable",
-        "upstream_penalty",
-        "upstream_unauthorized",
-        "upstream_rejected_input",
-        "upstream_error",
-        "upstream_bad_body",
-        "upstream_timeout",
-        "circuit_open",
-        "shutting_down",
-    ];
+    /// Every `kind`, in declaration order, so metrics can pre-register them.
+    pub const KINDS: [&'static str; ErrorKind::COUNT] = {
+        let mut kinds = [""; ErrorKind::COUNT];
+        let mut i = 0;
+        while i < kinds.len() {
+            kinds[i] = ErrorKind::VARIANTS[i];
+            i += 1;
+        }
+        kinds
+    };
 
     pub fn status(&self) -> StatusCode {
         match self {
@@ -131,22 +131,23 @@ impl ProxyError {
     }
 
     /// Rebuilds an error from its `kind` (as another replica reported it); `None` for a kind
-    /// this version does not know.
+    /// this version does not know, and for `invalid_request`: a query that fails validation
+    /// never reaches shared mode, so no replica reports one.
     pub fn from_kind(kind: &str, retry_after: Duration) -> Option<ProxyError> {
-        Some(match kind {
-            "queue_full" => ProxyError::QueueFull { retry_after },
-            "deadline_unreachable" => ProxyError::DeadlineUnreachable { retry_after },
-            "upstream_penalty" => ProxyError::UpstreamPenalty { retry_after },
-            "upstream_unauthorized" => ProxyError::UpstreamUnauthorized,
-            "upstream_rejected_input" => ProxyError::UpstreamRejectedInput,
-            "upstream_error" => ProxyError::UpstreamFailed {
+        Some(match kind.parse::<ErrorKind>().ok()? {
+            ErrorKind::InvalidQuery => return None,
+            ErrorKind::QueueFull => ProxyError::QueueFull { retry_after },
+            ErrorKind::DeadlineUnreachable => ProxyError::DeadlineUnreachable { retry_after },
+            ErrorKind::UpstreamPenalty => ProxyError::UpstreamPenalty { retry_after },
+            ErrorKind::UpstreamUnauthorized => ProxyError::UpstreamUnauthorized,
+            ErrorKind::UpstreamRejectedInput => ProxyError::UpstreamRejectedInput,
+            ErrorKind::UpstreamFailed => ProxyError::UpstreamFailed {
                 detail: "reported by the replica that made the call",
             },
-            "upstream_bad_body" => ProxyError::UpstreamBadBody,
-            "upstream_timeout" => ProxyError::UpstreamTimeout,
-            "circuit_open" => ProxyError::CircuitOpen { retry_after },
-            "shutting_down" => ProxyError::ShuttingDown,
-            _ => return None,
+            ErrorKind::UpstreamBadBody => ProxyError::UpstreamBadBody,
+            ErrorKind::UpstreamTimeout => ProxyError::UpstreamTimeout,
+            ErrorKind::CircuitOpen => ProxyError::CircuitOpen { retry_after },
+            ErrorKind::ShuttingDown => ProxyError::ShuttingDown,
         })
     }
 
@@ -163,14 +164,6 @@ impl ProxyError {
                 | ProxyError::UpstreamTimeout
                 | ProxyError::CircuitOpen { .. }
         )
-    }
-
-    /// The reason label of a rejected query, for the validation metrics.
-    pub fn validation_reason(&self) -> Option<&'static str> {
-        match self {
-            ProxyError::InvalidQuery(q) => Some(q.reason()),
-            _ => None,
-        }
     }
 }
 
@@ -220,35 +213,25 @@ mod tests {
         assert_eq!(whole_seconds_ceil(Duration::from_secs(20)), 20);
     }
 
+    /// Each kind is spelled once and names one variant, which `from_kind` rebuilds (all but
+    /// `invalid_request`); the wire's spellings are pinned by `tests/openapi.rs` against the
+    /// published document.
     #[test]
     fn every_kind_is_listed_once() {
-        let samples = [
-            ProxyError::InvalidQuery(QueryError::Repeated("cpf")),
-            ProxyError::QueueFull {
-                retry_after: Duration::ZERO,
-            },
-            ProxyError::DeadlineUnreachable {
-                retry_after: Duration::ZERO,
-            },
-            ProxyError::UpstreamPenalty {
-                retry_after: Duration::ZERO,
-            },
-            ProxyError::UpstreamUnauthorized,
-            ProxyError::UpstreamRejectedInput,
-            ProxyError::UpstreamFailed { detail: "x" },
-            ProxyError::UpstreamBadBody,
-            ProxyError::UpstreamTimeout,
-            ProxyError::CircuitOpen {
-                retry_after: Duration::ZERO,
-            },
-            ProxyError::ShuttingDown,
-        ];
-        let kinds: Vec<_> = samples.iter().map(ProxyError::kind).collect();
-        assert_eq!(kinds, ProxyError::KINDS);
-        for e in &samples {
+        let distinct: std::collections::BTreeSet<_> = ProxyError::KINDS.into_iter().collect();
+        assert_eq!(distinct.len(), ProxyError::KINDS.len());
+        for kind in ProxyError::KINDS {
+            let e = ProxyError::from_kind(kind, Duration::ZERO)
+                .unwrap_or(ProxyError::InvalidQuery(QueryError::Repeated("cpf")));
+            assert_eq!(e.kind(), kind);
             assert_ne!(e.status(), StatusCode::OK);
             let refusal = matches!(e.status().as_u16(), 429 | 503);
             assert_eq!(refusal, e.retry_after().is_some(), "{e:?}");
         }
+        assert_eq!(
+            ProxyError::from_kind("invalid_request", Duration::ZERO),
+            None
+        );
+        assert_eq!(ProxyError::from_kind("no_such_kind", Duration::ZERO), None);
     }
 }

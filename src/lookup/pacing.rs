@@ -41,24 +41,22 @@ pub enum BookError {
     TooLate { by: Duration },
 }
 
-/// How the pacer is pacing (for `/ready`, `/status` and metrics).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How the pacer is pacing (for `/ready`, `/status` and metrics): the name in snake case, the
+/// `pacing_mode` gauge's value is the discriminant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum PacingMode {
     /// One process, no shared schedule.
-    Local,
+    Local = 0,
     /// Several replicas, one schedule in Redis.
-    Shared,
+    Shared = 1,
     /// Redis is out of reach: a safe local share of the rate.
-    Fallback,
+    Fallback = 2,
 }
 
 impl PacingMode {
     pub fn as_str(self) -> &'static str {
-        match self {
-            PacingMode::Local => "local",
-            PacingMode::Shared => "shared",
-            PacingMode::Fallback => "fallback",
-        }
+        self.into()
     }
 }
 
@@ -313,8 +311,9 @@ pub enum GateRefusal {
     Rate,
 }
 
-/// Why a booked start slot passed without a call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Why a booked start slot passed without a call (the `reason` label: the name in snake case).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum SlotUnused {
     /// Every lookup waiting for it left (no call for nobody).
     NoLookup,
@@ -330,30 +329,6 @@ pub enum SlotUnused {
     Penalty,
     /// Another replica's call left late, less than an interval before it.
     Held,
-}
-
-impl SlotUnused {
-    pub const ALL: [SlotUnused; 7] = [
-        SlotUnused::NoLookup,
-        SlotUnused::Breaker,
-        SlotUnused::Saturated,
-        SlotUnused::Gate,
-        SlotUnused::Late,
-        SlotUnused::Penalty,
-        SlotUnused::Held,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SlotUnused::NoLookup => "no_lookup",
-            SlotUnused::Breaker => "breaker",
-            SlotUnused::Saturated => "saturated",
-            SlotUnused::Gate => "gate",
-            SlotUnused::Late => "late",
-            SlotUnused::Penalty => "penalty",
-            SlotUnused::Held => "held",
-        }
-    }
 }
 
 #[cfg(test)]

@@ -319,8 +319,10 @@ impl<T> FairQueue<T> {
     }
 }
 
-/// Why the queue turned a lookup away (or dropped it before it started).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Why the queue turned a lookup away (or dropped it before it started); the `reason` label
+/// is the variant's name in snake case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum QueueRefusal {
     /// At capacity.
     Full,
@@ -332,26 +334,6 @@ pub enum QueueRefusal {
     Shutdown,
     /// The circuit breaker is open (refused at admission, or queued when it opened).
     CircuitOpen,
-}
-
-impl QueueRefusal {
-    pub const ALL: [QueueRefusal; 5] = [
-        QueueRefusal::Full,
-        QueueRefusal::Deadline,
-        QueueRefusal::Expired,
-        QueueRefusal::Shutdown,
-        QueueRefusal::CircuitOpen,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QueueRefusal::Full => "full",
-            QueueRefusal::Deadline => "deadline",
-            QueueRefusal::Expired => "expired",
-            QueueRefusal::Shutdown => "shutdown",
-            QueueRefusal::CircuitOpen => "circuit_open",
-        }
-    }
 }
 
 #[cfg(test)]

@@ -256,8 +256,9 @@ where
     }
 }
 
-/// What an upstream call came to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// What an upstream call came to (the `outcome` label: the name in snake case).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum UpstreamOutcome {
     Ok,
     Unauthorized,
@@ -271,30 +272,8 @@ pub enum UpstreamOutcome {
 }
 
 impl UpstreamOutcome {
-    pub const ALL: [UpstreamOutcome; 9] = [
-        UpstreamOutcome::Ok,
-        UpstreamOutcome::Unauthorized,
-        UpstreamOutcome::RejectedInput,
-        UpstreamOutcome::Penalty,
-        UpstreamOutcome::ServerError,
-        UpstreamOutcome::UnexpectedStatus,
-        UpstreamOutcome::BadBody,
-        UpstreamOutcome::Timeout,
-        UpstreamOutcome::ConnectError,
-    ];
-
     pub fn as_str(self) -> &'static str {
-        match self {
-            UpstreamOutcome::Ok => "ok",
-            UpstreamOutcome::Unauthorized => "unauthorized",
-            UpstreamOutcome::RejectedInput => "rejected_input",
-            UpstreamOutcome::Penalty => "penalty",
-            UpstreamOutcome::ServerError => "server_error",
-            UpstreamOutcome::UnexpectedStatus => "unexpected_status",
-            UpstreamOutcome::BadBody => "bad_body",
-            UpstreamOutcome::Timeout => "timeout",
-            UpstreamOutcome::ConnectError => "connect_error",
-        }
+        self.into()
     }
 }
 

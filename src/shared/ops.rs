@@ -1,43 +1,34 @@
 //! The Redis operations shared mode makes and how each ended, as metrics label them (a leaf
 //! module: the metrics name them without depending on shared mode's machinery).
+//!
+//! Each label value is its variant's name in snake case.
 
 /// The Redis operations shared mode makes (the `op` label).
-pub const REDIS_OPS: [&str; 9] = [
-    "book",
-    "penalize",
-    "hold",
-    "cache_get",
-    "cache_set",
-    "lease",
-    "release",
-    "publish",
-    "ping",
-];
+///
+/// Shared mode names an operation by this string (`op("cache_get", ..)`), which is also its
+/// span's name; the metrics pre-register one series per variant, and an operation missing
+/// here would be made but neither counted nor timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum RedisOp {
+    Book,
+    Penalize,
+    Hold,
+    CacheGet,
+    CacheSet,
+    Lease,
+    Release,
+    Publish,
+    Ping,
+}
 
 /// How a Redis operation ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum RedisOutcome {
     Ok,
     Error,
     Timeout,
     /// No connection to try it on.
     Unavailable,
-}
-
-impl RedisOutcome {
-    pub const ALL: [RedisOutcome; 4] = [
-        RedisOutcome::Ok,
-        RedisOutcome::Error,
-        RedisOutcome::Timeout,
-        RedisOutcome::Unavailable,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RedisOutcome::Ok => "ok",
-            RedisOutcome::Error => "error",
-            RedisOutcome::Timeout => "timeout",
-            RedisOutcome::Unavailable => "unavailable",
-        }
-    }
 }

@@ -224,36 +224,45 @@ pub enum QueryError {
     QueueTimeout,
 }
 
+/// Why a query was refused, flattened to one level: the `reason` label of the validation
+/// metrics is the variant's name in snake case, and `VARIANTS` (from [`strum::VariantNames`])
+/// lists every value so that metrics can pre-register them at zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::VariantNames)]
+#[strum(serialize_all = "snake_case")]
+pub enum QueryReason {
+    CpfMissing,
+    CpfFormat,
+    CpfCheckDigits,
+    CpfRepeatedDigits,
+    ClientIdMissing,
+    ClientIdTooLong,
+    ClientIdUnprintable,
+    RepeatedParameter,
+    NotUtf8,
+    QueueTimeoutHeader,
+}
+
 impl QueryError {
     /// The `reason` label value: stable, small set.
     pub fn reason(self) -> &'static str {
-        match self {
-            QueryError::Cpf(CpfError::Missing) => "cpf_missing",
-            QueryError::Cpf(CpfError::Format) => "cpf_format",
-            QueryError::Cpf(CpfError::CheckDigits) => "cpf_check_digits",
-            QueryError::Cpf(CpfError::Repeated) => "cpf_repeated_digits",
-            QueryError::ClientId(ClientIdError::Missing) => "client_id_missing",
-            QueryError::ClientId(ClientIdError::TooLong) => "client_id_too_long",
-            QueryError::ClientId(ClientIdError::Unprintable) => "client_id_unprintable",
-            QueryError::Repeated(_) => "repeated_parameter",
-            QueryError::NotUtf8(_) => "not_utf8",
-            QueryError::QueueTimeout => "queue_timeout_header",
-        }
+        self.why().into()
     }
 
-    /// Every `reason` value, so metrics can pre-register them at zero.
-    pub const REASONS: [&'static str; 10] = [
-        "cpf_missing",
-        "cpf_format",
-        "cpf_check_digits",
-        "cpf_repeated_digits",
-        "client_id_missing",
-        "client_id_too_long",
-        "client_id_unprintable",
-        "repeated_parameter",
-        "not_utf8",
-        "queue_timeout_header",
-    ];
+    /// Which of the fixed reasons this is (the parameter names the variants carry are left out).
+    pub fn why(self) -> QueryReason {
+        match self {
+            QueryError::Cpf(CpfError::Missing) => QueryReason::CpfMissing,
+            QueryError::Cpf(CpfError::Format) => QueryReason::CpfFormat,
+            QueryError::Cpf(CpfError::CheckDigits) => QueryReason::CpfCheckDigits,
+            QueryError::Cpf(CpfError::Repeated) => QueryReason::CpfRepeatedDigits,
+            QueryError::ClientId(ClientIdError::Missing) => QueryReason::ClientIdMissing,
+            QueryError::ClientId(ClientIdError::TooLong) => QueryReason::ClientIdTooLong,
+            QueryError::ClientId(ClientIdError::Unprintable) => QueryReason::ClientIdUnprintable,
+            QueryError::Repeated(_) => QueryReason::RepeatedParameter,
+            QueryError::NotUtf8(_) => QueryReason::NotUtf8,
+            QueryError::QueueTimeout => QueryReason::QueueTimeoutHeader,
+        }
+    }
 
     pub fn message(self) -> String {
         match self {

@@ -1,0 +1,113 @@
+//! The pacer: the configured rate, how long the schedule makes lookups wait, the upstream's
+//! penalties, start slots that went unused, and how this replica paces (alone, shared or
+//! fallen back).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use prometheus::{Counter, Histogram, IntCounter, IntGauge};
+
+use super::{Families, Metrics, MetricsConfig, per_value, queue};
+use crate::lookup::pacing::{PacingMode, SlotUnused};
+
+/// Booking a slot: a mutex locally, a Redis round trip in shared mode.
+const BOOK_BUCKETS: &[f64] = &[
+    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+pub(super) struct PacingMetrics {
+    permit_wait: Histogram,
+    penalties: IntCounter,
+    penalty_seconds: Counter,
+    penalty_active: IntGauge,
+    unused_slots: HashMap<SlotUnused, IntCounter>,
+    book_duration: Histogram,
+    mode: IntGauge,
+}
+
+impl PacingMetrics {
+    pub(super) fn new(families: &Families, config: &MetricsConfig) -> Self {
+        families
+            .float_gauge(
+                "pacing_rate_per_second",
+                "Configured upstream call rate (the limit the upstream enforces).",
+            )
+            .set(config.rate_per_second);
+        families
+            .float_gauge(
+                "pacing_interval_seconds",
+                "Minimum spacing between upstream call starts (1/rate + guard).",
+            )
+            .set(config.interval.as_secs_f64());
+        PacingMetrics {
+            permit_wait: families.histogram(
+                "pacing_permit_wait_seconds",
+                "How long the pacer's schedule makes an admitted lookup wait for its start \
+                 (predicted at admission): the wait the upstream's rate imposes.",
+                &queue::wait_buckets(config),
+            ),
+            penalties: families.counter(
+                "pacing_penalties_total",
+                "429 penalties received from the upstream (should stay at zero).",
+            ),
+            penalty_seconds: families.float_counter(
+                "pacing_penalty_pause_seconds_total",
+                "Time upstream calls were paused for penalties.",
+            ),
+            penalty_active: families.gauge(
+                "pacing_penalty_active",
+                "1 while upstream calls are paused for a penalty.",
+            ),
+            unused_slots: per_value(&families.counter_vec(
+                "pacing_unused_slots_total",
+                "Booked start slots that passed without a call, by reason: no_lookup \
+                 (every waiting client left), breaker, saturated (max in-flight calls \
+                 open), gate, late (reached too late to use safely), penalty (a 429 came \
+                 while it waited to start), held (another replica's call left late, too \
+                 close before it).",
+                &["reason"],
+            )),
+            book_duration: families.histogram(
+                "pacing_book_duration_seconds",
+                "Time to book a start slot with the pacer (a Redis round trip in shared mode).",
+                BOOK_BUCKETS,
+            ),
+            mode: families.gauge(
+                "pacing_mode",
+                "How this replica paces: 0 local (no Redis configured), 1 shared (one schedule \
+                 in Redis), 2 fallback (Redis out of reach: a local share of the rate).",
+            ),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn permit_wait(&self, waited: Duration) {
+        self.pacing.permit_wait.observe(waited.as_secs_f64());
+    }
+
+    pub fn penalty_received(&self) {
+        self.pacing.penalties.inc();
+    }
+
+    pub fn penalty_paused(&self, paused: Duration) {
+        self.pacing.penalty_seconds.inc_by(paused.as_secs_f64());
+    }
+
+    pub fn set_penalty_active(&self, active: bool) {
+        self.pacing.penalty_active.set(i64::from(active));
+    }
+
+    pub fn unused_slot(&self, why: SlotUnused) {
+        self.pacing.unused_slots[&why].inc();
+    }
+
+    pub fn pacing_booked(&self, took: Duration) {
+        self.pacing.book_duration.observe(took.as_secs_f64());
+    }
+
+    /// The gauge's value is the mode's discriminant (0 local, 1 shared, 2 fallback).
+    pub fn set_pacing_mode(&self, mode: PacingMode) {
+        self.pacing.mode.set(mode as i64);
+    }
+}
