@@ -13,30 +13,24 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// The breaker's state, as `/ready`, `/status` and the `score_proxy_breaker_state` gauge show it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The breaker's state, as `/ready`, `/status` and the `score_proxy_breaker_state` gauge show
+/// it (the label spelled from the variant's name, the gauge's level its discriminant).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum BreakerState {
-    Closed,
-    HalfOpen,
-    Open,
+    Closed = 0,
+    HalfOpen = 1,
+    Open = 2,
 }
 
 impl BreakerState {
     pub fn as_str(self) -> &'static str {
-        match self {
-            BreakerState::Closed => "closed",
-            BreakerState::HalfOpen => "half_open",
-            BreakerState::Open => "open",
-        }
+        self.into()
     }
 
     /// The gauge value: 0 closed, 1 half-open, 2 open.
     pub fn level(self) -> i64 {
-        match self {
-            BreakerState::Closed => 0,
-            BreakerState::HalfOpen => 1,
-            BreakerState::Open => 2,
-        }
+        self as i64
     }
 }
 

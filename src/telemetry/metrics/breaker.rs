@@ -2,23 +2,16 @@
 
 use std::collections::HashMap;
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge};
+use prometheus::{IntCounter, IntGauge};
+use strum::VariantArray;
 
 use super::{Families, Metrics};
 use crate::lookup::breaker::BreakerState;
 
-/// The states whose transition series are pre-registered. `BreakerState` derives no list of
-/// its variants, so a state added there and not here still counts, from its first use.
-const STATES: [BreakerState; 3] = [
-    BreakerState::Closed,
-    BreakerState::HalfOpen,
-    BreakerState::Open,
-];
-
 pub(super) struct BreakerMetrics {
     state: IntGauge,
-    transitions: HashMap<&'static str, IntCounter>,
-    transitions_vec: IntCounterVec,
+    /// One pre-registered child per state: every state's series exists from the start.
+    transitions: HashMap<BreakerState, IntCounter>,
 }
 
 impl BreakerMetrics {
@@ -34,11 +27,10 @@ impl BreakerMetrics {
                 "Circuit breaker state: 0 closed, 1 half-open (one probe call), 2 open \
                  (lookups refused).",
             ),
-            transitions: STATES
+            transitions: BreakerState::VARIANTS
                 .iter()
-                .map(|s| (s.as_str(), transitions_vec.with_label_values(&[s.as_str()])))
+                .map(|&s| (s, transitions_vec.with_label_values(&[s.as_str()])))
                 .collect(),
-            transitions_vec,
         }
     }
 }
@@ -47,12 +39,6 @@ impl Metrics {
     pub fn breaker_transition(&self, state: BreakerState) {
         let breaker = &self.breaker;
         breaker.state.set(state.level());
-        match breaker.transitions.get(state.as_str()) {
-            Some(c) => c.inc(),
-            None => breaker
-                .transitions_vec
-                .with_label_values(&[state.as_str()])
-                .inc(),
-        }
+        breaker.transitions[&state].inc();
     }
 }
