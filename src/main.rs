@@ -4,12 +4,13 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-#[cfg(feature = "demo")]
-use score_proxy::config::DemoArgs;
+use futures_util::{FutureExt, future};
 use score_proxy::config::{Cli, Command, Config, HealthcheckArgs, ServeArgs};
 use score_proxy::http::server::{Server, raise_fd_limit};
 use score_proxy::shutdown::shutdown_signal;
 use score_proxy::telemetry;
+
+use demo::{DemoArgs, DemoUpstream};
 
 /// mimalloc: cheaper allocations on the request path than glibc's malloc, and less overhead
 /// per cache entry (no per-allocation header); measured in BENCHMARKS.md.
@@ -29,14 +30,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Without the `demo` feature there is no demo; the type keeps `serve`'s signature one.
-#[cfg(not(feature = "demo"))]
-enum DemoArgs {}
-
 /// `serve` and `demo` alike: validate everything, set up telemetry, bind, run until a
-/// signal. The demo only starts the simulator first and points the proxy at it.
+/// signal. The demo only starts the simulator first and points the proxy at it, so what
+/// the demo shows is the proxy exactly as `serve` runs it.
 fn serve(args: &ServeArgs, demo: Option<&DemoArgs>) -> ExitCode {
-    let config = match validated(args) {
+    let mut config = match validated(args) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -51,47 +49,35 @@ fn serve(args: &ServeArgs, demo: Option<&DemoArgs>) -> ExitCode {
     };
     raise_fd_limit();
     let result = runtime().block_on(async {
-        #[cfg(feature = "demo")]
-        let (config, sim) = match demo {
-            Some(demo) => {
-                let sim = score_sim::Simulator::spawn(score_sim::SimulatorConfig {
-                    latency: demo.upstream_latency,
-                    ..Default::default()
-                })
-                .await?;
-                let mut config = config;
-                config.upstream_url = sim.url().parse()?;
-                (config, Some(sim))
-            }
-            None => (config, None),
+        let shutdown = shutdown_signal_installed();
+        // Held until the proxy stops: dropping the simulator stops it.
+        let demo_upstream = match demo {
+            Some(demo) => Some(DemoUpstream::start(demo).await?),
+            None => None,
         };
-        #[cfg(not(feature = "demo"))]
-        let _ = demo;
+        if let Some(upstream) = &demo_upstream {
+            config.upstream_url = upstream.url()?;
+        }
         let server = Server::bind(config).await?;
         tracing::info!(address = %server.local_addr(), admin = ?server.admin_addr(), "listening");
-        #[cfg(feature = "demo")]
-        if let (Some(demo), Some(sim)) = (demo, &sim) {
-            print_demo_banner(&server, sim, demo);
+        if let Some(upstream) = &demo_upstream {
+            upstream.print_banner(&server);
         }
-        server.run(shutdown_signal()).await
+        server.run(shutdown).await
     });
     exit_code(result)
 }
 
-#[cfg(feature = "demo")]
-fn print_demo_banner(server: &Server, sim: &score_sim::SimulatorHandle, demo: &DemoArgs) {
-    let port = server.local_addr().port();
-    println!(
-        "score-proxy demo: proxy on {} against a simulated upstream at {} \
-         (1 call/s, 2 s penalty, {} latency).\n\
-         Try:\n  curl -i 'http://127.0.0.1:{port}/proxy/score?cpf=89336333089&client_id=000'\n  \
-         curl -s http://127.0.0.1:{port}/status\n  \
-         curl -s -H 'Accept: text/plain' http://127.0.0.1:{port}/metrics\n\
-         Ctrl-C stops it.",
-        server.local_addr(),
-        sim.url(),
-        humantime::format_duration(demo.upstream_latency),
-    );
+/// The shutdown signal, with its handlers already in place. Tokio installs a signal's
+/// handler when the future waiting for it is first polled, and until then SIGTERM's default
+/// action kills the process outright (status 143, nothing drained). Polling it once here,
+/// before `listening` is logged, means a SIGTERM from anyone who has seen that line (an
+/// orchestrator, a test) is a clean shutdown. `MaybeDone` keeps the answer if the signal
+/// has already come, so `run` sees it at once.
+fn shutdown_signal_installed() -> impl Future<Output = ()> + Send + 'static {
+    let mut signal = Box::pin(future::maybe_done(shutdown_signal()));
+    let _ = signal.as_mut().now_or_never();
+    signal
 }
 
 fn validated(args: &ServeArgs) -> Result<Config, ExitCode> {
@@ -133,6 +119,84 @@ fn exit_code(result: anyhow::Result<()>) -> ExitCode {
         Err(e) => {
             eprintln!("score-proxy: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `score-proxy demo`: the project's upstream simulator, in-process, as the proxy's upstream.
+#[cfg(feature = "demo")]
+mod demo {
+    use std::time::Duration;
+
+    pub(crate) use score_proxy::config::DemoArgs;
+    use score_proxy::http::server::Server;
+    use score_sim::{Simulator, SimulatorConfig, SimulatorHandle};
+    use url::Url;
+
+    pub(crate) struct DemoUpstream {
+        sim: SimulatorHandle,
+        latency: Duration,
+    }
+
+    impl DemoUpstream {
+        /// Starts the simulator with its defaults (the original's 1 call/s and 2 s penalty)
+        /// and the latency asked for.
+        pub(crate) async fn start(args: &DemoArgs) -> anyhow::Result<DemoUpstream> {
+            let sim = Simulator::spawn(SimulatorConfig {
+                latency: args.upstream_latency,
+                ..Default::default()
+            })
+            .await?;
+            Ok(DemoUpstream {
+                sim,
+                latency: args.upstream_latency,
+            })
+        }
+
+        pub(crate) fn url(&self) -> anyhow::Result<Url> {
+            Ok(self.sim.url().parse()?)
+        }
+
+        /// What to try, on stdout: the demo is run by a person at a terminal.
+        pub(crate) fn print_banner(&self, server: &Server) {
+            let port = server.local_addr().port();
+            println!(
+                "score-proxy demo: proxy on {} against a simulated upstream at {} \
+                 (1 call/s, 2 s penalty, {} latency).\n\
+                 Try:\n  curl -i 'http://127.0.0.1:{port}/proxy/score?cpf=89336333089&client_id=000'\n  \
+                 curl -s http://127.0.0.1:{port}/status\n  \
+                 curl -s -H 'Accept: text/plain' http://127.0.0.1:{port}/metrics\n\
+                 Ctrl-C stops it.",
+                server.local_addr(),
+                self.sim.url(),
+                humantime::format_duration(self.latency),
+            );
+        }
+    }
+}
+
+/// Without the `demo` feature there is no demo: these types have no values, so `serve`
+/// reads the same in both builds and its demo branches are never taken.
+#[cfg(not(feature = "demo"))]
+mod demo {
+    use score_proxy::http::server::Server;
+    use url::Url;
+
+    pub(crate) enum DemoArgs {}
+
+    pub(crate) enum DemoUpstream {}
+
+    impl DemoUpstream {
+        pub(crate) async fn start(args: &DemoArgs) -> anyhow::Result<DemoUpstream> {
+            match *args {}
+        }
+
+        pub(crate) fn url(&self) -> anyhow::Result<Url> {
+            match *self {}
+        }
+
+        pub(crate) fn print_banner(&self, _: &Server) {
+            match *self {}
         }
     }
 }

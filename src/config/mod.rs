@@ -1,9 +1,17 @@
 //! Command line, environment, and the checks that run before any port is bound.
 //!
-//! Every setting is a flag and an environment variable with a default. clap collects them as
-//! text; [`ServeArgs::validate`] then converts every one and reports **all** problems at once
-//! (a deploy that fails should say everything that is wrong, not one thing per attempt).
-//! `main` exits with status 2 on any of them.
+//! Every setting is a flag and an environment variable with a default ([`defaults`] holds
+//! them all). clap collects the proxy's settings as text, so that a bad value is not the end
+//! of the reading; [`ServeArgs::validate`] then converts every one and reports **all**
+//! problems at once (a deploy that fails should say everything that is wrong, not one thing
+//! per attempt). `main` exits with status 2 on any of them.
+//!
+//! - this file: the command line ([`Cli`], [`ServeArgs`]) and what validation yields
+//!   ([`Config`], [`ConfigProblem`]);
+//! - `parse`: one small parser per kind of value (address, URL, rate, count, duration, ...),
+//!   each returning a typed value or a message that quotes the text;
+//! - `checks`: [`ServeArgs::validate`], which runs every setting through its parser, adds the
+//!   checks that involve two settings, and builds the [`Config`] once nothing is wrong.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,6 +21,9 @@ use url::Url;
 
 use crate::lookup::validation::ClientId;
 use crate::telemetry::{LogFormat, OtelSettings};
+
+mod checks;
+mod parse;
 
 /// The defaults, in one place (the README's table repeats them).
 pub mod defaults {
@@ -37,7 +48,11 @@ pub mod defaults {
     pub const REDIS_PREFIX: &str = "score-proxy";
     pub const EXPECTED_REPLICAS: &str = "3";
     pub const PUBLIC_METRICS: &str = "true";
+    pub const METRICS: &str = "true";
     pub const LOG_FORMAT: &str = "text";
+    pub const HEALTHCHECK_URL: &str = "http://127.0.0.1:8000/health";
+    pub const HEALTHCHECK_TIMEOUT: &str = "2s";
+    pub const DEMO_UPSTREAM_LATENCY: &str = "150ms";
 }
 
 #[derive(Parser, Debug)]
@@ -76,18 +91,26 @@ pub struct HealthcheckArgs {
     #[arg(
         long,
         env = "SCORE_PROXY_HEALTHCHECK_URL",
-        default_value = "http://127.0.0.1:8000/health"
+        default_value = defaults::HEALTHCHECK_URL
     )]
     pub url: String,
     /// How long to wait for the answer.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(
+        long,
+        default_value = defaults::HEALTHCHECK_TIMEOUT,
+        value_parser = humantime::parse_duration
+    )]
     pub timeout: Duration,
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
     /// Simulated upstream latency.
-    #[arg(long, default_value = "150ms", value_parser = humantime::parse_duration)]
+    #[arg(
+        long,
+        default_value = defaults::DEMO_UPSTREAM_LATENCY,
+        value_parser = humantime::parse_duration
+    )]
     pub upstream_latency: Duration,
     /// Proxy settings (the upstream URL is replaced by the simulator's).
     #[command(flatten)]
@@ -173,7 +196,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SCORE_PROXY_PUBLIC_METRICS", default_value = defaults::PUBLIC_METRICS)]
     pub public_metrics: String,
     /// Record per-request metrics (false only to measure what telemetry costs).
-    #[arg(long, env = "SCORE_PROXY_METRICS", default_value = "true")]
+    #[arg(long, env = "SCORE_PROXY_METRICS", default_value = defaults::METRICS)]
     pub metrics: String,
     /// Log line format: text or json.
     #[arg(long, env = "SCORE_PROXY_LOG_FORMAT", default_value = defaults::LOG_FORMAT)]
@@ -226,7 +249,8 @@ pub struct RedisSettings {
 /// One thing wrong with the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigProblem {
-    /// `--flag (ENV_VAR)`.
+    /// Where the operator sets it: `--flag (ENV_VAR)`, or the variables read for it when
+    /// it is not one flag (`OpenTelemetry (OTEL_*)`).
     pub setting: String,
     pub problem: String,
 }
@@ -234,417 +258,6 @@ pub struct ConfigProblem {
 impl std::fmt::Display for ConfigProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.setting, self.problem)
-    }
-}
-
-struct Problems(Vec<ConfigProblem>);
-
-impl Problems {
-    fn check<T>(&mut self, flag: &str, env: &str, result: Result<T, String>) -> Option<T> {
-        result
-            .map_err(|problem| {
-                self.0.push(ConfigProblem {
-                    setting: format!("--{flag} ({env})"),
-                    problem,
-                })
-            })
-            .ok()
-    }
-}
-
-impl ServeArgs {
-    /// Converts and checks every setting; `env` reads the environment (for `CLIENT_ID` and
-    /// the `OTEL_*` variables), injectable for tests.
-    pub fn validate(
-        &self,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Config, Vec<ConfigProblem>> {
-        let mut p = Problems(Vec::new());
-        let listen = p.check("listen", "SCORE_PROXY_LISTEN", parse_addr(&self.listen));
-        let upstream_url = p.check(
-            "upstream-url",
-            "SCORE_PROXY_UPSTREAM_URL",
-            parse_upstream_url(&self.upstream_url),
-        );
-        let rate = p.check(
-            "rate",
-            "SCORE_PROXY_RATE_PER_SECOND",
-            parse_rate(&self.rate_per_second),
-        );
-        let rate_guard = p.check(
-            "rate-guard",
-            "SCORE_PROXY_RATE_GUARD",
-            parse_duration(&self.rate_guard, Duration::ZERO, Duration::from_secs(10)),
-        );
-        let queue_capacity = p.check(
-            "queue-capacity",
-            "SCORE_PROXY_QUEUE_CAPACITY",
-            parse_int(&self.queue_capacity, 1, 100_000),
-        );
-        let queue_timeout = p.check(
-            "queue-timeout",
-            "SCORE_PROXY_QUEUE_TIMEOUT",
-            parse_duration(
-                &self.queue_timeout,
-                Duration::from_millis(1),
-                Duration::from_secs(3600),
-            ),
-        );
-        let cache_ttl = p.check(
-            "cache-ttl",
-            "SCORE_PROXY_CACHE_TTL",
-            parse_duration(
-                &self.cache_ttl,
-                Duration::ZERO,
-                Duration::from_secs(30 * 86400),
-            ),
-        );
-        let cache_max_entries = p.check(
-            "cache-max-entries",
-            "SCORE_PROXY_CACHE_MAX_ENTRIES",
-            parse_int(&self.cache_max_entries, 0, 100_000_000),
-        );
-        let upstream_timeout = p.check(
-            "upstream-timeout",
-            "SCORE_PROXY_UPSTREAM_TIMEOUT",
-            parse_duration(
-                &self.upstream_timeout,
-                Duration::from_millis(1),
-                Duration::from_secs(600),
-            ),
-        );
-        let max_in_flight = p.check(
-            "upstream-max-in-flight",
-            "SCORE_PROXY_UPSTREAM_MAX_IN_FLIGHT",
-            parse_int(&self.upstream_max_in_flight, 1, 10_000),
-        );
-        let penalty = p.check(
-            "upstream-penalty",
-            "SCORE_PROXY_UPSTREAM_PENALTY",
-            parse_duration(
-                &self.upstream_penalty,
-                Duration::ZERO,
-                Duration::from_secs(600),
-            ),
-        );
-        let client_id = match self.client_id.clone().or_else(|| env("CLIENT_ID")) {
-            None => Some(None),
-            Some(raw) if raw.is_empty() => Some(None),
-            Some(raw) => p.check(
-                "client-id",
-                "SCORE_PROXY_CLIENT_ID or CLIENT_ID",
-                ClientId::parse(&raw)
-                    .map(Some)
-                    .map_err(|e| e.message().to_owned()),
-            ),
-        };
-        let shutdown_grace = p.check(
-            "shutdown-grace",
-            "SCORE_PROXY_SHUTDOWN_GRACE",
-            parse_duration(
-                &self.shutdown_grace,
-                Duration::ZERO,
-                Duration::from_secs(3600),
-            ),
-        );
-        let stale_if_error = p.check(
-            "stale-if-error",
-            "SCORE_PROXY_STALE_IF_ERROR",
-            parse_duration(
-                &self.stale_if_error,
-                Duration::ZERO,
-                Duration::from_secs(30 * 86400),
-            ),
-        );
-        let breaker_failures = p.check(
-            "breaker-failures",
-            "SCORE_PROXY_BREAKER_FAILURES",
-            parse_int(&self.breaker_failures, 0, 1_000_000),
-        );
-        let breaker_cooldown = p.check(
-            "breaker-cooldown",
-            "SCORE_PROXY_BREAKER_COOLDOWN",
-            parse_duration(
-                &self.breaker_cooldown,
-                Duration::from_millis(1),
-                Duration::from_secs(3600),
-            ),
-        );
-        let max_connections = p.check(
-            "max-connections",
-            "SCORE_PROXY_MAX_CONNECTIONS",
-            parse_int(&self.max_connections, 1, 1_000_000),
-        );
-        let header_read_timeout = p.check(
-            "header-read-timeout",
-            "SCORE_PROXY_HEADER_READ_TIMEOUT",
-            parse_duration(
-                &self.header_read_timeout,
-                Duration::from_millis(1),
-                Duration::from_secs(3600),
-            ),
-        );
-        let admin_listen = match &self.admin_listen {
-            None => Some(None),
-            Some(raw) if raw.is_empty() => Some(None),
-            Some(raw) => p.check(
-                "admin-listen",
-                "SCORE_PROXY_ADMIN_LISTEN",
-                parse_addr(raw).map(Some),
-            ),
-        };
-        let redis_timeout = p.check(
-            "redis-timeout",
-            "SCORE_PROXY_REDIS_TIMEOUT",
-            parse_duration(
-                &self.redis_timeout,
-                Duration::from_millis(1),
-                Duration::from_secs(10),
-            ),
-        );
-        let expected_replicas = p.check(
-            "expected-replicas",
-            "SCORE_PROXY_EXPECTED_REPLICAS",
-            parse_int(&self.expected_replicas, 1, 1000),
-        );
-        let redis_prefix = p.check(
-            "redis-prefix",
-            "SCORE_PROXY_REDIS_PREFIX",
-            if !self.redis_prefix.is_empty()
-                && self.redis_prefix.len() <= 64
-                && self
-                    .redis_prefix
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
-            {
-                Ok(self.redis_prefix.clone())
-            } else {
-                Err(format!(
-                    "'{}' must be 1 to 64 letters, digits or -_.:",
-                    self.redis_prefix
-                ))
-            },
-        );
-        let redis_url = match self.redis_url.as_deref().map(str::trim) {
-            None | Some("") => Some(None),
-            Some(raw) => p.check(
-                "redis-url",
-                "SCORE_PROXY_REDIS_URL",
-                redis::Client::open(raw)
-                    .map(|_| Some(raw.to_owned()))
-                    .map_err(|e| format!("'{raw}' is not a Redis URL ({e})")),
-            ),
-        };
-        if matches!(redis_url, Some(Some(_)))
-            && self.redaction_key.as_deref().is_none_or(str::is_empty)
-        {
-            p.0.push(ConfigProblem {
-                setting: "--redaction-key (SCORE_PROXY_REDACTION_KEY)".into(),
-                problem: "shared mode (--redis-url) needs the same redaction key on every \
-                          replica: Redis keys are hashed with it"
-                    .into(),
-            });
-        }
-        let redis = match (redis_url, redis_timeout, redis_prefix, expected_replicas) {
-            (Some(None), ..) => Some(None),
-            (Some(Some(url)), Some(timeout), Some(prefix), Some(expected_replicas)) => {
-                Some(Some(RedisSettings {
-                    url,
-                    timeout,
-                    prefix,
-                    expected_replicas: expected_replicas as u32,
-                }))
-            }
-            _ => None,
-        };
-        let public_metrics = p.check(
-            "public-metrics",
-            "SCORE_PROXY_PUBLIC_METRICS",
-            parse_bool(&self.public_metrics),
-        );
-        let metrics_enabled = p.check("metrics", "SCORE_PROXY_METRICS", parse_bool(&self.metrics));
-        let log_format = p.check(
-            "log-format",
-            "SCORE_PROXY_LOG_FORMAT",
-            match self.log_format.trim() {
-                "text" => Ok(LogFormat::Text),
-                "json" => Ok(LogFormat::Json),
-                other => Err(format!("'{other}' is not a log format (text or json)")),
-            },
-        );
-        let otel = p.check("(OpenTelemetry)", "OTEL_*", OtelSettings::from_env(&env));
-
-        if let (Some(listen), Some(Some(admin))) = (listen, admin_listen)
-            && listen == admin
-            && listen.port() != 0
-        {
-            p.0.push(ConfigProblem {
-                setting: "--admin-listen (SCORE_PROXY_ADMIN_LISTEN)".into(),
-                problem: "must differ from --listen".into(),
-            });
-        }
-        if public_metrics == Some(false) && admin_listen == Some(None) {
-            p.0.push(ConfigProblem {
-                setting: "--public-metrics (SCORE_PROXY_PUBLIC_METRICS)".into(),
-                problem: "false needs --admin-listen, or /metrics would be served nowhere".into(),
-            });
-        }
-
-        match (
-            listen,
-            upstream_url,
-            rate,
-            rate_guard,
-            queue_capacity,
-            queue_timeout,
-            cache_ttl,
-            cache_max_entries,
-            upstream_timeout,
-            max_in_flight,
-            penalty,
-            client_id,
-            shutdown_grace,
-            (
-                stale_if_error,
-                breaker_failures,
-                breaker_cooldown,
-                max_connections,
-                header_read_timeout,
-            ),
-            (admin_listen, redis),
-            public_metrics,
-            metrics_enabled,
-            log_format,
-            otel,
-        ) {
-            (
-                Some(listen),
-                Some(upstream_url),
-                Some(rate_per_second),
-                Some(rate_guard),
-                Some(queue_capacity),
-                Some(queue_timeout),
-                Some(cache_ttl),
-                Some(cache_max_entries),
-                Some(upstream_timeout),
-                Some(upstream_max_in_flight),
-                Some(upstream_penalty),
-                Some(client_id),
-                Some(shutdown_grace),
-                (
-                    Some(stale_if_error),
-                    Some(breaker_failures),
-                    Some(breaker_cooldown),
-                    Some(max_connections),
-                    Some(header_read_timeout),
-                ),
-                (Some(admin_listen), Some(redis)),
-                Some(public_metrics),
-                Some(metrics_enabled),
-                Some(log_format),
-                Some(otel),
-            ) if p.0.is_empty() => Ok(Config {
-                listen,
-                upstream_url,
-                rate_per_second,
-                rate_guard,
-                queue_capacity: queue_capacity as usize,
-                queue_timeout,
-                cache_ttl,
-                cache_max_entries,
-                upstream_timeout,
-                upstream_max_in_flight: upstream_max_in_flight as usize,
-                upstream_penalty,
-                client_id,
-                shutdown_grace,
-                stale_if_error,
-                breaker_failures: breaker_failures as u32,
-                breaker_cooldown,
-                max_connections: max_connections as usize,
-                header_read_timeout,
-                admin_listen,
-                redis,
-                public_metrics,
-                metrics_enabled,
-                log_format,
-                redaction_key: self.redaction_key.clone().filter(|k| !k.is_empty()),
-                otel,
-            }),
-            _ => Err(p.0),
-        }
-    }
-}
-
-fn parse_addr(raw: &str) -> Result<SocketAddr, String> {
-    raw.trim()
-        .parse()
-        .map_err(|_| format!("'{raw}' is not an address like 0.0.0.0:8000 or 127.0.0.1:8000"))
-}
-
-fn parse_upstream_url(raw: &str) -> Result<Url, String> {
-    let url = Url::parse(raw.trim()).map_err(|e| format!("'{raw}' is not a URL ({e})"))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(format!("'{raw}' must be an http or https URL"));
-    }
-    if url.host().is_none() {
-        return Err(format!("'{raw}' has no host"));
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(format!("'{raw}' must not carry a query or fragment"));
-    }
-    Ok(url)
-}
-
-fn parse_rate(raw: &str) -> Result<f64, String> {
-    let rate: f64 = raw
-        .trim()
-        .parse()
-        .map_err(|_| format!("'{raw}' is not a number"))?;
-    if !(rate.is_finite() && rate > 0.0 && rate <= 1000.0) {
-        return Err(format!(
-            "'{raw}' must be more than 0 and at most 1000 per second"
-        ));
-    }
-    Ok(rate)
-}
-
-fn parse_int(raw: &str, min: u64, max: u64) -> Result<u64, String> {
-    let n: u64 = raw
-        .trim()
-        .parse()
-        .map_err(|_| format!("'{raw}' is not a whole number"))?;
-    if n < min || n > max {
-        return Err(format!("'{raw}' must be between {min} and {max}"));
-    }
-    Ok(n)
-}
-
-/// Durations need a unit (`300ms`, `30s`, `5m`): a bare `10` could mean seconds or
-/// milliseconds, and guessing wrong by 1000x is the kind of mistake config should not allow.
-fn parse_duration(raw: &str, min: Duration, max: Duration) -> Result<Duration, String> {
-    let trimmed = raw.trim();
-    if !trimmed.is_empty() && trimmed.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-        return Err(format!(
-            "'{raw}' needs a unit, e.g. {trimmed}s or {trimmed}ms"
-        ));
-    }
-    let d = humantime::parse_duration(trimmed)
-        .map_err(|_| format!("'{raw}' is not a duration like 300ms, 30s or 5m"))?;
-    if d < min || d > max {
-        return Err(format!(
-            "'{raw}' must be between {} and {}",
-            humantime::format_duration(min),
-            humantime::format_duration(max)
-        ));
-    }
-    Ok(d)
-}
-
-fn parse_bool(raw: &str) -> Result<bool, String> {
-    match raw.trim().to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" => Ok(true),
-        "false" | "0" | "no" | "off" => Ok(false),
-        _ => Err(format!("'{raw}' is not true or false")),
     }
 }
 
