@@ -194,7 +194,12 @@ impl Scheduler {
         let refused = match booked {
             Ok(slot) => {
                 state.slots.insert(slot);
-                if flight.waiters() == 0 {
+                if flight.is_done() {
+                    // Answered while the slot was booked (shutdown closed the queue): it
+                    // stays as a spare, and the answer already given stands.
+                    self.unregister(&mut state, &flight);
+                    None
+                } else if flight.waiters() == 0 {
                     // Everyone left while the slot was booked: it stays as a spare.
                     self.unregister(&mut state, &flight);
                     self.metrics.queue_abandoned();

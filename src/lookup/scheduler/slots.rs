@@ -160,7 +160,18 @@ impl Scheduler {
     /// Books one more start slot for lookups already admitted, then answers anyone the new
     /// schedule leaves past their deadline.
     async fn top_up(self: Arc<Self>) {
-        let not_after = self.lock().queue.latest_deadline();
+        let not_after = {
+            let mut state = self.lock();
+            // The queue may have shrunk since the deficit was counted (a penalty's sweep
+            // answered lookups, clients left): book only what the start slots and the other
+            // bookings under way do not cover.
+            state.slots.booking -= 1;
+            if state.slots.deficit(state.queue.len()) == 0 {
+                return;
+            }
+            state.slots.booking += 1;
+            state.queue.latest_deadline()
+        };
         let booked = match not_after {
             // Admitted lookups already hold their place: no capacity limit for them.
             Some(not_after) => Some(self.pacer.book(not_after, usize::MAX).await),
@@ -174,11 +185,13 @@ impl Scheduler {
                 state.slots.insert(slot);
                 None
             }
-            // No slot before the latest deadline: the last lookup in the queue (the one
-            // this slot was for) cannot be served in time; say so now.
-            Some(Err(BookError::TooLate { by })) => {
+            // No slot before the latest deadline: if the queue is still short of one, the
+            // last lookup in it (the one this slot was for) cannot be served in time; say so
+            // now. If it no longer is (lookups left while this booked), nobody is.
+            Some(Err(BookError::TooLate { by })) if state.slots.deficit(state.queue.len()) > 0 => {
                 state.queue.pop_last().map(|(_, flight)| (flight, by))
             }
+            Some(Err(BookError::TooLate { .. })) => None,
             Some(Err(BookError::Full { .. })) | None => None,
         };
         if let Some((flight, _)) = &unserved {
