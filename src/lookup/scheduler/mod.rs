@@ -27,12 +27,15 @@
 //! - `admission.rs`: the admission rule, deadlines, refusals, and keeping the promise when
 //!   the schedule moves;
 //! - `slots.rs`: the booked start slots (booking, spares, top-ups, a penalty voiding them).
+//! - `tests/`: the invariants above as unit tests, with a fake pacer and a paused clock.
 //!
 //! [`FairQueue`]: crate::lookup::queue::FairQueue
 
 mod admission;
 mod flights;
 mod slots;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
