@@ -116,6 +116,17 @@ impl FakePacer {
     fn release(&self) {
         self.held.send_replace(false);
     }
+
+    /// Resolves once `count` bookings wait in [`Pacer::book`] for [`FakePacer::release`].
+    async fn waiting(&self, count: usize) {
+        for _ in 0..1000 {
+            if self.held.receiver_count() == count {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("{} bookings wait, not {count}", self.held.receiver_count());
+    }
 }
 
 impl Pacer for FakePacer {
@@ -289,13 +300,16 @@ impl Harness {
 
     /// The value of one series of the scheduler's metrics.
     fn metric(&self, series: &str) -> f64 {
-        score_test_support::prom::value(&self.metrics.render(), series)
+        self.scrape().metric(series)
     }
 
     fn refusals(&self, reason: &str) -> f64 {
-        self.metric(&format!(
-            "score_proxy_queue_refusals_total{{reason=\"{reason}\"}}"
-        ))
+        self.scrape().refusals(reason)
+    }
+
+    /// The metrics as a scrape sees them (rendering takes milliseconds: once per look).
+    fn scrape(&self) -> Scrape {
+        Scrape(self.metrics.render())
     }
 
     /// Bookings under way (on admission or top-up tasks).
@@ -359,6 +373,21 @@ impl Harness {
         self.scheduler.replenish();
         self.scheduler.expire();
         retried
+    }
+}
+
+/// The text of one scrape of the metrics.
+struct Scrape(String);
+
+impl Scrape {
+    fn metric(&self, series: &str) -> f64 {
+        score_test_support::prom::value(&self.0, series)
+    }
+
+    fn refusals(&self, reason: &str) -> f64 {
+        self.metric(&format!(
+            "score_proxy_queue_refusals_total{{reason=\"{reason}\"}}"
+        ))
     }
 }
 

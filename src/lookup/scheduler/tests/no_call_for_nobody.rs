@@ -96,3 +96,18 @@ async fn nobody_waiting_means_no_start_at_the_slot() {
     assert!(h.scheduler.claim(slot.unwrap()).is_none());
     assert_eq!(h.metric("score_proxy_queue_abandoned_total"), 2.0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_penalised_lookup_whose_client_left_is_not_tried_again() {
+    let h = harness(10, 10 * SEC, SEC);
+    let leader = h.lead("a", 1);
+    let _other = h.lead("b", 1);
+    let first = h.start_next().await.unwrap();
+    // The client hangs up while the call is out; the call comes back 429.
+    drop(leader);
+    assert!(!h.penalty(&first.flight, h.t0 + 1500 * MS).await);
+    let starts = h.dispatch().await;
+    assert_eq!(labels(&starts), ["b1"], "no second call for a1");
+    // Nothing left of it: the next lookup for it leads a new flight.
+    let _again = h.lead("a", 1);
+}

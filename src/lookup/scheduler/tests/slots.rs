@@ -160,3 +160,57 @@ async fn no_start_slot_inside_a_penalty_is_used() {
     assert_eq!(h.pacer.bookings(), 8 + 6);
     assert_eq!(offsets_ms(h.t0, &starts)[..2], [6000, 7000]);
 }
+
+/// Three lookups, slots at 0, 1 and 2 s, the third due by 3.5 s; the first call gets a 429
+/// with a penalty to 1.5 s. Only the slot at 1 s is void. The penalised lookup and the second
+/// can still be served (at 2 s, and at 3 s once booked again); the third, pushed to 4 s, is
+/// answered now rather than at its deadline, and nothing is booked for it.
+#[tokio::test(start_paused = true)]
+async fn a_penalty_answers_at_once_whom_it_pushes_past_their_deadline() {
+    let h = harness(10, 10 * SEC, SEC);
+    let _x = h.lead("x", 0);
+    let _a = h.lead("a", 0);
+    let mut b = h.lead_within("b", 0, Some(3500 * MS));
+    let first = h.start_next().await.unwrap();
+    assert!(h.penalty(&first.flight, h.t0 + 1500 * MS).await);
+    h.settle().await;
+    assert_eq!(Instant::now(), h.t0);
+    assert_eq!(
+        error_now(&mut b),
+        Some(ProxyError::UpstreamPenalty {
+            retry_after: 1500 * MS
+        })
+    );
+    let starts = h.dispatch().await;
+    assert_eq!(labels(&starts), ["x0", "a0"]);
+    assert_eq!(offsets_ms(h.t0, &starts), [2000, 3000]);
+    // Three first bookings and one for the slot voided; none for the lookup answered.
+    assert_eq!(h.pacer.bookings(), 4);
+    assert_eq!(h.scheduler.booked_slots(), 0);
+}
+
+/// A slot passes unused and its top-up is slow to book; meanwhile a client leaves, so the
+/// slots still booked cover everyone left. When the booking comes back too late for any
+/// deadline, nobody is answered for it: every lookup still queued has its slot.
+#[tokio::test(start_paused = true)]
+async fn a_top_up_that_comes_back_too_late_answers_nobody_the_slots_still_serve() {
+    let h = harness(10, 10 * SEC, SEC);
+    let within = Some(2500 * MS);
+    let mut a = h.lead_within("a", 0, within);
+    let mut b = h.lead_within("b", 0, within);
+    let c = h.lead_within("c", 0, within);
+    let (slot, _) = h.scheduler.take_due_slots(Instant::now());
+    assert_eq!(slot, Some(h.t0));
+    h.pacer.hold();
+    h.scheduler.replenish();
+    h.pacer.waiting(1).await;
+    drop(c);
+    h.pacer.release();
+    h.settle().await;
+    assert!(answer_now(&mut b).is_none(), "b still has the slot at 2 s");
+    let starts = h.dispatch().await;
+    assert_eq!(labels(&starts), ["a0", "b0"]);
+    assert_eq!(offsets_ms(h.t0, &starts), [1000, 2000]);
+    assert!(answer_now(&mut a).unwrap().is_ok());
+    assert_eq!(h.refusals("expired"), 0.0);
+}
