@@ -1,11 +1,13 @@
-//! The dispatcher: the one task that turns booked slots into upstream calls.
+//! The dispatcher: the one task that turns booked start slots into upstream calls.
 //!
-//! Its loop reads as the last stages of the pipeline: wait for the next booked slot, check
-//! that a call may start (the circuit breaker, the concurrency bound, the start gate), take
-//! the next waiting lookup in fair order that someone still waits for, and launch its call on
-//! a task of its own. Calls overlap: a slow upstream does not delay the next start, up to
-//! `max_in_flight` calls. A slot that cannot be used passes unused, and the scheduler books
-//! another for the lookups still waiting.
+//! Its loop reads as the last stages of the pipeline: wait for the next booked start slot,
+//! check that a call may start (the circuit breaker, an in-flight permit, the start gate),
+//! take the next waiting lookup in fair order that someone still waits for, and launch its
+//! call on a task of its own. Calls overlap: a slow upstream does not delay the next start,
+//! up to `upstream-max-in-flight` calls (one in-flight permit each). A start slot that cannot
+//! be used passes unused, and the scheduler books another for the lookups still waiting (each
+//! top-up on a task of its own; admission itself books under the scheduler's lock in one
+//! process, see `scheduler/admission.rs`).
 //!
 //! The call task handles what the upstream answered: a score goes to the cache and every
 //! waiter, a 429 pauses all calls for the penalty and puts the lookup back at the front of
@@ -35,6 +37,7 @@ pub struct Dispatcher {
     pub breaker: Arc<Breaker>,
     pub upstream: Arc<UpstreamClient>,
     pub metrics: Arc<Metrics>,
+    /// The in-flight permits: one per call under way, `upstream-max-in-flight` in all.
     pub in_flight: Arc<Semaphore>,
     /// The penalty assumed when a 429 carries no usable `Retry-After`.
     pub default_penalty: Duration,
@@ -48,7 +51,7 @@ impl Dispatcher {
     pub async fn run(self: Arc<Self>) {
         loop {
             let Some(slot) = self.next_due_slot().await else {
-                // Every due slot came too late: book again for whoever still waits.
+                // Every due start slot came too late: book again for whoever still waits.
                 self.scheduler.replenish();
                 continue;
             };
@@ -59,16 +62,16 @@ impl Dispatcher {
                 continue;
             }
             // The concurrency bound: a slow or hung upstream holds calls open.
-            let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            let Ok(in_flight_permit) = self.in_flight.clone().try_acquire_owned() else {
                 self.breaker.start_cancelled();
                 self.unused(SlotUnused::Saturated);
                 continue;
             };
             // The start gate: never closer than its spacing to the last real departure (an
             // interval; in shared mode less the late tolerance, see `App::new`), never inside
-            // a penalty or another replica's hold (either can become known while the slot
-            // waits there), and in shared mode never later than the tolerance.
-            // How far the gate's floor pushes this slot, for the debug lines below only.
+            // a penalty or another replica's hold (either can become known while the start
+            // slot waits there), and in shared mode never later than the tolerance.
+            // How far the gate's floor pushes this start slot, for the debug lines below only.
             let floor = if tracing::enabled!(tracing::Level::DEBUG) {
                 self.gate.earliest(slot).saturating_duration_since(slot)
             } else {
@@ -119,14 +122,14 @@ impl Dispatcher {
                 self.unused(SlotUnused::NoLookup);
                 continue;
             };
-            // Slots that came too late on the way here are booked again for whoever still
-            // waits. Not before the claim: until then the queue still counts the lookup this
-            // slot is for, and the deficit would book it a second slot (in shared mode, a
-            // slot the whole fleet would lose).
+            // Start slots that came too late on the way here are booked again for whoever
+            // still waits. Not before the claim: until then the queue still counts the lookup
+            // this start slot is for, and the deficit would book it a second one (in shared
+            // mode, a start slot the whole fleet would lose).
             self.scheduler.replenish();
             self.metrics
                 .queue_wait(started.saturating_duration_since(flight.admitted_at));
-            tokio::spawn(self.clone().call(flight, permit, started));
+            tokio::spawn(self.clone().call(flight, in_flight_permit, started));
         }
     }
 
@@ -135,13 +138,13 @@ impl Dispatcher {
         self.scheduler.replenish();
     }
 
-    /// Waits for the earliest booked slot to be due, answering on the way lookups whose
-    /// deadline passes. Returns the slot to use, or `None` when the due slots came too late
-    /// to be used (see `Scheduler::take_due_slots`).
+    /// Waits for the earliest booked start slot to be due, answering on the way lookups whose
+    /// deadline passes. Returns the start slot to use, or `None` when the due start slots came
+    /// too late to be used (see `Scheduler::take_due_slots`).
     async fn next_due_slot(&self) -> Option<Instant> {
         loop {
             let changed = self.scheduler.changed();
-            // Whatever woke us, waiting lookups without a slot get one booked.
+            // Whatever woke us, waiting lookups without a start slot get one booked.
             self.scheduler.replenish();
             let now = Instant::now();
             match self.scheduler.next_slot() {
@@ -177,16 +180,12 @@ impl Dispatcher {
     async fn call(
         self: Arc<Self>,
         flight: Arc<Flight>,
-        slot: OwnedSemaphorePermit,
+        in_flight_permit: OwnedSemaphorePermit,
         started: Instant,
     ) {
-        let mut completion = Completion {
-            scheduler: &self.scheduler,
-            flight: &flight,
-            done: false,
-        };
+        let completion = Completion::new(&self.scheduler, &flight);
         let attempt = flight.start_attempt();
-        let in_flight =
+        let in_flight_gauge =
             crate::telemetry::metrics::GaugeGuard::new(self.metrics.upstream_in_flight());
         let span = telemetry::upstream_span(&flight.origin, attempt, self.upstream.url());
         let traceparent = telemetry::traceparent_for(&span, &flight.origin.trace);
@@ -195,8 +194,8 @@ impl Dispatcher {
             .call(&flight.key, traceparent)
             .instrument(span.clone())
             .await;
-        drop(in_flight);
-        drop(slot);
+        drop(in_flight_gauge);
+        drop(in_flight_permit);
         let took = result.finished_at.saturating_duration_since(started);
         self.metrics
             .upstream_call(result.status, result.outcome, took);
@@ -260,7 +259,7 @@ impl Dispatcher {
             }
             _ => self.scheduler.finish(&flight, Err(result.error())),
         }
-        completion.done = true;
+        completion.answered();
     }
 }
 
@@ -274,12 +273,27 @@ async fn sleep_until_opt(at: Option<Instant>, after: Duration) {
     }
 }
 
-/// Answers the flight if its call task ends without doing so (a panic, or the runtime
-/// shutting down), so no waiter is left hanging.
-struct Completion<'a> {
+/// Answers the flight if its call task ends without doing so (a panic, the task aborted, or
+/// the runtime shutting down), so no waiter is left hanging.
+pub(crate) struct Completion<'a> {
     scheduler: &'a Scheduler,
     flight: &'a Arc<Flight>,
     done: bool,
+}
+
+impl<'a> Completion<'a> {
+    pub(crate) fn new(scheduler: &'a Scheduler, flight: &'a Arc<Flight>) -> Self {
+        Completion {
+            scheduler,
+            flight,
+            done: false,
+        }
+    }
+
+    /// The call task answered the flight (or put it back in the queue) itself.
+    pub(crate) fn answered(mut self) {
+        self.done = true;
+    }
 }
 
 impl Drop for Completion<'_> {

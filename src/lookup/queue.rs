@@ -8,8 +8,10 @@
 //!
 //! Admission is honest: a job is let in only if it can start before its deadline *and* every
 //! job it overtakes still can. The prediction is exact: the starts booked with the pacer for
-//! the waiting jobs, earliest first, are handed out in queue order, so the job at position
-//! `p` starts at the `p`-th booked slot.
+//! the waiting jobs (start slots), earliest first, are handed out in queue order, so the job
+//! at position `p` starts at the `p`-th booked start slot. A job's place in that order is its
+//! queue order key (tag, retry or first attempt, arrival), not a start slot: the two only meet
+//! when jobs are popped, in key order, one per start slot.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -37,14 +39,15 @@ impl JobId {
 #[derive(Clone, Debug)]
 pub struct Schedule {
     pub now: Instant,
-    /// Starts booked for the waiting jobs, earliest first: position `p` starts at `slots[p]`.
+    /// Start slots booked for the waiting jobs, earliest first: position `p` starts at
+    /// `slots[p]`.
     pub slots: Vec<Instant>,
-    /// Spacing used beyond the booked slots (while more are being booked).
+    /// Spacing used beyond the booked start slots (while more are being booked).
     pub interval: Duration,
 }
 
 impl Schedule {
-    /// Evenly spaced slots from `first`: what a single process's pacer books.
+    /// Evenly spaced start slots from `first`: what a single process's pacer books.
     pub fn uniform(now: Instant, first: Instant, interval: Duration, count: usize) -> Schedule {
         Schedule {
             now,
@@ -80,8 +83,9 @@ pub enum Refusal {
     Closed,
 }
 
-/// Order key: tag, then retries before first attempts, then arrival.
-type Slot = (u64, u8, u64);
+/// The queue order key, a job's virtual-time position: tag, then retries before first
+/// attempts, then arrival.
+type OrderKey = (u64, u8, u64);
 const RETRY: u8 = 0;
 const FIRST: u8 = 1;
 
@@ -93,8 +97,9 @@ struct Entry<T> {
 
 pub struct FairQueue<T> {
     capacity: usize,
-    order: BTreeMap<Slot, Entry<T>>,
-    slots: HashMap<JobId, Slot>,
+    order: BTreeMap<OrderKey, Entry<T>>,
+    /// Each waiting job's order key, to find it again when its client leaves.
+    keys: HashMap<JobId, OrderKey>,
     /// Per client: tag of its newest queued job and how many it has queued.
     clients: HashMap<ClientId, (u64, usize)>,
     virtual_time: u64,
@@ -107,7 +112,7 @@ impl<T> FairQueue<T> {
         FairQueue {
             capacity,
             order: BTreeMap::new(),
-            slots: HashMap::new(),
+            keys: HashMap::new(),
             clients: HashMap::new(),
             virtual_time: 0,
             next_seq: 0,
@@ -156,11 +161,11 @@ impl<T> FairQueue<T> {
         let last_tag = self.clients.get(client).map_or(0, |&(tag, _)| tag);
         let fair_tag = self.virtual_time.max(last_tag) + 1;
         let seq = self.next_seq;
-        let fair_slot = (fair_tag, FIRST, seq);
-        let fair_position = self.order.range(..fair_slot).count();
+        let fair_key = (fair_tag, FIRST, seq);
+        let fair_position = self.order.range(..fair_key).count();
 
-        let slot = if self.fits(fair_position, deadline, schedule) {
-            fair_slot
+        let key = if self.fits(fair_position, deadline, schedule) {
+            fair_key
         } else {
             // Taking its fair place would make someone miss their deadline, or itself: try
             // the back of the queue, which overtakes nobody.
@@ -177,13 +182,13 @@ impl<T> FairQueue<T> {
 
         self.next_seq += 1;
         let id = JobId(seq);
-        let position = self.order.range(..slot).count();
+        let position = self.order.range(..key).count();
         let client_state = self.clients.entry(client.clone()).or_insert((0, 0));
-        client_state.0 = client_state.0.max(slot.0);
+        client_state.0 = client_state.0.max(key.0);
         client_state.1 += 1;
-        self.slots.insert(id, slot);
+        self.keys.insert(id, key);
         self.order.insert(
-            slot,
+            key,
             Entry {
                 client: client.clone(),
                 deadline,
@@ -225,13 +230,13 @@ impl<T> FairQueue<T> {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        let slot = (self.virtual_time, RETRY, seq);
+        let key = (self.virtual_time, RETRY, seq);
         let id = JobId(seq);
         let client_state = self.clients.entry(client.clone()).or_insert((0, 0));
         client_state.1 += 1;
-        self.slots.insert(id, slot);
+        self.keys.insert(id, key);
         self.order.insert(
-            slot,
+            key,
             Entry {
                 client: client.clone(),
                 deadline,
@@ -243,27 +248,27 @@ impl<T> FairQueue<T> {
 
     /// Takes the next job to start, advancing virtual time.
     pub fn pop(&mut self) -> Option<(JobId, T)> {
-        let (slot, entry) = self.order.pop_first()?;
-        self.virtual_time = self.virtual_time.max(slot.0);
-        let id = JobId(slot.2);
-        self.slots.remove(&id);
+        let (key, entry) = self.order.pop_first()?;
+        self.virtual_time = self.virtual_time.max(key.0);
+        let id = JobId(key.2);
+        self.keys.remove(&id);
         self.forget(&entry.client);
         Some((id, entry.job))
     }
 
-    /// Takes the job that would start last (when the schedule has no slot left for it).
+    /// Takes the job that would start last (when the schedule has no start slot left for it).
     pub fn pop_last(&mut self) -> Option<(JobId, T)> {
-        let (slot, entry) = self.order.pop_last()?;
-        let id = JobId(slot.2);
-        self.slots.remove(&id);
+        let (key, entry) = self.order.pop_last()?;
+        let id = JobId(key.2);
+        self.keys.remove(&id);
         self.forget(&entry.client);
         Some((id, entry.job))
     }
 
     /// Removes a job that is still waiting (its client left). `None` if it already started.
     pub fn remove(&mut self, id: JobId) -> Option<T> {
-        let slot = self.slots.remove(&id)?;
-        let entry = self.order.remove(&slot)?;
+        let key = self.keys.remove(&id)?;
+        let entry = self.order.remove(&key)?;
         self.forget(&entry.client);
         Some(entry.job)
     }
@@ -283,20 +288,20 @@ impl<T> FairQueue<T> {
     pub fn expire(&mut self, schedule: &Schedule) -> Vec<(T, Refusal)> {
         let mut doomed = Vec::new();
         let mut position = 0;
-        for (slot, entry) in &self.order {
+        for (key, entry) in &self.order {
             let start = schedule.start_at(position);
             if start > entry.deadline {
                 let retry_after = start.saturating_duration_since(entry.deadline);
-                doomed.push((*slot, retry_after));
+                doomed.push((*key, retry_after));
             } else {
                 position += 1;
             }
         }
         doomed
             .into_iter()
-            .filter_map(|(slot, retry_after)| {
-                let entry = self.order.remove(&slot)?;
-                self.slots.remove(&JobId(slot.2));
+            .filter_map(|(key, retry_after)| {
+                let entry = self.order.remove(&key)?;
+                self.keys.remove(&JobId(key.2));
                 self.forget(&entry.client);
                 Some((entry.job, Refusal::Deadline { retry_after }))
             })
@@ -306,7 +311,7 @@ impl<T> FairQueue<T> {
     /// Refuses all further admissions and hands back every waiting job (shutdown).
     pub fn close(&mut self) -> Vec<T> {
         self.closed = true;
-        self.slots.clear();
+        self.keys.clear();
         self.clients.clear();
         std::mem::take(&mut self.order)
             .into_values()
