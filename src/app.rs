@@ -266,8 +266,9 @@ impl App {
         self.metrics.cache_lookup(cache_result);
         report.cache = Some(cache_result);
         if cache_result == CacheResult::Miss {
-            // Booking a start slot (the pacing.permit span is on the booking task), then
-            // waiting in the queue until the call starts.
+            // The start slot was booked at admission (the `pacing.permit` span: under the
+            // scheduler's lock in one process, on a task in shared mode); now wait in the
+            // queue until the call starts.
             if let Some(position) = waiter.queued().await {
                 waiter
                     .started()
