@@ -29,38 +29,38 @@ use crate::telemetry::{self, FlightOrigin, TraceIds};
 
 /// A score, and how it was obtained.
 #[derive(Debug)]
-pub struct Answer {
-    pub body: Bytes,
-    pub cache: CacheResult,
+pub(crate) struct Answer {
+    pub(crate) body: Bytes,
+    pub(crate) cache: CacheResult,
     /// How old the answer is (for `Age`).
-    pub age: Duration,
+    pub(crate) age: Duration,
 }
 
 /// What one lookup went through, for its access log line and span attributes.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct LookupReport {
-    pub cache: Option<CacheResult>,
-    pub flight: FlightInfo,
+pub(crate) struct LookupReport {
+    pub(crate) cache: Option<CacheResult>,
+    pub(crate) flight: FlightInfo,
 }
 
 pub struct App {
-    pub config: Config,
+    pub(crate) config: Config,
     pub metrics: Arc<Metrics>,
-    pub cache: Arc<LocalCache>,
+    pub(crate) cache: Arc<LocalCache>,
     pub scheduler: Arc<Scheduler>,
     pub pacer: Arc<dyn Pacer>,
     /// Shared mode's Redis side, when `--redis-url` is set.
     pub shared: Option<Arc<Shared>>,
     pub breaker: Arc<Breaker>,
-    pub dispatcher: Arc<Dispatcher>,
+    pub(crate) dispatcher: Arc<Dispatcher>,
     lifecycle: watch::Sender<Lifecycle>,
-    pub started_at: Instant,
+    pub(crate) started_at: Instant,
 }
 
 impl App {
     /// Builds every stage from a validated configuration. Spawns nothing: see
     /// [`crate::http::server`] for the tasks.
-    pub fn new(config: Config) -> anyhow::Result<Arc<App>> {
+    pub(crate) fn new(config: Config) -> anyhow::Result<Arc<App>> {
         if let Some(key) = &config.redaction_key {
             redact::set_key(key);
         }
@@ -165,7 +165,7 @@ impl App {
         }))
     }
 
-    pub fn default_client_id(&self) -> Option<&ClientId> {
+    pub(crate) fn default_client_id(&self) -> Option<&ClientId> {
         self.config.client_id.as_ref()
     }
 
@@ -173,7 +173,7 @@ impl App {
     ///
     /// `queue_timeout` is the raw `X-Queue-Timeout` header, if the client sent one: it can
     /// only shorten the configured queue timeout, for this lookup.
-    pub async fn lookup(
+    pub(crate) async fn lookup(
         &self,
         raw_query: Option<&str>,
         queue_timeout: Option<&[u8]>,
@@ -317,24 +317,24 @@ impl App {
         }
     }
 
-    pub fn lifecycle(&self) -> Lifecycle {
+    pub(crate) fn lifecycle(&self) -> Lifecycle {
         *self.lifecycle.borrow()
     }
 
     /// Shutdown has begun: admit only what can start within `grace`.
-    pub fn begin_drain(&self, grace: Duration) {
+    pub(crate) fn begin_drain(&self, grace: Duration) {
         self.scheduler.begin_drain(Instant::now() + grace);
         self.lifecycle.send_replace(Lifecycle::Draining);
     }
 
     /// The grace period is over: answer everything still waiting with 503.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.scheduler.close();
         self.lifecycle.send_replace(Lifecycle::Closed);
     }
 
     /// Upstream calls under way.
-    pub fn processing(&self) -> i64 {
+    pub(crate) fn processing(&self) -> i64 {
         self.metrics.upstream_in_flight().get()
     }
 }

@@ -128,7 +128,7 @@ fn exit_code(result: anyhow::Result<()>) -> ExitCode {
 mod demo {
     use std::time::Duration;
 
-    pub(crate) use score_proxy::config::DemoArgs;
+    pub use score_proxy::config::DemoArgs;
     use score_proxy::http::server::Server;
     use score_sim::{Simulator, SimulatorConfig, SimulatorHandle};
     use url::Url;
@@ -141,7 +141,7 @@ mod demo {
     impl DemoUpstream {
         /// Starts the simulator with its defaults (the original's 1 call/s and 2 s penalty)
         /// and the latency asked for.
-        pub(crate) async fn start(args: &DemoArgs) -> anyhow::Result<DemoUpstream> {
+        pub async fn start(args: &DemoArgs) -> anyhow::Result<DemoUpstream> {
             let sim = Simulator::spawn(SimulatorConfig {
                 latency: args.upstream_latency,
                 ..Default::default()

@@ -6,7 +6,7 @@
 
 /// Shutdown progress, as lookups see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Lifecycle {
+pub(crate) enum Lifecycle {
     Running,
     /// Not accepting connections; queued lookups may still finish.
     Draining,

@@ -26,33 +26,33 @@ mod checks;
 mod parse;
 
 /// The defaults, in one place (the README's table repeats them).
-pub mod defaults {
-    pub const LISTEN: &str = "0.0.0.0:8000";
-    pub const UPSTREAM_URL: &str = "https://score.hsborges.dev/api/score";
-    pub const RATE: &str = "1";
-    pub const RATE_GUARD: &str = "10ms";
-    pub const QUEUE_CAPACITY: &str = "20";
-    pub const QUEUE_TIMEOUT: &str = "30s";
-    pub const CACHE_TTL: &str = "300s";
-    pub const CACHE_MAX_ENTRIES: &str = "100000";
-    pub const UPSTREAM_TIMEOUT: &str = "10s";
-    pub const UPSTREAM_MAX_IN_FLIGHT: &str = "16";
-    pub const UPSTREAM_PENALTY: &str = "2s";
-    pub const SHUTDOWN_GRACE: &str = "10s";
-    pub const STALE_IF_ERROR: &str = "0s";
-    pub const BREAKER_FAILURES: &str = "5";
-    pub const BREAKER_COOLDOWN: &str = "30s";
-    pub const MAX_CONNECTIONS: &str = "10000";
-    pub const HEADER_READ_TIMEOUT: &str = "10s";
-    pub const REDIS_TIMEOUT: &str = "100ms";
-    pub const REDIS_PREFIX: &str = "score-proxy";
-    pub const EXPECTED_REPLICAS: &str = "3";
-    pub const PUBLIC_METRICS: &str = "true";
-    pub const METRICS: &str = "true";
-    pub const LOG_FORMAT: &str = "text";
-    pub const HEALTHCHECK_URL: &str = "http://127.0.0.1:8000/health";
-    pub const HEALTHCHECK_TIMEOUT: &str = "2s";
-    pub const DEMO_UPSTREAM_LATENCY: &str = "150ms";
+pub(crate) mod defaults {
+    pub(crate) const LISTEN: &str = "0.0.0.0:8000";
+    pub(crate) const UPSTREAM_URL: &str = "https://score.hsborges.dev/api/score";
+    pub(crate) const RATE: &str = "1";
+    pub(crate) const RATE_GUARD: &str = "10ms";
+    pub(crate) const QUEUE_CAPACITY: &str = "20";
+    pub(crate) const QUEUE_TIMEOUT: &str = "30s";
+    pub(crate) const CACHE_TTL: &str = "300s";
+    pub(crate) const CACHE_MAX_ENTRIES: &str = "100000";
+    pub(crate) const UPSTREAM_TIMEOUT: &str = "10s";
+    pub(crate) const UPSTREAM_MAX_IN_FLIGHT: &str = "16";
+    pub(crate) const UPSTREAM_PENALTY: &str = "2s";
+    pub(crate) const SHUTDOWN_GRACE: &str = "10s";
+    pub(crate) const STALE_IF_ERROR: &str = "0s";
+    pub(crate) const BREAKER_FAILURES: &str = "5";
+    pub(crate) const BREAKER_COOLDOWN: &str = "30s";
+    pub(crate) const MAX_CONNECTIONS: &str = "10000";
+    pub(crate) const HEADER_READ_TIMEOUT: &str = "10s";
+    pub(crate) const REDIS_TIMEOUT: &str = "100ms";
+    pub(crate) const REDIS_PREFIX: &str = "score-proxy";
+    pub(crate) const EXPECTED_REPLICAS: &str = "3";
+    pub(crate) const PUBLIC_METRICS: &str = "true";
+    pub(crate) const METRICS: &str = "true";
+    pub(crate) const LOG_FORMAT: &str = "text";
+    pub(crate) const HEALTHCHECK_URL: &str = "http://127.0.0.1:8000/health";
+    pub(crate) const HEALTHCHECK_TIMEOUT: &str = "2s";
+    pub(crate) const DEMO_UPSTREAM_LATENCY: &str = "150ms";
 }
 
 #[derive(Parser, Debug)]
@@ -122,128 +122,128 @@ pub struct DemoArgs {
 pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "SCORE_PROXY_LISTEN", default_value = defaults::LISTEN)]
-    pub listen: String,
+    pub(crate) listen: String,
     /// The score API's address.
     #[arg(long, env = "SCORE_PROXY_UPSTREAM_URL", default_value = defaults::UPSTREAM_URL)]
-    pub upstream_url: String,
+    pub(crate) upstream_url: String,
     /// Upstream calls per second allowed, for all callers together.
     #[arg(long = "rate", env = "SCORE_PROXY_RATE_PER_SECOND", default_value = defaults::RATE)]
-    pub rate_per_second: String,
+    pub(crate) rate_per_second: String,
     /// Added to 1/rate between call starts, to absorb clock and network jitter.
     #[arg(long, env = "SCORE_PROXY_RATE_GUARD", default_value = defaults::RATE_GUARD)]
-    pub rate_guard: String,
+    pub(crate) rate_guard: String,
     /// Most distinct lookups that may wait for upstream budget.
     #[arg(long, env = "SCORE_PROXY_QUEUE_CAPACITY", default_value = defaults::QUEUE_CAPACITY)]
-    pub queue_capacity: String,
+    pub(crate) queue_capacity: String,
     /// Longest a lookup may wait for its upstream call to start.
     #[arg(long, env = "SCORE_PROXY_QUEUE_TIMEOUT", default_value = defaults::QUEUE_TIMEOUT)]
-    pub queue_timeout: String,
+    pub(crate) queue_timeout: String,
     /// How long a score is served from the cache.
     #[arg(long, env = "SCORE_PROXY_CACHE_TTL", default_value = defaults::CACHE_TTL)]
-    pub cache_ttl: String,
+    pub(crate) cache_ttl: String,
     /// Most entries the cache holds.
     #[arg(long, env = "SCORE_PROXY_CACHE_MAX_ENTRIES", default_value = defaults::CACHE_MAX_ENTRIES)]
-    pub cache_max_entries: String,
+    pub(crate) cache_max_entries: String,
     /// Longest an upstream call may take, body included.
     #[arg(long, env = "SCORE_PROXY_UPSTREAM_TIMEOUT", default_value = defaults::UPSTREAM_TIMEOUT)]
-    pub upstream_timeout: String,
+    pub(crate) upstream_timeout: String,
     /// Most upstream calls open at once (calls overlap when the upstream is slow).
     #[arg(long, env = "SCORE_PROXY_UPSTREAM_MAX_IN_FLIGHT", default_value = defaults::UPSTREAM_MAX_IN_FLIGHT)]
-    pub upstream_max_in_flight: String,
+    pub(crate) upstream_max_in_flight: String,
     /// Penalty assumed after a 429 without a usable Retry-After.
     #[arg(long, env = "SCORE_PROXY_UPSTREAM_PENALTY", default_value = defaults::UPSTREAM_PENALTY)]
-    pub upstream_penalty: String,
+    pub(crate) upstream_penalty: String,
     /// Client id used when a lookup gives none (SCORE_PROXY_CLIENT_ID, else CLIENT_ID).
     #[arg(long, env = "SCORE_PROXY_CLIENT_ID")]
-    pub client_id: Option<String>,
+    pub(crate) client_id: Option<String>,
     /// How long past the TTL an answer may still be served when the upstream fails
     /// (X-Cache: STALE); 0s turns stale-if-error off.
     #[arg(long, env = "SCORE_PROXY_STALE_IF_ERROR", default_value = defaults::STALE_IF_ERROR)]
-    pub stale_if_error: String,
+    pub(crate) stale_if_error: String,
     /// Consecutive upstream failures that open the circuit breaker (0 disables it).
     #[arg(long, env = "SCORE_PROXY_BREAKER_FAILURES", default_value = defaults::BREAKER_FAILURES)]
-    pub breaker_failures: String,
+    pub(crate) breaker_failures: String,
     /// How long an open circuit breaker refuses lookups before letting one probe through.
     #[arg(long, env = "SCORE_PROXY_BREAKER_COOLDOWN", default_value = defaults::BREAKER_COOLDOWN)]
-    pub breaker_cooldown: String,
+    pub(crate) breaker_cooldown: String,
     /// Most client connections open at once on the main listener; beyond it, new connections
     /// get a 503 and are closed.
     #[arg(long, env = "SCORE_PROXY_MAX_CONNECTIONS", default_value = defaults::MAX_CONNECTIONS)]
-    pub max_connections: String,
+    pub(crate) max_connections: String,
     /// Longest a client may take to send a request head (slow clients, idle keep-alive).
     #[arg(long, env = "SCORE_PROXY_HEADER_READ_TIMEOUT", default_value = defaults::HEADER_READ_TIMEOUT)]
-    pub header_read_timeout: String,
+    pub(crate) header_read_timeout: String,
     /// Redis shared by several replicas (schedule, penalty, cache, coalescing); unset: this
     /// process paces alone.
     #[arg(long, env = "SCORE_PROXY_REDIS_URL")]
-    pub redis_url: Option<String>,
+    pub(crate) redis_url: Option<String>,
     /// Longest a Redis operation may take before the replica falls back to pacing alone.
     #[arg(long, env = "SCORE_PROXY_REDIS_TIMEOUT", default_value = defaults::REDIS_TIMEOUT)]
-    pub redis_timeout: String,
+    pub(crate) redis_timeout: String,
     /// Prefix of every Redis key (several fleets can share one Redis).
     #[arg(long, env = "SCORE_PROXY_REDIS_PREFIX", default_value = defaults::REDIS_PREFIX)]
-    pub redis_prefix: String,
+    pub(crate) redis_prefix: String,
     /// Replicas sharing the budget: without Redis each paces at rate / this.
     #[arg(long, env = "SCORE_PROXY_EXPECTED_REPLICAS", default_value = defaults::EXPECTED_REPLICAS)]
-    pub expected_replicas: String,
+    pub(crate) expected_replicas: String,
     /// On SIGTERM/Ctrl-C, how long queued and running lookups get to finish.
     #[arg(long, env = "SCORE_PROXY_SHUTDOWN_GRACE", default_value = defaults::SHUTDOWN_GRACE)]
-    pub shutdown_grace: String,
+    pub(crate) shutdown_grace: String,
     /// A second listener for /metrics, /health, /ready and /status (operators only).
     #[arg(long, env = "SCORE_PROXY_ADMIN_LISTEN")]
-    pub admin_listen: Option<String>,
+    pub(crate) admin_listen: Option<String>,
     /// Serve /metrics on the main listener too (set false when an admin listener serves it).
     #[arg(long, env = "SCORE_PROXY_PUBLIC_METRICS", default_value = defaults::PUBLIC_METRICS)]
-    pub public_metrics: String,
+    pub(crate) public_metrics: String,
     /// Record per-request metrics (false only to measure what telemetry costs).
     #[arg(long, env = "SCORE_PROXY_METRICS", default_value = defaults::METRICS)]
-    pub metrics: String,
+    pub(crate) metrics: String,
     /// Log line format: text or json.
     #[arg(long, env = "SCORE_PROXY_LOG_FORMAT", default_value = defaults::LOG_FORMAT)]
-    pub log_format: String,
+    pub(crate) log_format: String,
     /// Secret for the keyed hash that stands in for CPFs and client ids in logs and spans
     /// (random per process when unset).
     #[arg(long, env = "SCORE_PROXY_REDACTION_KEY", hide_env_values = true)]
-    pub redaction_key: Option<String>,
+    pub(crate) redaction_key: Option<String>,
 }
 
 /// A validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     pub upstream_url: Url,
-    pub rate_per_second: f64,
-    pub rate_guard: Duration,
-    pub queue_capacity: usize,
-    pub queue_timeout: Duration,
-    pub cache_ttl: Duration,
-    pub cache_max_entries: u64,
-    pub upstream_timeout: Duration,
-    pub upstream_max_in_flight: usize,
-    pub upstream_penalty: Duration,
-    pub client_id: Option<ClientId>,
-    pub shutdown_grace: Duration,
-    pub stale_if_error: Duration,
-    pub breaker_failures: u32,
-    pub breaker_cooldown: Duration,
-    pub max_connections: usize,
-    pub header_read_timeout: Duration,
-    pub admin_listen: Option<SocketAddr>,
-    pub redis: Option<RedisSettings>,
-    pub public_metrics: bool,
-    pub metrics_enabled: bool,
+    pub(crate) rate_per_second: f64,
+    pub(crate) rate_guard: Duration,
+    pub(crate) queue_capacity: usize,
+    pub(crate) queue_timeout: Duration,
+    pub(crate) cache_ttl: Duration,
+    pub(crate) cache_max_entries: u64,
+    pub(crate) upstream_timeout: Duration,
+    pub(crate) upstream_max_in_flight: usize,
+    pub(crate) upstream_penalty: Duration,
+    pub(crate) client_id: Option<ClientId>,
+    pub(crate) shutdown_grace: Duration,
+    pub(crate) stale_if_error: Duration,
+    pub(crate) breaker_failures: u32,
+    pub(crate) breaker_cooldown: Duration,
+    pub(crate) max_connections: usize,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) admin_listen: Option<SocketAddr>,
+    pub(crate) redis: Option<RedisSettings>,
+    pub(crate) public_metrics: bool,
+    pub(crate) metrics_enabled: bool,
     pub log_format: LogFormat,
-    pub redaction_key: Option<String>,
+    pub(crate) redaction_key: Option<String>,
     pub otel: OtelSettings,
 }
 
 /// Shared mode's settings (present when `--redis-url` is).
 #[derive(Clone, Debug)]
-pub struct RedisSettings {
-    pub url: String,
-    pub timeout: Duration,
-    pub prefix: String,
-    pub expected_replicas: u32,
+pub(crate) struct RedisSettings {
+    pub(crate) url: String,
+    pub(crate) timeout: Duration,
+    pub(crate) prefix: String,
+    pub(crate) expected_replicas: u32,
 }
 
 /// One thing wrong with the configuration.
@@ -251,8 +251,8 @@ pub struct RedisSettings {
 pub struct ConfigProblem {
     /// Where the operator sets it: `--flag (ENV_VAR)`, or the variables read for it when
     /// it is not one flag (`OpenTelemetry (OTEL_*)`).
-    pub setting: String,
-    pub problem: String,
+    pub(crate) setting: String,
+    pub(crate) problem: String,
 }
 
 impl std::fmt::Display for ConfigProblem {

@@ -6,13 +6,13 @@
 /// Which listener a connection came in on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case")]
-pub enum Listener {
+pub(crate) enum Listener {
     Public,
     Admin,
 }
 
 impl Listener {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         self.into()
     }
 }
@@ -20,7 +20,7 @@ impl Listener {
 /// Why a connection was turned away before any request was read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case")]
-pub enum ConnectionRefusal {
+pub(crate) enum ConnectionRefusal {
     /// `max-connections` were already open.
     Limit,
     /// The proxy is shutting down.
@@ -30,7 +30,7 @@ pub enum ConnectionRefusal {
 /// How a connection ended badly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case")]
-pub enum ConnectionError {
+pub(crate) enum ConnectionError {
     /// The request head did not arrive within `header-read-timeout` (slowloris, or an idle
     /// keep-alive connection reaching the limit).
     HeaderTimeout,

@@ -5,8 +5,8 @@
 //! writes the one access-log line. Handlers only produce responses; only `error.rs` decides
 //! what a failure looks like.
 
-pub mod connection;
-pub mod route;
+pub(crate) mod connection;
+pub(crate) mod route;
 pub mod server;
 
 use std::sync::Arc;
@@ -35,7 +35,7 @@ use route::Route;
 
 /// The public router (port 8000): the lookup, health, status, and `/metrics` unless
 /// `--public-metrics false`.
-pub fn router(app: Arc<App>) -> Router {
+pub(crate) fn router(app: Arc<App>) -> Router {
     let mut router = Router::new()
         .route("/proxy/score", get(score))
         .route("/health", get(health))
@@ -50,7 +50,7 @@ pub fn router(app: Arc<App>) -> Router {
 
 /// The admin router (`--admin-listen`): operators' endpoints only, `/metrics` always in the
 /// Prometheus format.
-pub fn admin_router(app: Arc<App>) -> Router {
+pub(crate) fn admin_router(app: Arc<App>) -> Router {
     let router = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -104,7 +104,7 @@ async fn observe(State(app): State<Arc<App>>, request: Request, next: Next) -> R
 /// `GET /proxy/score`, served straight from the connection (see `server.rs`): the same
 /// observation as every other route, without the router's per-request boxing and
 /// extensions, which cost a third of a cache hit.
-pub async fn score_direct<B>(app: Arc<App>, request: http::Request<B>) -> Response {
+pub(crate) async fn score_direct<B>(app: Arc<App>, request: http::Request<B>) -> Response {
     let app_ref = &app;
     observed(app_ref, Route::Score, request, |request, ids| async move {
         let queue_timeout = request
@@ -117,7 +117,7 @@ pub async fn score_direct<B>(app: Arc<App>, request: http::Request<B>) -> Respon
 }
 
 /// Whether a request is a lookup the fast path serves.
-pub fn is_lookup<B>(request: &http::Request<B>) -> bool {
+pub(crate) fn is_lookup<B>(request: &http::Request<B>) -> bool {
     request.method() == http::Method::GET && request.uri().path() == Route::Score.as_str()
 }
 
@@ -193,11 +193,11 @@ where
 
 /// Longest request target accepted (path and query); beyond it, `414`. A lookup's is under
 /// 200 bytes.
-pub const MAX_URI_BYTES: usize = 8 * 1024;
+pub(crate) const MAX_URI_BYTES: usize = 8 * 1024;
 
 /// Most header bytes accepted (names and values); beyond it, `431`. (hyper itself refuses
 /// heads over `server::MAX_HEADER_BYTES`.)
-pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 /// Refuses a request whose target or headers are too large, before any handler runs.
 fn oversized<B>(request: &http::Request<B>) -> Option<Response> {
@@ -415,22 +415,22 @@ fn lifecycle_name(l: Lifecycle) -> &'static str {
 /// `/status` (and the original's JSON `/metrics`): the original's four fields first, then
 /// more that help.
 #[derive(Serialize)]
-pub struct Status {
-    pub queue_size: usize,
-    pub cache_size: u64,
-    pub processing: i64,
-    pub system_status: &'static str,
-    pub queue_capacity: usize,
-    pub booked_slots: usize,
-    pub pacing_mode: &'static str,
-    pub rate_per_second: f64,
-    pub interval_seconds: f64,
-    pub penalty_active: bool,
-    pub penalty_remaining_seconds: f64,
-    pub breaker: &'static str,
-    pub lifecycle: &'static str,
-    pub uptime_seconds: f64,
-    pub version: &'static str,
+pub(crate) struct Status {
+    pub(crate) queue_size: usize,
+    pub(crate) cache_size: u64,
+    pub(crate) processing: i64,
+    pub(crate) system_status: &'static str,
+    pub(crate) queue_capacity: usize,
+    pub(crate) booked_slots: usize,
+    pub(crate) pacing_mode: &'static str,
+    pub(crate) rate_per_second: f64,
+    pub(crate) interval_seconds: f64,
+    pub(crate) penalty_active: bool,
+    pub(crate) penalty_remaining_seconds: f64,
+    pub(crate) breaker: &'static str,
+    pub(crate) lifecycle: &'static str,
+    pub(crate) uptime_seconds: f64,
+    pub(crate) version: &'static str,
 }
 
 fn current_status(app: &App) -> Status {

@@ -15,7 +15,7 @@
     strum::EnumString,
 )]
 #[strum(serialize_all = "snake_case")]
-pub enum Route {
+pub(crate) enum Route {
     #[strum(serialize = "/proxy/score")]
     Score = 0,
     #[strum(serialize = "/health")]
@@ -32,11 +32,11 @@ pub enum Route {
 }
 
 impl Route {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         self.into()
     }
 
-    pub fn from_path(path: &str) -> Route {
+    pub(crate) fn from_path(path: &str) -> Route {
         path.parse().unwrap_or(Route::Unmatched)
     }
 }

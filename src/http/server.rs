@@ -39,7 +39,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The largest request head hyper reads at all (request line and headers); beyond it, `431`.
 /// The finer limits (`414` for long URIs, `431` for many headers) are in `http.rs`.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Connections the admin listener accepts at once: operators and Prometheus, not clients.
 const ADMIN_MAX_CONNECTIONS: usize = 256;

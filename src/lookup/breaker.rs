@@ -17,26 +17,26 @@ use tokio::time::Instant;
 /// it (the label spelled from the variant's name, the gauge's level its discriminant).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case")]
-pub enum BreakerState {
+pub(crate) enum BreakerState {
     Closed = 0,
     HalfOpen = 1,
     Open = 2,
 }
 
 impl BreakerState {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         self.into()
     }
 
     /// The gauge value: 0 closed, 1 half-open, 2 open.
-    pub fn level(self) -> i64 {
+    pub(crate) fn level(self) -> i64 {
         self as i64
     }
 }
 
 /// How a call ended, as far as the breaker cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CallVerdict {
+pub(crate) enum CallVerdict {
     Success,
     Failure,
     /// Says nothing about the upstream's health (401, 400, 429).
@@ -60,7 +60,7 @@ pub struct Breaker {
 impl Breaker {
     /// `threshold == 0` disables the breaker (it never opens). `on_transition` is called,
     /// under the breaker's lock, with every new state (for metrics and logs: keep it cheap).
-    pub fn new(
+    pub(crate) fn new(
         threshold: u32,
         cooldown: Duration,
         on_transition: impl Fn(BreakerState) + Send + Sync + 'static,
@@ -87,7 +87,7 @@ impl Breaker {
         }
     }
 
-    pub fn state(&self) -> BreakerState {
+    pub(crate) fn state(&self) -> BreakerState {
         let mut inner = self.lock();
         self.settle(&mut inner, Instant::now());
         match *inner {
@@ -98,7 +98,7 @@ impl Breaker {
     }
 
     /// Admission: `Err(retry_after)` while open.
-    pub fn admit(&self, now: Instant) -> Result<(), Duration> {
+    pub(crate) fn admit(&self, now: Instant) -> Result<(), Duration> {
         let mut inner = self.lock();
         self.settle(&mut inner, now);
         match *inner {
@@ -110,7 +110,7 @@ impl Breaker {
     /// The dispatcher asks before each start. In the half-open state only one call (the
     /// probe) may be under way; `false` means the start slot in hand passes unused (the
     /// dispatcher counts it as `breaker` and moves on to the next one).
-    pub fn may_start(&self, now: Instant) -> bool {
+    pub(crate) fn may_start(&self, now: Instant) -> bool {
         let mut inner = self.lock();
         self.settle(&mut inner, now);
         match &mut *inner {
@@ -125,14 +125,14 @@ impl Breaker {
     }
 
     /// A call granted by [`Breaker::may_start`] was not made after all (nobody waited).
-    pub fn start_cancelled(&self) {
+    pub(crate) fn start_cancelled(&self) {
         if let Inner::HalfOpen { probing } = &mut *self.lock() {
             *probing = false;
         }
     }
 
     /// Records a call's outcome. Returns the new state if it changed.
-    pub fn record(&self, verdict: CallVerdict, now: Instant) -> Option<BreakerState> {
+    pub(crate) fn record(&self, verdict: CallVerdict, now: Instant) -> Option<BreakerState> {
         if self.threshold == 0 {
             return None;
         }

@@ -140,7 +140,7 @@ impl ScoreCache for LocalCache {
     strum(serialize_all = "SCREAMING_SNAKE_CASE"),
     doc = "A [`CacheResult`] as the `X-Cache` header spells it."
 )]
-pub enum CacheResult {
+pub(crate) enum CacheResult {
     Hit,
     Miss,
     Coalesced,
@@ -148,12 +148,12 @@ pub enum CacheResult {
 }
 
 impl CacheResult {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         self.into()
     }
 
     /// The `X-Cache` header value.
-    pub fn header(self) -> &'static str {
+    pub(crate) fn header(self) -> &'static str {
         XCache::from(self).into()
     }
 }

@@ -30,25 +30,25 @@ use crate::lookup::upstream::UpstreamOutcome;
 use crate::telemetry;
 use crate::telemetry::metrics::Metrics;
 
-pub struct Dispatcher {
-    pub scheduler: Arc<Scheduler>,
-    pub pacer: Arc<dyn Pacer>,
-    pub gate: Arc<StartGate>,
-    pub breaker: Arc<Breaker>,
-    pub upstream: Arc<UpstreamClient>,
-    pub metrics: Arc<Metrics>,
+pub(crate) struct Dispatcher {
+    pub(crate) scheduler: Arc<Scheduler>,
+    pub(crate) pacer: Arc<dyn Pacer>,
+    pub(crate) gate: Arc<StartGate>,
+    pub(crate) breaker: Arc<Breaker>,
+    pub(crate) upstream: Arc<UpstreamClient>,
+    pub(crate) metrics: Arc<Metrics>,
     /// The in-flight permits: one per call under way, `upstream-max-in-flight` in all.
-    pub in_flight: Arc<Semaphore>,
+    pub(crate) in_flight: Arc<Semaphore>,
     /// The penalty assumed when a 429 carries no usable `Retry-After`.
-    pub default_penalty: Duration,
+    pub(crate) default_penalty: Duration,
     /// Added to every penalty, as to every interval: our clock and the upstream's differ.
-    pub guard: Duration,
-    pub breaker_cooldown: Duration,
+    pub(crate) guard: Duration,
+    pub(crate) breaker_cooldown: Duration,
 }
 
 impl Dispatcher {
     /// Runs until the task is aborted.
-    pub async fn run(self: Arc<Self>) {
+    pub(crate) async fn run(self: Arc<Self>) {
         loop {
             let Some(slot) = self.next_due_slot().await else {
                 // Every due start slot came too late: book again for whoever still waits.

@@ -98,7 +98,7 @@ impl ProxyError {
         kinds
     };
 
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ProxyError::InvalidQuery(_) | ProxyError::UpstreamRejectedInput => {
                 StatusCode::BAD_REQUEST
@@ -117,7 +117,7 @@ impl ProxyError {
     }
 
     /// The `Retry-After` to send, in whole seconds (at least 1), for every 429 and 503.
-    pub fn retry_after(&self) -> Option<u64> {
+    pub(crate) fn retry_after(&self) -> Option<u64> {
         let wait = match self {
             ProxyError::QueueFull { retry_after }
             | ProxyError::DeadlineUnreachable { retry_after }
@@ -133,7 +133,7 @@ impl ProxyError {
     /// Rebuilds an error from its `kind` (as another replica reported it); `None` for a kind
     /// this version does not know, and for `invalid_request`: a query that fails validation
     /// never reaches shared mode, so no replica reports one.
-    pub fn from_kind(kind: &str, retry_after: Duration) -> Option<ProxyError> {
+    pub(crate) fn from_kind(kind: &str, retry_after: Duration) -> Option<ProxyError> {
         Some(match kind.parse::<ErrorKind>().ok()? {
             ErrorKind::InvalidQuery => return None,
             ErrorKind::QueueFull => ProxyError::QueueFull { retry_after },
@@ -153,7 +153,7 @@ impl ProxyError {
 
     /// Whether an expired cached answer may stand in for this failure (stale-if-error): when
     /// the upstream failed or could not be reached in time, not when it refused the caller.
-    pub fn stale_ok(&self) -> bool {
+    pub(crate) fn stale_ok(&self) -> bool {
         matches!(
             self,
             ProxyError::QueueFull { .. }
@@ -169,7 +169,7 @@ impl ProxyError {
 
 /// Rounds up to whole seconds, at least 1: `Retry-After: 0` would invite an immediate retry
 /// that meets the same refusal.
-pub fn whole_seconds_ceil(d: Duration) -> u64 {
+pub(crate) fn whole_seconds_ceil(d: Duration) -> u64 {
     let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
     secs.max(1)
 }

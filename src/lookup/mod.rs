@@ -10,12 +10,12 @@
 //! - [`upstream`]: stage 5, the call itself.
 //! - [`error`]: the only place that maps a lookup's failure to a status code and a body.
 
-pub mod breaker;
+pub(crate) mod breaker;
 pub mod cache;
-pub mod dispatch;
+pub(crate) mod dispatch;
 pub mod error;
 pub mod pacing;
-pub mod queue;
-pub mod scheduler;
-pub mod upstream;
+pub(crate) mod queue;
+pub(crate) mod scheduler;
+pub(crate) mod upstream;
 pub mod validation;

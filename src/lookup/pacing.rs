@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Why a start could not be booked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,7 +55,7 @@ pub enum PacingMode {
 }
 
 impl PacingMode {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         self.into()
     }
 }
@@ -116,7 +116,7 @@ pub trait Pacer: Send + Sync + 'static {
 
 /// Slots booked in this process: a virtual-scheduling leaky bucket (GCRA), one slot per
 /// interval, no burst.
-pub struct LocalPacer {
+pub(crate) struct LocalPacer {
     interval: Duration,
     state: Mutex<LocalState>,
 }
@@ -129,7 +129,7 @@ struct LocalState {
 }
 
 impl LocalPacer {
-    pub fn new(interval: Duration) -> Self {
+    pub(crate) fn new(interval: Duration) -> Self {
         LocalPacer {
             interval,
             state: Mutex::new(LocalState::default()),
@@ -137,7 +137,7 @@ impl LocalPacer {
     }
 
     /// The spacing for `rate` calls per second plus `guard`.
-    pub fn interval_for(rate_per_second: f64, guard: Duration) -> Duration {
+    pub(crate) fn interval_for(rate_per_second: f64, guard: Duration) -> Duration {
         Duration::from_secs_f64(1.0 / rate_per_second) + guard
     }
 
@@ -146,14 +146,14 @@ impl LocalPacer {
     }
 
     /// Records a penalty: no slot is booked before `until` (slots booked inside it are void).
-    pub fn penalize_now(&self, until: Instant) {
+    pub(crate) fn penalize_now(&self, until: Instant) {
         let mut state = self.lock();
         state.penalty_until = state.penalty_until.max(Some(until));
         state.next_free = state.next_free.max(Some(until));
     }
 
     /// The booking rule, shared with the fallback of the shared pacer.
-    pub fn book_now(
+    pub(crate) fn book_now(
         &self,
         now: Instant,
         not_after: Instant,
@@ -225,14 +225,14 @@ impl Pacer for LocalPacer {
 }
 
 /// The last check before a call starts; see the module docs.
-pub struct StartGate {
+pub(crate) struct StartGate {
     interval: Duration,
     bucket: leaky_bucket::RateLimiter,
     last_start: Mutex<Option<Instant>>,
 }
 
 impl StartGate {
-    pub fn new(interval: Duration) -> Self {
+    pub(crate) fn new(interval: Duration) -> Self {
         StartGate {
             interval,
             bucket: leaky_bucket::RateLimiter::builder()
@@ -247,7 +247,7 @@ impl StartGate {
 
     /// The earliest instant a start is allowed: the slot, or later if the previous start
     /// was itself late.
-    pub fn earliest(&self, slot: Instant) -> Instant {
+    pub(crate) fn earliest(&self, slot: Instant) -> Instant {
         let last = *self.last_start.lock().unwrap_or_else(|e| e.into_inner());
         last.map_or(slot, |l| slot.max(l + self.interval))
     }
@@ -255,7 +255,7 @@ impl StartGate {
     /// A call that started at the last recorded start actually left at `at` (it had to
     /// open a connection first): the next start counts from there. Returns by how much the
     /// departure was later than the recorded start.
-    pub fn note_departure(&self, at: Instant) -> Duration {
+    pub(crate) fn note_departure(&self, at: Instant) -> Duration {
         let mut last = self.last_start.lock().unwrap_or_else(|e| e.into_inner());
         let late = last.map_or(Duration::ZERO, |l| at.saturating_duration_since(l));
         if last.is_none_or(|l| at > l) {
@@ -272,7 +272,7 @@ impl StartGate {
     /// pacing: other replicas hold the neighbouring slots), one that wakes up more than that
     /// after its slot, whether its timer fired late or an earlier late start of ours pushed
     /// it.
-    pub async fn pass(
+    pub(crate) async fn pass(
         &self,
         slot: Instant,
         late_tolerance: Option<Duration>,
@@ -300,7 +300,7 @@ impl StartGate {
 
 /// Why the start gate refused a slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GateRefusal {
+pub(crate) enum GateRefusal {
     /// A penalty became known while the slot waited at the gate.
     Penalty,
     /// It woke up too long after its slot to be used safely (shared pacing only).
@@ -314,7 +314,7 @@ pub enum GateRefusal {
 /// Why a booked start slot passed without a call (the `reason` label: the name in snake case).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case")]
-pub enum SlotUnused {
+pub(crate) enum SlotUnused {
     /// Every lookup waiting for it left (no call for nobody).
     NoLookup,
     /// The circuit breaker held calls back.

@@ -22,33 +22,40 @@ use crate::lookup::validation::ClientId;
 
 /// Identifies a queued job (for cancellation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct JobId(u64);
+pub(crate) struct JobId(u64);
 
 impl JobId {
     /// For storage in an atomic (the scheduler keeps a flight's job id in one).
-    pub fn raw(self) -> u64 {
+    pub(crate) fn raw(self) -> u64 {
         self.0
     }
 
-    pub fn from_raw(raw: u64) -> Self {
+    pub(crate) fn from_raw(raw: u64) -> Self {
         JobId(raw)
     }
 }
 
 /// The booked starts, as admission sees them.
 #[derive(Clone, Debug)]
-pub struct Schedule {
-    pub now: Instant,
+pub(crate) struct Schedule {
+    pub(crate) now: Instant,
     /// Start slots booked for the waiting jobs, earliest first: position `p` starts at
     /// `slots[p]`.
-    pub slots: Vec<Instant>,
+    pub(crate) slots: Vec<Instant>,
     /// Spacing used beyond the booked start slots (while more are being booked).
-    pub interval: Duration,
+    pub(crate) interval: Duration,
 }
 
 impl Schedule {
-    /// Evenly spaced start slots from `first`: what a single process's pacer books.
-    pub fn uniform(now: Instant, first: Instant, interval: Duration, count: usize) -> Schedule {
+    /// Evenly spaced start slots from `first`: what a single process's pacer books (the
+    /// queue's own tests plan against it).
+    #[cfg(test)]
+    pub(crate) fn uniform(
+        now: Instant,
+        first: Instant,
+        interval: Duration,
+        count: usize,
+    ) -> Schedule {
         Schedule {
             now,
             slots: (0..count).map(|i| first + interval * i as u32).collect(),
@@ -57,7 +64,7 @@ impl Schedule {
     }
 
     /// When the job at `position` starts.
-    pub fn start_at(&self, position: usize) -> Instant {
+    pub(crate) fn start_at(&self, position: usize) -> Instant {
         match self.slots.get(position) {
             Some(&slot) => slot,
             None => {
@@ -73,7 +80,7 @@ impl Schedule {
 
 /// Why admission said no.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// `capacity` jobs already wait. `retry_after`: until the head starts and frees a place.
     Full { retry_after: Duration },
     /// Cannot start before its deadline. `retry_after`: by how much it would miss it, which is
@@ -95,7 +102,7 @@ struct Entry<T> {
     job: T,
 }
 
-pub struct FairQueue<T> {
+pub(crate) struct FairQueue<T> {
     capacity: usize,
     order: BTreeMap<OrderKey, Entry<T>>,
     /// Each waiting job's order key, to find it again when its client leaves.
@@ -108,7 +115,7 @@ pub struct FairQueue<T> {
 }
 
 impl<T> FairQueue<T> {
-    pub fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         FairQueue {
             capacity,
             order: BTreeMap::new(),
@@ -120,31 +127,27 @@ impl<T> FairQueue<T> {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.order.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.order.is_empty()
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// The earliest deadline among queued jobs (when the next sweep is due).
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.order.values().map(|e| e.deadline).min()
     }
 
     /// The latest deadline among queued jobs (how far ahead a top-up booking may go).
-    pub fn latest_deadline(&self) -> Option<Instant> {
+    pub(crate) fn latest_deadline(&self) -> Option<Instant> {
         self.order.values().map(|e| e.deadline).max()
     }
 
     /// Lets a new job in, or says why not. On success returns its id and the position it
     /// entered at (0 = next to start).
-    pub fn admit(
+    pub(crate) fn admit(
         &mut self,
         client: &ClientId,
         deadline: Instant,
@@ -213,7 +216,7 @@ impl<T> FairQueue<T> {
     /// Puts back a job whose upstream call was refused with a penalty, ahead of every first
     /// attempt, if it can still start before its deadline. Not bounded by `capacity`: it held
     /// a place before it started. Returns the job back if it cannot make it.
-    pub fn requeue_front(
+    pub(crate) fn requeue_front(
         &mut self,
         client: &ClientId,
         deadline: Instant,
@@ -247,7 +250,7 @@ impl<T> FairQueue<T> {
     }
 
     /// Takes the next job to start, advancing virtual time.
-    pub fn pop(&mut self) -> Option<(JobId, T)> {
+    pub(crate) fn pop(&mut self) -> Option<(JobId, T)> {
         let (key, entry) = self.order.pop_first()?;
         self.virtual_time = self.virtual_time.max(key.0);
         let id = JobId(key.2);
@@ -257,7 +260,7 @@ impl<T> FairQueue<T> {
     }
 
     /// Takes the job that would start last (when the schedule has no start slot left for it).
-    pub fn pop_last(&mut self) -> Option<(JobId, T)> {
+    pub(crate) fn pop_last(&mut self) -> Option<(JobId, T)> {
         let (key, entry) = self.order.pop_last()?;
         let id = JobId(key.2);
         self.keys.remove(&id);
@@ -266,7 +269,7 @@ impl<T> FairQueue<T> {
     }
 
     /// Removes a job that is still waiting (its client left). `None` if it already started.
-    pub fn remove(&mut self, id: JobId) -> Option<T> {
+    pub(crate) fn remove(&mut self, id: JobId) -> Option<T> {
         let key = self.keys.remove(&id)?;
         let entry = self.order.remove(&key)?;
         self.forget(&entry.client);
@@ -285,7 +288,7 @@ impl<T> FairQueue<T> {
     /// Removes every job that can no longer start before its deadline under `schedule` (after
     /// a penalty moved the schedule out, or when calls took longer than predicted), and
     /// returns them with the refusal to answer them with.
-    pub fn expire(&mut self, schedule: &Schedule) -> Vec<(T, Refusal)> {
+    pub(crate) fn expire(&mut self, schedule: &Schedule) -> Vec<(T, Refusal)> {
         let mut doomed = Vec::new();
         let mut position = 0;
         for (key, entry) in &self.order {
@@ -309,7 +312,7 @@ impl<T> FairQueue<T> {
     }
 
     /// Refuses all further admissions and hands back every waiting job (shutdown).
-    pub fn close(&mut self) -> Vec<T> {
+    pub(crate) fn close(&mut self) -> Vec<T> {
         self.closed = true;
         self.keys.clear();
         self.clients.clear();
@@ -319,7 +322,7 @@ impl<T> FairQueue<T> {
             .collect()
     }
 
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.closed
     }
 }
@@ -328,7 +331,7 @@ impl<T> FairQueue<T> {
 /// is the variant's name in snake case.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case")]
-pub enum QueueRefusal {
+pub(crate) enum QueueRefusal {
     /// At capacity.
     Full,
     /// Could not start before its deadline (predicted at admission).

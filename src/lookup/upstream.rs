@@ -21,36 +21,36 @@ use crate::lookup::error::ProxyError;
 use crate::lookup::validation::LookupKey;
 
 /// Largest upstream body accepted; a score answer is a few hundred bytes.
-pub const MAX_BODY_BYTES: usize = 256 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 256 * 1024;
 
 /// The longest penalty we will honour from a `Retry-After`; beyond it the header is more
 /// likely wrong than meant, and an hour-long freeze would be worse than a retry.
-pub const MAX_PENALTY: Duration = Duration::from_secs(600);
+pub(crate) const MAX_PENALTY: Duration = Duration::from_secs(600);
 
-pub struct UpstreamClient {
+pub(crate) struct UpstreamClient {
     http: reqwest::Client,
     url: Url,
 }
 
 /// What one call came to, with everything the caller needs to record it.
 #[derive(Debug)]
-pub struct CallResult {
+pub(crate) struct CallResult {
     /// The upstream's status code, if it answered.
-    pub status: Option<u16>,
-    pub outcome: UpstreamOutcome,
+    pub(crate) status: Option<u16>,
+    pub(crate) outcome: UpstreamOutcome,
     /// The body of a successful answer.
-    pub body: Option<Bytes>,
+    pub(crate) body: Option<Bytes>,
     /// For a 429: the penalty the upstream announced (`Retry-After`), if it did.
-    pub retry_after: Option<Duration>,
+    pub(crate) retry_after: Option<Duration>,
     /// When the answer (or the failure) arrived.
-    pub finished_at: Instant,
+    pub(crate) finished_at: Instant,
 }
 
 impl CallResult {
     /// The error to give the waiting clients, for every outcome but `Ok` and `Penalty`
     /// (a penalty is retried or turned into a refusal by the dispatcher, which knows the
     /// deadlines).
-    pub fn error(&self) -> ProxyError {
+    pub(crate) fn error(&self) -> ProxyError {
         match self.outcome {
             UpstreamOutcome::Ok | UpstreamOutcome::BadBody => ProxyError::UpstreamBadBody,
             UpstreamOutcome::Unauthorized => ProxyError::UpstreamUnauthorized,
@@ -74,13 +74,13 @@ impl CallResult {
 
 impl UpstreamClient {
     /// The upstream's address (no query).
-    pub fn url(&self) -> &Url {
+    pub(crate) fn url(&self) -> &Url {
         &self.url
     }
 
     /// `on_connect` hears of every new connection (how long it took to open, and when it
     /// was ready): a call that has to open one leaves that much after its start.
-    pub fn new(url: Url, timeout: Duration, on_connect: OnConnect) -> anyhow::Result<Self> {
+    pub(crate) fn new(url: Url, timeout: Duration, on_connect: OnConnect) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
@@ -93,7 +93,11 @@ impl UpstreamClient {
     }
 
     /// Makes one call. Never panics and never returns early: every failure is a `CallResult`.
-    pub async fn call(&self, key: &LookupKey, traceparent: Option<HeaderValue>) -> CallResult {
+    pub(crate) async fn call(
+        &self,
+        key: &LookupKey,
+        traceparent: Option<HeaderValue>,
+    ) -> CallResult {
         let mut url = self.url.clone();
         url.query_pairs_mut()
             .append_pair("cpf", &key.cpf.to_string());
@@ -190,7 +194,7 @@ fn is_score_object(body: &[u8]) -> bool {
 
 /// Parses `Retry-After` as delta-seconds or an HTTP date (RFC 9110 §10.2.3). Dates in the
 /// past give zero; anything longer than [`MAX_PENALTY`] is capped. Garbage gives `None`.
-pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+pub(crate) fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
     let wait = if let Ok(secs) = value.parse::<u64>() {
         Duration::from_secs(secs)
@@ -202,7 +206,7 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 }
 
 /// Told of each new upstream connection: how long it took to open, and when it was ready.
-pub type OnConnect = Arc<dyn Fn(Duration, Instant) + Send + Sync>;
+pub(crate) type OnConnect = Arc<dyn Fn(Duration, Instant) + Send + Sync>;
 
 /// Times reqwest's connector (DNS, TCP and TLS). A call on a pooled connection leaves when it
 /// starts; one that must open a connection (the first, or the first after an idle spell)
@@ -259,7 +263,7 @@ where
 /// What an upstream call came to (the `outcome` label: the name in snake case).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case")]
-pub enum UpstreamOutcome {
+pub(crate) enum UpstreamOutcome {
     Ok,
     Unauthorized,
     RejectedInput,
@@ -272,7 +276,7 @@ pub enum UpstreamOutcome {
 }
 
 impl UpstreamOutcome {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         self.into()
     }
 }

@@ -32,7 +32,7 @@ pub(super) enum Word {
 }
 
 /// How a flight was settled before this replica booked anything.
-pub enum Resolution {
+pub(crate) enum Resolution {
     /// Another replica's answer was in the shared cache.
     Cached(CachedScore),
     /// Another replica led the same lookup; this is its outcome.
@@ -44,7 +44,7 @@ pub enum Resolution {
 }
 
 /// How a led flight ended, for the replicas waiting on it.
-pub enum Settled {
+pub(crate) enum Settled {
     Answered(CachedScore),
     Failed(ProxyError),
     Gone,
@@ -53,7 +53,7 @@ pub enum Settled {
 impl Shared {
     /// Settles a flight before any booking: from the shared cache, from another replica's
     /// call, or by taking the lease to lead it. Waits at most until `wait_until`.
-    pub async fn resolve(&self, key: &LookupKey, deadline: Instant) -> Resolution {
+    pub(crate) async fn resolve(&self, key: &LookupKey, deadline: Instant) -> Resolution {
         let tag = self.tag(key);
         let lease_for = deadline.saturating_duration_since(Instant::now())
             + self.config.upstream_timeout
@@ -127,7 +127,7 @@ impl Shared {
     }
 
     /// Tells the other replicas how a flight this replica led ended, and gives up its lease.
-    pub async fn settle(&self, key: &LookupKey, outcome: Settled) {
+    pub(crate) async fn settle(&self, key: &LookupKey, outcome: Settled) {
         let tag = self.tag(key);
         let channel = self.done_channel(&tag);
         let word = match outcome {

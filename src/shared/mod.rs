@@ -50,7 +50,7 @@ mod cache_tier;
 mod clock;
 mod connection;
 mod flights;
-pub mod ops;
+pub(crate) mod ops;
 mod pacer;
 mod pause;
 mod pubsub;
@@ -71,25 +71,25 @@ use clock::RedisClock;
 use flights::Word;
 use pause::Pauses;
 
-pub use flights::{Resolution, Settled};
+pub(crate) use flights::{Resolution, Settled};
 
 /// Settings of shared mode.
 #[derive(Clone, Debug)]
-pub struct SharedConfig {
-    pub url: String,
-    pub prefix: String,
+pub(crate) struct SharedConfig {
+    pub(crate) url: String,
+    pub(crate) prefix: String,
     /// Longest any Redis operation may take before the replica falls back.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// How many replicas share the budget when Redis is gone (the fallback rate divides by it).
-    pub expected_replicas: u32,
-    pub interval: Duration,
-    pub guard: Duration,
-    pub cache_ttl: Duration,
-    pub stale_for: Duration,
+    pub(crate) expected_replicas: u32,
+    pub(crate) interval: Duration,
+    pub(crate) guard: Duration,
+    pub(crate) cache_ttl: Duration,
+    pub(crate) stale_for: Duration,
     /// How long a flight lease lives beyond the lookup's deadline (its call's timeout).
-    pub upstream_timeout: Duration,
+    pub(crate) upstream_timeout: Duration,
     /// The shared secret the cache and lease keys are hashed with.
-    pub key_secret: String,
+    pub(crate) key_secret: String,
 }
 
 /// One replica's handle on shared mode: its connection, its mode, what it knows of the
@@ -119,7 +119,7 @@ pub struct Shared {
 
 impl Shared {
     /// Prepares shared mode (no connection yet: [`Shared::connect`], then [`Shared::start`]).
-    pub fn new(config: SharedConfig, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Shared>> {
+    pub(crate) fn new(config: SharedConfig, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Shared>> {
         let client = redis::Client::open(config.url.as_str())?;
         let fallback = LocalPacer::new(config.interval * config.expected_replicas.max(1));
         let mut id = [0u8; 8];
@@ -147,21 +147,21 @@ impl Shared {
 
     /// Connects (bounded by the timeout) and enters shared mode if Redis answers; otherwise
     /// stays in fallback, and the health check keeps trying.
-    pub async fn connect(&self) {
+    pub(crate) async fn connect(&self) {
         if self.ensure_connection().await.is_some() && self.ping().await {
             self.enter(PacingMode::Shared);
         }
     }
 
     /// Starts the health check and the pub/sub listener.
-    pub fn start(self: &Arc<Self>) -> Vec<JoinHandle<()>> {
+    pub(crate) fn start(self: &Arc<Self>) -> Vec<JoinHandle<()>> {
         vec![
             tokio::spawn(self.clone().health_loop()),
             tokio::spawn(self.clone().listen_loop()),
         ]
     }
 
-    pub fn mode(&self) -> PacingMode {
+    pub(crate) fn mode(&self) -> PacingMode {
         *self.mode.borrow()
     }
 
@@ -171,7 +171,7 @@ impl Shared {
     }
 
     /// The Redis name of a lookup: a keyed hash of both halves of the key.
-    pub fn tag(&self, key: &LookupKey) -> String {
+    pub(crate) fn tag(&self, key: &LookupKey) -> String {
         let mut h = blake3::Hasher::new_keyed(&self.key);
         h.update(&key.cpf.as_u64().to_le_bytes());
         h.update(key.client_id.as_str().as_bytes());

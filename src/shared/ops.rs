@@ -10,7 +10,7 @@
 /// here would be made but neither counted nor timed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case")]
-pub enum RedisOp {
+pub(crate) enum RedisOp {
     Book,
     Penalize,
     Hold,
@@ -25,7 +25,7 @@ pub enum RedisOp {
 /// How a Redis operation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case")]
-pub enum RedisOutcome {
+pub(crate) enum RedisOutcome {
     Ok,
     Error,
     Timeout,

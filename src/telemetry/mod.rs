@@ -13,7 +13,7 @@
 //! always share an id. Span attributes never hold a CPF or a client id: only
 //! [`crate::telemetry::redact`] tags.
 
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod redact;
 
 use std::sync::OnceLock;
@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceId};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SdkTracerProvider};
@@ -224,20 +224,20 @@ where
 
 /// The W3C trace context of a request, as the response headers and the access log show it.
 #[derive(Clone, Copy, Debug)]
-pub struct TraceIds {
-    pub trace_id: TraceId,
-    pub span_id: SpanId,
-    pub sampled: bool,
+pub(crate) struct TraceIds {
+    pub(crate) trace_id: TraceId,
+    pub(crate) span_id: SpanId,
+    pub(crate) sampled: bool,
 }
 
 impl TraceIds {
     /// `00-<trace id>-<span id>-<flags>`.
-    pub fn traceparent(&self) -> String {
+    pub(crate) fn traceparent(&self) -> String {
         String::from_utf8_lossy(&self.traceparent_bytes()).into_owned()
     }
 
     /// The `traceparent` value, hex-encoded on the stack (this runs on every response).
-    pub fn traceparent_bytes(&self) -> [u8; 55] {
+    pub(crate) fn traceparent_bytes(&self) -> [u8; 55] {
         let mut out = [b'-'; 55];
         out[..2].copy_from_slice(b"00");
         hex_into(&mut out[3..35], &self.trace_id.to_bytes());
@@ -247,7 +247,7 @@ impl TraceIds {
     }
 
     /// The trace id alone, 32 hex digits (the `x-trace-id` header and log field).
-    pub fn trace_id_bytes(&self) -> [u8; 32] {
+    pub(crate) fn trace_id_bytes(&self) -> [u8; 32] {
         let mut out = [0u8; 32];
         hex_into(&mut out, &self.trace_id.to_bytes());
         out
@@ -289,7 +289,7 @@ fn propagator() -> &'static TraceContextPropagator {
 
 /// The server span of one request, continuing the caller's `traceparent` if it sent one.
 /// Returns the span (not yet entered) and the ids to put on the response.
-pub fn server_span(
+pub(crate) fn server_span(
     route: Route,
     method: &http::Method,
     path: &str,
@@ -361,7 +361,7 @@ impl std::fmt::Display for SpanName<'_> {
 }
 
 /// Ids for a request that has none (a handler called outside `observe`).
-pub fn fresh_ids() -> TraceIds {
+pub(crate) fn fresh_ids() -> TraceIds {
     let ids = RandomIdGenerator::default();
     TraceIds {
         trace_id: ids.new_trace_id(),
@@ -383,14 +383,14 @@ fn redacted_path(route: Route, path: &str) -> &str {
 /// What the leader of a flight leaves for the dispatcher: its request span (the upstream
 /// call becomes its child) and, once the call starts, the call span's context (followers
 /// link to it).
-pub struct FlightOrigin {
-    pub span: Span,
-    pub trace: TraceIds,
+pub(crate) struct FlightOrigin {
+    pub(crate) span: Span,
+    pub(crate) trace: TraceIds,
     call: OnceLock<SpanContext>,
 }
 
 impl FlightOrigin {
-    pub fn new(span: Span, trace: TraceIds) -> Self {
+    pub(crate) fn new(span: Span, trace: TraceIds) -> Self {
         FlightOrigin {
             span,
             trace,
@@ -399,14 +399,14 @@ impl FlightOrigin {
     }
 
     /// The first upstream call's span context, once it started.
-    pub fn call_context(&self) -> Option<&SpanContext> {
+    pub(crate) fn call_context(&self) -> Option<&SpanContext> {
         self.call.get()
     }
 }
 
 /// The client span of one upstream attempt, a child of the leader's request span. `url` is
 /// the upstream's address without the query (which holds the CPF).
-pub fn upstream_span(origin: &FlightOrigin, attempt: u64, url: &url::Url) -> Span {
+pub(crate) fn upstream_span(origin: &FlightOrigin, attempt: u64, url: &url::Url) -> Span {
     let span = tracing::info_span!(
         parent: &origin.span,
         "http.client",
@@ -433,7 +433,7 @@ pub fn upstream_span(origin: &FlightOrigin, attempt: u64, url: &url::Url) -> Spa
 
 /// The `traceparent` to send upstream: the client span's own when tracing is on, otherwise
 /// the request's trace id with a fresh span id.
-pub fn traceparent_for(span: &Span, fallback: &TraceIds) -> Option<HeaderValue> {
+pub(crate) fn traceparent_for(span: &Span, fallback: &TraceIds) -> Option<HeaderValue> {
     let value = if tracing_on() {
         let mut out = OneHeader(None);
         propagator().inject_context(&span.context(), &mut out);
@@ -448,7 +448,7 @@ pub fn traceparent_for(span: &Span, fallback: &TraceIds) -> Option<HeaderValue> 
     HeaderValue::from_str(&value).ok()
 }
 
-pub fn record_upstream_result(span: &Span, status: Option<u16>, outcome: UpstreamOutcome) {
+pub(crate) fn record_upstream_result(span: &Span, status: Option<u16>, outcome: UpstreamOutcome) {
     if let Some(code) = status {
         span.record("http.response.status_code", code);
     }
@@ -460,21 +460,10 @@ pub fn record_upstream_result(span: &Span, status: Option<u16>, outcome: Upstrea
 }
 
 /// Links a follower's span to the upstream call it shared.
-pub fn link_to_call(span: &Span, origin: &FlightOrigin) {
+pub(crate) fn link_to_call(span: &Span, origin: &FlightOrigin) {
     if let Some(sc) = origin.call_context() {
         span.add_link(sc.clone());
     }
-}
-
-/// A span context for tests and tools that need to build a `traceparent`.
-pub fn span_context(trace_id: TraceId, span_id: SpanId) -> SpanContext {
-    SpanContext::new(
-        trace_id,
-        span_id,
-        TraceFlags::SAMPLED,
-        true,
-        TraceState::default(),
-    )
 }
 
 #[cfg(test)]

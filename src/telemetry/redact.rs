@@ -19,7 +19,7 @@ pub(crate) const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// Sets the redaction key from a secret string. Only the first call has an effect; it must
 /// come before the first tag is computed (start-up does this before serving).
-pub fn set_key(secret: &str) {
+pub(crate) fn set_key(secret: &str) {
     let _ = KEY.set(blake3::derive_key(
         "score-proxy redaction key v1",
         secret.as_bytes(),
@@ -48,7 +48,7 @@ fn tag(domain: u8, data: &[u8]) -> String {
 }
 
 /// The pseudonym of a CPF in logs and spans.
-pub fn cpf(cpf: Cpf) -> String {
+pub(crate) fn cpf(cpf: Cpf) -> String {
     tag(b'c', &cpf.as_u64().to_le_bytes())
 }
 

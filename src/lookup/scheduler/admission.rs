@@ -288,7 +288,7 @@ impl Scheduler {
 
     /// Puts a penalised flight back at the front of the queue if it can still start before
     /// its deadline and someone still waits for it; otherwise answers it.
-    pub fn retry(&self, flight: &Arc<Flight>) -> bool {
+    pub(crate) fn retry(&self, flight: &Arc<Flight>) -> bool {
         let now = Instant::now();
         let mut state = self.lock();
         if flight.waiters() == 0 {
@@ -326,7 +326,7 @@ impl Scheduler {
     }
 
     /// Answers every queued lookup that can no longer start before its deadline.
-    pub fn expire(&self) {
+    pub(crate) fn expire(&self) {
         let now = Instant::now();
         let mut state = self.lock();
         self.prune(&mut state, now);
@@ -353,7 +353,7 @@ impl Scheduler {
 
     /// The circuit breaker opened: answer everything queued at once, since none of it can
     /// succeed before the cool-down ends.
-    pub fn fail_queued(&self, retry_after: Duration) {
+    pub(crate) fn fail_queued(&self, retry_after: Duration) {
         let mut state = self.lock();
         let mut failed = Vec::new();
         while let Some((_, flight)) = state.queue.pop() {

@@ -28,11 +28,11 @@ use crate::lookup::validation::LookupKey;
 use crate::shared::Settled;
 
 /// The answer a flight delivers to every lookup that joined it.
-pub type FlightResult = Result<CachedScore, ProxyError>;
+pub(crate) type FlightResult = Result<CachedScore, ProxyError>;
 
 /// Where a flight is, as its waiters see it.
 #[derive(Clone, Debug)]
-pub enum FlightState {
+pub(crate) enum FlightState {
     /// Booking its start slot.
     Admitting,
     /// In the queue, having entered at this position (0 = next).
@@ -46,7 +46,7 @@ pub enum FlightState {
 
 /// Where a flight's answer came from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Source {
+pub(crate) enum Source {
     /// This replica's upstream call (or its refusal).
     #[default]
     Upstream,
@@ -58,22 +58,22 @@ pub enum Source {
 
 /// What happened to a flight, for the access log and span attributes of every waiter.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct FlightInfo {
-    pub queue_wait: Option<Duration>,
-    pub upstream_status: Option<u16>,
-    pub upstream_took: Option<Duration>,
-    pub source: Source,
+pub(crate) struct FlightInfo {
+    pub(crate) queue_wait: Option<Duration>,
+    pub(crate) upstream_status: Option<u16>,
+    pub(crate) upstream_took: Option<Duration>,
+    pub(crate) source: Source,
 }
 
 /// The value of [`Flight::job`] while the flight is not in the queue.
 const NO_JOB: u64 = u64::MAX;
 
 /// One distinct lookup on its way to the upstream.
-pub struct Flight {
-    pub key: LookupKey,
+pub(crate) struct Flight {
+    pub(crate) key: LookupKey,
     /// The latest instant its upstream call may start.
-    pub deadline: Instant,
-    pub admitted_at: Instant,
+    pub(crate) deadline: Instant,
+    pub(crate) admitted_at: Instant,
     /// Its place in the queue while it waits (`NO_JOB` otherwise). Only changed under the
     /// scheduler lock.
     job: AtomicU64,
@@ -86,7 +86,7 @@ pub struct Flight {
     state: watch::Sender<FlightState>,
     info: Mutex<FlightInfo>,
     /// Telemetry attached by the leader (its span's context, for links); opaque here.
-    pub origin: crate::telemetry::FlightOrigin,
+    pub(crate) origin: crate::telemetry::FlightOrigin,
 }
 
 impl Flight {
@@ -175,26 +175,27 @@ impl Flight {
         });
     }
 
-    pub fn info(&self) -> FlightInfo {
+    pub(crate) fn info(&self) -> FlightInfo {
         *self.info.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn update_info(&self, f: impl FnOnce(&mut FlightInfo)) {
+    pub(crate) fn update_info(&self, f: impl FnOnce(&mut FlightInfo)) {
         f(&mut self.info.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
-    pub fn attempts(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn attempts(&self) -> u64 {
         self.attempts.load(Ordering::Relaxed)
     }
 
     /// Records the start of an upstream attempt and returns its number (1 for the first).
-    pub fn start_attempt(&self) -> u64 {
+    pub(crate) fn start_attempt(&self) -> u64 {
         self.attempts.fetch_add(1, Ordering::Relaxed) + 1
     }
 }
 
 /// How a lookup that missed the cache was placed.
-pub enum Joined {
+pub(crate) enum Joined {
     /// It created the flight: its call will be made for it (`X-Cache: MISS`).
     Leader(Waiter),
     /// An identical lookup was already on its way (`X-Cache: COALESCED`).
@@ -207,7 +208,7 @@ impl Scheduler {
     /// Delivers a flight's answer. A score goes into the cache *before* the flight is
     /// unregistered, so a lookup arriving in between finds one or the other. A flight led for
     /// every replica tells the others.
-    pub fn finish(&self, flight: &Arc<Flight>, result: FlightResult) {
+    pub(crate) fn finish(&self, flight: &Arc<Flight>, result: FlightResult) {
         if let Ok(score) = &result {
             self.cache.insert(flight.key.clone(), score.clone());
         }
@@ -271,7 +272,7 @@ impl Scheduler {
 
 /// One lookup's interest in a flight. Dropping it (the client hung up, so axum dropped the
 /// handler) withdraws that interest; the last one out takes an unstarted flight off the queue.
-pub struct Waiter {
+pub(crate) struct Waiter {
     scheduler: Arc<Scheduler>,
     flight: Arc<Flight>,
     rx: watch::Receiver<FlightState>,
@@ -287,13 +288,13 @@ impl Waiter {
         }
     }
 
-    pub fn flight(&self) -> &Arc<Flight> {
+    pub(crate) fn flight(&self) -> &Arc<Flight> {
         &self.flight
     }
 
     /// Resolves when the flight is in the queue (with the position it entered at), or
     /// `None` if it went past that stage (started, answered, or refused).
-    pub async fn queued(&mut self) -> Option<usize> {
+    pub(crate) async fn queued(&mut self) -> Option<usize> {
         let state = self
             .rx
             .wait_for(|s| !matches!(s, FlightState::Admitting))
@@ -306,7 +307,7 @@ impl Waiter {
     }
 
     /// Resolves when the flight's upstream call starts (or it is answered without one).
-    pub async fn started(&mut self) {
+    pub(crate) async fn started(&mut self) {
         let _ = self
             .rx
             .wait_for(|s| matches!(s, FlightState::Started | FlightState::Done(_)))
@@ -314,7 +315,7 @@ impl Waiter {
     }
 
     /// Waits for the flight's answer.
-    pub async fn wait(&mut self) -> FlightResult {
+    pub(crate) async fn wait(&mut self) -> FlightResult {
         match self
             .rx
             .wait_for(|s| matches!(s, FlightState::Done(_)))

@@ -44,7 +44,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-pub use self::flights::{Flight, FlightInfo, FlightResult, FlightState, Joined, Source, Waiter};
+pub(crate) use self::flights::{Flight, FlightInfo, FlightState, Joined, Source, Waiter};
 use self::slots::StartSlots;
 use crate::lookup::breaker::Breaker;
 use crate::lookup::cache::{CacheLookup, ScoreCache};
@@ -82,7 +82,7 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(
+    pub(crate) fn new(
         queue_capacity: usize,
         queue_timeout: Duration,
         pacer: Arc<dyn Pacer>,
@@ -133,7 +133,7 @@ impl Scheduler {
     /// now, or `max_wait` (the client's own `X-Queue-Timeout`) when that is shorter. A
     /// follower shares the flight and its deadline whatever it asked: it can always leave by
     /// hanging up.
-    pub fn join(
+    pub(crate) fn join(
         self: &Arc<Self>,
         key: &LookupKey,
         max_wait: Option<Duration>,
@@ -164,7 +164,7 @@ impl Scheduler {
     }
 
     /// A future that resolves when the queue or the start slots change.
-    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+    pub(crate) fn changed(&self) -> tokio::sync::futures::Notified<'_> {
         self.changed.notified()
     }
 
@@ -173,7 +173,7 @@ impl Scheduler {
     /// This is the last check before the upstream call, made under the lock that clients
     /// leaving also take: the next flight in fair order that someone still waits for and
     /// whose deadline has not passed. `None` means nobody wants it (no call is made).
-    pub fn claim(&self, now: Instant) -> Option<Arc<Flight>> {
+    pub(crate) fn claim(&self, now: Instant) -> Option<Arc<Flight>> {
         let mut state = self.lock();
         let mut late = Vec::new();
         let chosen = loop {
@@ -205,17 +205,17 @@ impl Scheduler {
     }
 
     /// The earliest deadline among queued lookups (when the next expiry sweep is due).
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.lock().queue.next_deadline()
     }
 
     /// Shutdown has begun: from now on a lookup is admitted only if it can start by `until`.
-    pub fn begin_drain(&self, until: Instant) {
+    pub(crate) fn begin_drain(&self, until: Instant) {
         self.lock().draining_until = Some(until);
     }
 
     /// The grace period is over: refuse everything still queued and anything new.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         let mut state = self.lock();
         let left = state.queue.close();
         for flight in &left {
@@ -240,15 +240,11 @@ impl Scheduler {
         self.changed.notify_one();
     }
 
-    pub fn queue_len(&self) -> usize {
+    pub(crate) fn queue_len(&self) -> usize {
         self.lock().queue.len()
     }
 
-    pub fn queue_capacity(&self) -> usize {
+    pub(crate) fn queue_capacity(&self) -> usize {
         self.queue_capacity
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.lock().draining_until.is_some()
     }
 }

@@ -119,7 +119,7 @@ impl Scheduler {
     }
 
     /// The earliest booked start slot, if anyone waits for one.
-    pub fn next_slot(&self) -> Option<Instant> {
+    pub(crate) fn next_slot(&self) -> Option<Instant> {
         let state = self.lock();
         if state.queue.is_empty() {
             None
@@ -132,7 +132,7 @@ impl Scheduler {
     /// enough (a dispatcher that woke late can use only one; a slot used later than the
     /// pacer's tolerance could crowd the next slot, which may be another replica's), and how
     /// many were taken in all.
-    pub fn take_due_slots(&self, now: Instant) -> (Option<Instant>, usize) {
+    pub(crate) fn take_due_slots(&self, now: Instant) -> (Option<Instant>, usize) {
         let mut state = self.lock();
         let due = state.slots.booked.partition_point(|&s| s <= now);
         let usable = state.slots.booked.drain(..due).next_back().filter(|&slot| {
@@ -145,7 +145,7 @@ impl Scheduler {
 
     /// Books the start slots the queue is short of (after slots passed unused while lookups
     /// waited, or a penalty voided them), each on a task of its own.
-    pub fn replenish(self: &Arc<Self>) {
+    pub(crate) fn replenish(self: &Arc<Self>) {
         let deficit = {
             let mut state = self.lock();
             let deficit = state.slots.deficit(state.queue.len());
@@ -209,7 +209,7 @@ impl Scheduler {
     }
 
     /// An upstream penalty: the start slots booked inside it are void.
-    pub fn void_slots_before(&self, until: Instant) {
+    pub(crate) fn void_slots_before(&self, until: Instant) {
         let mut state = self.lock();
         let void = state.slots.booked.partition_point(|&s| s < until);
         state.slots.booked.drain(..void);
@@ -218,7 +218,7 @@ impl Scheduler {
     }
 
     /// Start slots booked and not used yet.
-    pub fn booked_slots(&self) -> usize {
+    pub(crate) fn booked_slots(&self) -> usize {
         self.lock().slots.len()
     }
 }

@@ -36,7 +36,7 @@ impl BreakerMetrics {
 }
 
 impl Metrics {
-    pub fn breaker_transition(&self, state: BreakerState) {
+    pub(crate) fn breaker_transition(&self, state: BreakerState) {
         let breaker = &self.breaker;
         breaker.state.set(state.level());
         breaker.transitions[&state].inc();

@@ -33,18 +33,18 @@ impl CacheMetrics {
 }
 
 impl Metrics {
-    pub fn cache_lookup(&self, result: CacheResult) {
+    pub(crate) fn cache_lookup(&self, result: CacheResult) {
         if !self.enabled {
             return;
         }
         self.cache.lookups[&result].inc();
     }
 
-    pub fn cache_evicted(&self, cause: Eviction) {
+    pub(crate) fn cache_evicted(&self, cause: Eviction) {
         self.cache.evictions[&cause].inc();
     }
 
-    pub fn set_cache_entries(&self, n: u64) {
+    pub(crate) fn set_cache_entries(&self, n: u64) {
         self.cache.entries.set(n as i64);
     }
 }

@@ -39,15 +39,15 @@ impl ConnectionMetrics {
 }
 
 impl Metrics {
-    pub fn connections_open(&self, listener: Listener) -> &IntGauge {
+    pub(crate) fn connections_open(&self, listener: Listener) -> &IntGauge {
         &self.connections.open[&listener]
     }
 
-    pub fn connection_refused(&self, listener: Listener, reason: ConnectionRefusal) {
+    pub(crate) fn connection_refused(&self, listener: Listener, reason: ConnectionRefusal) {
         self.connections.refused[&(listener, reason)].inc();
     }
 
-    pub fn connection_error(&self, listener: Listener, kind: ConnectionError) {
+    pub(crate) fn connection_error(&self, listener: Listener, kind: ConnectionError) {
         self.connections.errors[&(listener, kind)].inc();
     }
 }

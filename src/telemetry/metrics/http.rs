@@ -18,7 +18,7 @@ const KNOWN_CODES: [u16; 15] = [
 ];
 
 /// The code recorded for a request whose client hung up before the answer (nginx's 499).
-pub const CODE_CLIENT_CLOSED: u16 = 499;
+pub(crate) const CODE_CLIENT_CLOSED: u16 = 499;
 
 /// The `outcome` of a request to a route other than lookups, and of any request whose client
 /// hung up first (a lookup's outcome is otherwise its cache result or its error's kind).
@@ -31,10 +31,10 @@ enum RouteOutcome {
     ClientClosed,
 }
 
-pub const OUTCOME_OK: &str = RouteOutcome::Ok.into_str();
-pub const OUTCOME_ERROR: &str = RouteOutcome::Error.into_str();
-pub const OUTCOME_NOT_FOUND: &str = RouteOutcome::NotFound.into_str();
-pub const OUTCOME_CLIENT_CLOSED: &str = RouteOutcome::ClientClosed.into_str();
+pub(crate) const OUTCOME_OK: &str = RouteOutcome::Ok.into_str();
+pub(crate) const OUTCOME_ERROR: &str = RouteOutcome::Error.into_str();
+pub(crate) const OUTCOME_NOT_FOUND: &str = RouteOutcome::NotFound.into_str();
+pub(crate) const OUTCOME_CLIENT_CLOSED: &str = RouteOutcome::ClientClosed.into_str();
 
 /// Every `outcome` a route can record, pre-registered per route.
 fn outcomes(route: Route) -> Vec<&'static str> {
@@ -121,7 +121,13 @@ impl HttpMetrics {
 }
 
 impl Metrics {
-    pub fn http_request(&self, route: Route, code: u16, outcome: &'static str, elapsed: Duration) {
+    pub(crate) fn http_request(
+        &self,
+        route: Route,
+        code: u16,
+        outcome: &'static str,
+        elapsed: Duration,
+    ) {
         if !self.enabled {
             return;
         }
@@ -144,7 +150,7 @@ impl Metrics {
         }
     }
 
-    pub fn http_in_flight(&self, route: Route) -> &IntGauge {
+    pub(crate) fn http_in_flight(&self, route: Route) -> &IntGauge {
         &self.http.in_flight[&route]
     }
 }

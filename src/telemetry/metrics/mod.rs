@@ -37,22 +37,21 @@ use prometheus::{
 };
 use strum::VariantArray;
 
-pub use self::http::{
+pub(crate) use self::http::{
     CODE_CLIENT_CLOSED, OUTCOME_CLIENT_CLOSED, OUTCOME_ERROR, OUTCOME_NOT_FOUND, OUTCOME_OK,
 };
-pub use self::upstream::status_class;
 
 const NAMESPACE: &str = "score_proxy";
 
 /// Settings that shape the metrics (gauges of configuration, bucket ranges).
-pub struct MetricsConfig {
+pub(crate) struct MetricsConfig {
     /// `false` skips per-request recording (HTTP, validation and cache families), the only
     /// recording on the cache-hit path. It exists to measure what telemetry costs.
-    pub enabled: bool,
-    pub rate_per_second: f64,
-    pub interval: Duration,
-    pub queue_capacity: usize,
-    pub queue_timeout: Duration,
+    pub(crate) enabled: bool,
+    pub(crate) rate_per_second: f64,
+    pub(crate) interval: Duration,
+    pub(crate) queue_capacity: usize,
+    pub(crate) queue_timeout: Duration,
 }
 
 pub struct Metrics {
@@ -70,7 +69,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(config: &MetricsConfig) -> Self {
+    pub(crate) fn new(config: &MetricsConfig) -> Self {
         let registry = Registry::new();
         let families = Families(&registry);
 
@@ -116,12 +115,8 @@ impl Metrics {
         String::from_utf8(out).expect("the text format is UTF-8")
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     /// Whether per-request recording is on.
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.enabled
     }
 }
@@ -221,10 +216,10 @@ fn per_pair<A: Label, C: Label, B: MetricVecBuilder>(
 
 /// Increments a gauge now and decrements it when dropped, whatever path the code takes
 /// (including a cancelled future).
-pub struct GaugeGuard<'a>(&'a IntGauge);
+pub(crate) struct GaugeGuard<'a>(&'a IntGauge);
 
 impl<'a> GaugeGuard<'a> {
-    pub fn new(gauge: &'a IntGauge) -> Self {
+    pub(crate) fn new(gauge: &'a IntGauge) -> Self {
         gauge.inc();
         GaugeGuard(gauge)
     }

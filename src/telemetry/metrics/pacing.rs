@@ -82,32 +82,32 @@ impl PacingMetrics {
 }
 
 impl Metrics {
-    pub fn permit_wait(&self, waited: Duration) {
+    pub(crate) fn permit_wait(&self, waited: Duration) {
         self.pacing.permit_wait.observe(waited.as_secs_f64());
     }
 
-    pub fn penalty_received(&self) {
+    pub(crate) fn penalty_received(&self) {
         self.pacing.penalties.inc();
     }
 
-    pub fn penalty_paused(&self, paused: Duration) {
+    pub(crate) fn penalty_paused(&self, paused: Duration) {
         self.pacing.penalty_seconds.inc_by(paused.as_secs_f64());
     }
 
-    pub fn set_penalty_active(&self, active: bool) {
+    pub(crate) fn set_penalty_active(&self, active: bool) {
         self.pacing.penalty_active.set(i64::from(active));
     }
 
-    pub fn unused_slot(&self, why: SlotUnused) {
+    pub(crate) fn unused_slot(&self, why: SlotUnused) {
         self.pacing.unused_slots[&why].inc();
     }
 
-    pub fn pacing_booked(&self, took: Duration) {
+    pub(crate) fn pacing_booked(&self, took: Duration) {
         self.pacing.book_duration.observe(took.as_secs_f64());
     }
 
     /// The gauge's value is the mode's discriminant (0 local, 1 shared, 2 fallback).
-    pub fn set_pacing_mode(&self, mode: PacingMode) {
+    pub(crate) fn set_pacing_mode(&self, mode: PacingMode) {
         self.pacing.mode.set(mode as i64);
     }
 }

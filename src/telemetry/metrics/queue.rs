@@ -73,23 +73,23 @@ impl QueueMetrics {
 }
 
 impl Metrics {
-    pub fn set_queue_depth(&self, depth: usize) {
+    pub(crate) fn set_queue_depth(&self, depth: usize) {
         self.queue.depth.set(depth as i64);
     }
 
-    pub fn queue_admitted(&self) {
+    pub(crate) fn queue_admitted(&self) {
         self.queue.admissions.inc();
     }
 
-    pub fn queue_wait(&self, waited: Duration) {
+    pub(crate) fn queue_wait(&self, waited: Duration) {
         self.queue.wait.observe(waited.as_secs_f64());
     }
 
-    pub fn queue_refused(&self, reason: QueueRefusal) {
+    pub(crate) fn queue_refused(&self, reason: QueueRefusal) {
         self.queue.refusals[&reason].inc();
     }
 
-    pub fn queue_abandoned(&self) {
+    pub(crate) fn queue_abandoned(&self) {
         self.queue.abandoned.inc();
     }
 }

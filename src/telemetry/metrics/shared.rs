@@ -76,11 +76,11 @@ impl SharedMetrics {
 }
 
 impl Metrics {
-    pub fn shared_fallback(&self) {
+    pub(crate) fn shared_fallback(&self) {
         self.shared.fallbacks.inc();
     }
 
-    pub fn redis_op(&self, op: &'static str, outcome: RedisOutcome, took: Duration) {
+    pub(crate) fn redis_op(&self, op: &'static str, outcome: RedisOutcome, took: Duration) {
         if let Some(c) = self.shared.redis_ops.get(&(op, outcome)) {
             c.inc();
         }
@@ -91,7 +91,7 @@ impl Metrics {
         }
     }
 
-    pub fn shared_cache_lookup(&self, hit: bool) {
+    pub(crate) fn shared_cache_lookup(&self, hit: bool) {
         let shared = &self.shared;
         if hit {
             &shared.cache_hits
@@ -101,7 +101,7 @@ impl Metrics {
         .inc();
     }
 
-    pub fn shared_flight(&self, leader: bool) {
+    pub(crate) fn shared_flight(&self, leader: bool) {
         let shared = &self.shared;
         if leader {
             &shared.leaders

@@ -11,7 +11,7 @@ use super::{Families, Metrics, per_value};
 use crate::lookup::upstream::UpstreamOutcome;
 
 /// Status code class of an upstream answer (`none` when there was no answer).
-pub fn status_class(status: Option<u16>) -> &'static str {
+pub(crate) fn status_class(status: Option<u16>) -> &'static str {
     match status {
         Some(200..=299) => "2xx",
         Some(300..=399) => "3xx",
@@ -96,11 +96,16 @@ impl UpstreamMetrics {
 
 impl Metrics {
     /// A new connection to the upstream, opened in `took`.
-    pub fn upstream_connect(&self, took: Duration) {
+    pub(crate) fn upstream_connect(&self, took: Duration) {
         self.upstream.connect.observe(took.as_secs_f64());
     }
 
-    pub fn upstream_call(&self, status: Option<u16>, outcome: UpstreamOutcome, took: Duration) {
+    pub(crate) fn upstream_call(
+        &self,
+        status: Option<u16>,
+        outcome: UpstreamOutcome,
+        took: Duration,
+    ) {
         let upstream = &self.upstream;
         let class = status_class(status);
         match upstream.calls.get(&(class, outcome)) {
@@ -113,11 +118,11 @@ impl Metrics {
         upstream.duration[&outcome].observe(took.as_secs_f64());
     }
 
-    pub fn upstream_in_flight(&self) -> &IntGauge {
+    pub(crate) fn upstream_in_flight(&self) -> &IntGauge {
         &self.upstream.in_flight
     }
 
-    pub fn upstream_retry(&self) {
+    pub(crate) fn upstream_retry(&self) {
         self.upstream.retries.inc();
     }
 }

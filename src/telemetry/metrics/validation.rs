@@ -30,7 +30,7 @@ impl ValidationMetrics {
 }
 
 impl Metrics {
-    pub fn validation_rejected(&self, reason: &'static str) {
+    pub(crate) fn validation_rejected(&self, reason: &'static str) {
         if !self.enabled {
             return;
         }

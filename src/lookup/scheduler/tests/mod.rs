@@ -32,7 +32,8 @@ use opentelemetry::trace::{SpanId, TraceId};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{Flight, FlightResult, Joined, Scheduler, Waiter};
+use super::flights::FlightResult;
+use super::{Flight, Joined, Scheduler, Waiter};
 use crate::lookup::breaker::Breaker;
 use crate::lookup::cache::{CacheLookup, CachedScore, ScoreCache};
 use crate::lookup::pacing::{BookError, BoxFuture, Pacer, PacingMode};
