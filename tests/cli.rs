@@ -19,7 +19,10 @@ fn sim_command() -> Command {
         "{} is missing: build the workspace's binaries (cargo build --workspace --bins)",
         bin.display()
     );
-    clean(Command::new(bin))
+    let mut cmd = clean(Command::new(bin));
+    // Its log has colours otherwise, and the address is read from it as plain text.
+    cmd.env("NO_COLOR", "1");
+    cmd
 }
 
 /// A command with none of the proxy's variables inherited from the environment.
@@ -78,26 +81,34 @@ fn start(cmd: Command, marker: &str) -> (Proc, String) {
     (proc, addr)
 }
 
-/// [`start`], also returning the whole log line.
+/// [`start`], also returning the whole log line. Both streams are read: the proxy logs to
+/// stdout, the simulator to stderr (its stdout is left to the program); stderr lines are
+/// passed on to the test's own stderr, so a failing test still shows them.
 fn start_with_line(mut cmd: Command, marker: &str) -> (Proc, String, String) {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("the binary starts");
-    let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
-    let marker = marker.to_owned();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if !sent && line.contains(&marker) {
-                let addr = line
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("address="))
-                    .map(|a| (a.trim_matches('"').to_owned(), line.clone()));
-                let _ = tx.send(addr);
-                sent = true;
+    let stdout: Box<dyn std::io::Read + Send> = Box::new(child.stdout.take().unwrap());
+    let stderr: Box<dyn std::io::Read + Send> = Box::new(child.stderr.take().unwrap());
+    for (stream, echo) in [(stdout, false), (stderr, true)] {
+        let (tx, marker) = (tx.clone(), marker.to_owned());
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("{line}");
+                }
+                if !sent && line.contains(&marker) {
+                    let addr = line
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("address="))
+                        .map(|a| (a.trim_matches('"').to_owned(), line.clone()));
+                    let _ = tx.send(addr);
+                    sent = true;
+                }
             }
-        }
-    });
+        });
+    }
     let (addr, line) = rx
         .recv_timeout(Duration::from_secs(30))
         .expect("the process reports its address")

@@ -3,22 +3,18 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
-
 use common::{Setup, cpf, spawn};
 use score_proxy::telemetry::{self, LogFormat, OtelSettings};
+use score_test_support::logs::LogCapture;
 
 #[tokio::test]
 async fn no_endpoint_means_no_exporter_and_no_noise() {
     let settings = OtelSettings::from_env(|_| None).unwrap();
     assert_eq!(settings.traces_endpoint, None);
-    let logs = Arc::new(Mutex::new(Vec::<u8>::new()));
-    let sink = logs.clone();
+    let logs = LogCapture::new();
+    let writer = logs.make_writer();
     let guard = std::thread::spawn(move || {
-        telemetry::init_with(LogFormat::Json, &settings, Some("debug"), move || {
-            Capture(sink.clone())
-        })
-        .unwrap()
+        telemetry::init_with(LogFormat::Json, &settings, Some("debug"), writer).unwrap()
     })
     .join()
     .unwrap();
@@ -32,7 +28,7 @@ async fn no_endpoint_means_no_exporter_and_no_noise() {
     tokio::task::spawn_blocking(move || drop(guard))
         .await
         .unwrap();
-    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let text = logs.text();
     let noisy: Vec<&str> = text
         .lines()
         .filter(|l| {
@@ -42,17 +38,4 @@ async fn no_endpoint_means_no_exporter_and_no_noise() {
         .collect();
     assert!(noisy.is_empty(), "{noisy:#?}");
     assert!(text.contains("score_proxy::access"), "logging works");
-}
-
-#[derive(Clone)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }

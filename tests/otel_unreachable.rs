@@ -3,11 +3,11 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{Setup, cpf, spawn};
 use score_proxy::telemetry::{self, LogFormat, OtelSettings, OtlpProtocol};
+use score_test_support::logs::LogCapture;
 
 #[tokio::test]
 async fn an_unreachable_collector_costs_lookups_nothing() {
@@ -17,8 +17,8 @@ async fn an_unreachable_collector_costs_lookups_nothing() {
         .local_addr()
         .unwrap()
         .port();
-    let logs = Arc::new(Mutex::new(Vec::<u8>::new()));
-    let sink = logs.clone();
+    // The log output is kept off the terminal, not read.
+    let writer = LogCapture::new().make_writer();
     let guard = std::thread::spawn(move || {
         telemetry::init_with(
             LogFormat::Json,
@@ -28,7 +28,7 @@ async fn an_unreachable_collector_costs_lookups_nothing() {
                 service_name: "score-proxy".into(),
             },
             Some("info"),
-            move || Capture(sink.clone()),
+            writer,
         )
         .unwrap()
     })
@@ -55,17 +55,4 @@ async fn an_unreachable_collector_costs_lookups_nothing() {
     .await
     .unwrap();
     assert_eq!(t.lookup(&cpf(1), "000").await.status, 200);
-}
-
-#[derive(Clone)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }

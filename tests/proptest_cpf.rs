@@ -1,6 +1,7 @@
 //! Property tests of stage 1 (`score_proxy::lookup::validation`): CPF parsing and the query parser
-//! of `/proxy/score`, checked against a reference model written here from the rules in
-//! `UPSTREAM.md`, independently of the implementation.
+//! of `/proxy/score`, checked against the reference model in `score_test_support` (`cpf` and
+//! `query`), written from the rules in `UPSTREAM.md`, independently of the implementation
+//! (the fuzz target checks the parser against the same model).
 //!
 //! The model computes check digits the textbook way (`r = sum % 11`, digit `0` if `r < 2`
 //! else `11 - r`), where the implementation uses `(10 * sum) % 11`; the two agree only if
@@ -14,180 +15,13 @@ use proptest::prelude::*;
 use score_proxy::lookup::validation::{
     ClientId, ClientIdError, Cpf, CpfError, MAX_CLIENT_ID_LEN, QueryError, parse_lookup,
 };
-
-/// The reference model: what the rules say, written without looking at how `validation.rs`
-/// computes it.
-mod model {
-    use score_proxy::lookup::validation::{ClientIdError, CpfError, QueryError};
-
-    /// Mod-11 check digit of `digits` with weights `len + 1` down to `2`.
-    pub fn check_digit(digits: &[u8]) -> u8 {
-        let n = digits.len() as u32;
-        let sum: u32 = digits
-            .iter()
-            .zip((2..=n + 1).rev())
-            .map(|(&d, w)| u32::from(d) * w)
-            .sum();
-        let r = sum % 11;
-        if r < 2 { 0 } else { (11 - r) as u8 }
-    }
-
-    /// Whether 11 digits pass both check digits (the arithmetic alone).
-    pub fn arithmetic_ok(d: &[u8; 11]) -> bool {
-        d[9] == check_digit(&d[..9]) && d[10] == check_digit(&d[..10])
-    }
-
-    pub fn all_same(d: &[u8; 11]) -> bool {
-        d.iter().all(|&x| x == d[0])
-    }
-
-    /// The verdict on 11 digits: a valid CPF, or why not.
-    pub fn judge(d: &[u8; 11]) -> Result<String, CpfError> {
-        if !arithmetic_ok(d) {
-            Err(CpfError::CheckDigits)
-        } else if all_same(d) {
-            Err(CpfError::Repeated)
-        } else {
-            Ok(d.iter().map(|&x| char::from(b'0' + x)).collect())
-        }
-    }
-
-    /// The 11 digits of `s` if it has one of the two accepted shapes: 11 ASCII digits, or
-    /// `XXX.XXX.XXX-XX`.
-    pub fn shape(s: &str) -> Option<[u8; 11]> {
-        let b = s.as_bytes();
-        let digits: Vec<u8> = match b.len() {
-            11 => b.to_vec(),
-            14 if b[3] == b'.' && b[7] == b'.' && b[11] == b'-' => b
-                .iter()
-                .enumerate()
-                .filter(|&(i, _)| !matches!(i, 3 | 7 | 11))
-                .map(|(_, &c)| c)
-                .collect(),
-            _ => return None,
-        };
-        if !digits.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        let mut out = [0u8; 11];
-        for (slot, c) in out.iter_mut().zip(digits) {
-            *slot = c - b'0';
-        }
-        Some(out)
-    }
-
-    /// What `Cpf::parse` should say about `s`: the CPF's 11 digits, or the error.
-    pub fn parse_cpf(s: &str) -> Result<String, CpfError> {
-        if s.is_empty() {
-            return Err(CpfError::Missing);
-        }
-        judge(&shape(s).ok_or(CpfError::Format)?)
-    }
-
-    /// Digits of `n` (0..=999_999_999) followed by its two check digits.
-    pub fn complete(base: u32) -> [u8; 11] {
-        let mut d = [0u8; 11];
-        let mut n = base;
-        for slot in d[..9].iter_mut().rev() {
-            *slot = (n % 10) as u8;
-            n /= 10;
-        }
-        d[9] = check_digit(&d[..9]);
-        d[10] = check_digit(&d[..10]);
-        d
-    }
-
-    pub fn client_id(s: &str) -> Result<String, ClientIdError> {
-        if s.is_empty() {
-            Err(ClientIdError::Missing)
-        } else if s.len() > 128 {
-            // Counted in bytes: the id travels as an HTTP header value. Only the reason
-            // given for a long non-ASCII id depends on it; both reasons refuse.
-            Err(ClientIdError::TooLong)
-        } else if !s.chars().all(|c| (' '..='~').contains(&c)) {
-            Err(ClientIdError::Unprintable)
-        } else {
-            Ok(s.to_owned())
-        }
-    }
-
-    /// Form decoding: `+` is a space, `%` and two hex digits a byte, anything else itself
-    /// (a `%` not followed by two hex digits included); the bytes must be UTF-8.
-    pub fn form_decode(raw: &str) -> Option<String> {
-        fn hex(c: u8) -> Option<u8> {
-            char::from(c).to_digit(16).map(|v| v as u8)
-        }
-        let b = raw.as_bytes();
-        let mut out = Vec::with_capacity(b.len());
-        let mut i = 0;
-        while i < b.len() {
-            match b[i] {
-                b'+' => out.push(b' '),
-                b'%' if i + 2 < b.len() && hex(b[i + 1]).is_some() && hex(b[i + 2]).is_some() => {
-                    out.push(hex(b[i + 1]).unwrap() * 16 + hex(b[i + 2]).unwrap());
-                    i += 2;
-                }
-                c => out.push(c),
-            }
-            i += 1;
-        }
-        String::from_utf8(out).ok()
-    }
-
-    /// What `parse_lookup` should answer: `(cpf digits, client id)` or the error, with the
-    /// documented precedence (parameters left to right; a bad name or a repeated or
-    /// undecodable `cpf`/`client_id` stops there; then the cpf; then the client id).
-    pub fn parse_lookup(
-        query: Option<&str>,
-        default: Option<&str>,
-    ) -> Result<(String, String), QueryError> {
-        let mut cpf: Option<String> = None;
-        let mut client: Option<String> = None;
-        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-            let (name, value) = match pair.find('=') {
-                Some(at) => (&pair[..at], &pair[at + 1..]),
-                None => (pair, ""),
-            };
-            let name = form_decode(name).ok_or(QueryError::NotUtf8("parameter name"))?;
-            let (slot, label) = match name.as_str() {
-                "cpf" => (&mut cpf, "cpf"),
-                "client_id" => (&mut client, "client_id"),
-                _ => continue,
-            };
-            if slot.is_some() {
-                return Err(QueryError::Repeated(label));
-            }
-            *slot = Some(form_decode(value).ok_or(QueryError::NotUtf8(label))?);
-        }
-        let cpf = parse_cpf(cpf.as_deref().unwrap_or("")).map_err(QueryError::Cpf)?;
-        let client = match client.as_deref() {
-            None | Some("") => default
-                .map(str::to_owned)
-                .ok_or(QueryError::ClientId(ClientIdError::Missing))?,
-            Some(raw) => client_id(raw).map_err(QueryError::ClientId)?,
-        };
-        Ok((cpf, client))
-    }
-}
+use score_test_support::cpf::{self as model, digits_string, formatted};
+use score_test_support::query;
 
 /// The implementation's answer in the model's terms.
 fn lookup(query: Option<&str>, default: Option<&str>) -> Result<(String, String), QueryError> {
     let default = default.map(|d| ClientId::parse(d).expect("test default is valid"));
     parse_lookup(query, default.as_ref()).map(|k| (k.cpf.to_string(), k.client_id.as_str().into()))
-}
-
-fn formatted(digits: &str) -> String {
-    format!(
-        "{}.{}.{}-{}",
-        &digits[0..3],
-        &digits[3..6],
-        &digits[6..9],
-        &digits[9..11]
-    )
-}
-
-fn digits_string(d: &[u8; 11]) -> String {
-    d.iter().map(|&x| char::from(b'0' + x)).collect()
 }
 
 /// Every byte as `%XX`, with upper- or lower-case hex as `upper` says.
@@ -389,7 +223,7 @@ proptest! {
     fn parse_lookup_matches_the_model(q in query(), with_default: bool) {
         let default = with_default.then_some("default-client");
         let got = lookup(Some(&q), default);
-        prop_assert_eq!(&got, &model::parse_lookup(Some(&q), default));
+        prop_assert_eq!(&got, &query::parse_lookup(Some(&q), default));
         if let Ok((cpf, client)) = got {
             prop_assert_eq!(cpf.len(), 11);
             prop_assert!(cpf.bytes().all(|b| b.is_ascii_digit()));
@@ -476,10 +310,10 @@ proptest! {
         any::<String>(),
         "[ -~]{0,10}[\\x00-\\x1f\\x7f][ -~]{0,10}",
     ]) {
-        prop_assert_eq!(ClientId::parse(&raw).map(|c| c.as_str().to_owned()), model::client_id(&raw));
+        prop_assert_eq!(ClientId::parse(&raw).map(|c| c.as_str().to_owned()), query::client_id(&raw));
         let q = format!("cpf=89336333089&client_id={}", encode_min(&raw));
         let got = lookup(Some(&q), Some("default-client"));
-        match model::client_id(&raw) {
+        match query::client_id(&raw) {
             Ok(id) => prop_assert_eq!(got, Ok(("89336333089".to_owned(), id))),
             Err(ClientIdError::Missing) => {
                 prop_assert_eq!(got, Ok(("89336333089".to_owned(), "default-client".to_owned())))
@@ -506,10 +340,10 @@ fn the_model_agrees_with_the_known_numbers() {
     assert_eq!(model::parse_cpf("893.363.330.89"), Err(CpfError::Format));
     assert_eq!(model::parse_cpf(""), Err(CpfError::Missing));
     assert_eq!(
-        model::form_decode("a+b%21%zz%4").as_deref(),
+        query::form_decode("a+b%21%zz%4").as_deref(),
         Some("a b!%zz%4")
     );
-    assert_eq!(model::form_decode("%FF"), None);
+    assert_eq!(query::form_decode("%FF"), None);
     // There are single-digit changes that keep a CPF valid (residue 0 vs 1 both give 0):
     // the exception in `single_digit_changes` is real, not hypothetical.
     let collision = (1u32..2_000).find_map(|b| {

@@ -651,11 +651,10 @@ async fn status_and_legacy_metrics_json_keep_the_originals_fields() {
             .unwrap()
             .starts_with("text/plain")
     );
-    assert!(
-        prom.text()
-            .await
-            .unwrap()
-            .contains("score_proxy_cache_entries 1")
+    let text = prom.text().await.unwrap();
+    assert_eq!(
+        common::metric_value(&text, "score_proxy_cache_entries"),
+        1.0
     );
     let ready = t.get("/ready").await;
     assert_eq!(ready.status, 200);

@@ -17,6 +17,7 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use prost::Message;
 use score_proxy::telemetry::{self, LogFormat, OtelSettings, OtlpProtocol, TelemetryGuard};
+use score_test_support::logs::LogCapture;
 
 /// One span as received, flattened.
 #[derive(Clone, Debug)]
@@ -34,7 +35,7 @@ struct Shared {
     guard: TelemetryGuard,
     spans: Arc<Mutex<Vec<Span>>>,
     received: Arc<tokio::sync::Notify>,
-    logs: Arc<Mutex<Vec<u8>>>,
+    logs: LogCapture,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -113,19 +114,6 @@ fn start_receiver(spans: Arc<Mutex<Vec<Span>>>, received: Arc<tokio::sync::Notif
     format!("http://{}/v1/traces", rx.recv().unwrap())
 }
 
-#[derive(Clone)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The process-wide set-up: receiver, exporter, and log capture at trace level. Done on a
 /// plain thread: the exporter's blocking HTTP client must not be built inside a runtime.
 fn telemetry() -> &'static Shared {
@@ -135,8 +123,7 @@ fn telemetry() -> &'static Shared {
             let spans = Arc::new(Mutex::new(Vec::new()));
             let received = Arc::new(tokio::sync::Notify::new());
             let endpoint = start_receiver(spans.clone(), received.clone());
-            let logs = Arc::new(Mutex::new(Vec::new()));
-            let capture = Capture(logs.clone());
+            let logs = LogCapture::new();
             let guard = telemetry::init_with(
                 LogFormat::Json,
                 &OtelSettings {
@@ -145,7 +132,7 @@ fn telemetry() -> &'static Shared {
                     service_name: "score-proxy-test".into(),
                 },
                 Some("trace"),
-                move || capture.clone(),
+                logs.make_writer(),
             )
             .expect("telemetry starts");
             Shared {
@@ -399,7 +386,7 @@ async fn no_cpf_or_client_id_in_any_span_log_line_or_metric_across_every_scenari
         .await
         .unwrap();
     let metrics = t.metrics().await;
-    let logs = String::from_utf8(telemetry().logs.lock().unwrap().clone()).unwrap();
+    let logs = telemetry().logs.text();
     assert!(
         logs.contains("\"target\":\"score_proxy::access\""),
         "access log lines were captured"
@@ -441,7 +428,7 @@ async fn the_access_log_has_one_json_line_per_request_with_its_trace_id() {
     // The line is written just after the response: wait for it.
     let line = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            let logs = String::from_utf8(telemetry().logs.lock().unwrap().clone()).unwrap();
+            let logs = telemetry().logs.text();
             if let Some(line) = logs.lines().find(|l| l.contains(trace)) {
                 return line.to_owned();
             }

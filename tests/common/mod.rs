@@ -17,7 +17,6 @@ use std::time::Duration;
 use score_proxy::app::App;
 use score_proxy::config::{Cli, Config};
 use score_proxy::http::server::Server;
-use score_proxy::lookup::validation::Cpf;
 use score_sim::{SimStats, Simulator, SimulatorConfig, SimulatorHandle};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -25,21 +24,15 @@ use tokio::task::JoinHandle;
 /// The simulator's rate rule in tests: one call per 100 ms.
 pub const SIM_INTERVAL: Duration = Duration::from_millis(100);
 
-/// A valid CPF, distinct for each `n`.
+/// A valid CPF, distinct for each `n` (the reference model's, not the parser's: a test
+/// input does not depend on the code under test).
 pub fn cpf(n: u32) -> String {
-    Cpf::from_base(100_000_000 + n * 7919)
-        .expect("not an all-same-digit base")
-        .to_string()
+    score_test_support::cpf::nth(n)
 }
 
 /// Installs a log subscriber when `TEST_LOG=1` (tests are quiet by default).
 pub fn init_test_log() {
-    if std::env::var_os("TEST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("debug,hyper=info,reqwest=info,h2=info")
-            .with_test_writer()
-            .try_init();
-    }
+    score_test_support::logs::init_test_log("debug,hyper=info,reqwest=info,h2=info");
 }
 
 pub struct Setup {
@@ -291,15 +284,10 @@ impl TestApp {
     }
 }
 
-pub fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| {
-            let rest = line.strip_prefix(series)?;
-            let value = rest.strip_prefix(' ')?;
-            value.trim().parse().ok()
-        })
-        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
-}
+/// The value of one series (labels in any order) in a scrape's text; panics with the scrape
+/// when it is missing or the text is not Prometheus's format.
+#[allow(unused_imports)]
+pub use score_test_support::prom::value as metric_value;
 
 #[allow(unused_imports)]
 pub use score_test_support::free_port;

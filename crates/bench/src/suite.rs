@@ -1,0 +1,270 @@
+//! The run's shared state (the plan, the simulator, the report so far) and the contenders it
+//! starts against the simulator: the proxy's release binary with a chosen telemetry set-up,
+//! and nginx from `bench/nginx.conf.template`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context, Result};
+
+use crate::Plan;
+use crate::client::wait_ready;
+use crate::procs::{Proc, Workspace, free_port, on_path};
+use crate::report::Report;
+use crate::sim::Sim;
+
+/// The nginx configuration, with `{{PLACEHOLDERS}}` for paths, ports, rate and burst.
+const NGINX_TEMPLATE: &str = include_str!("../../../bench/nginx.conf.template");
+
+#[derive(Clone, Debug)]
+pub(crate) enum Rival {
+    Proxy,
+    Nginx { rate: &'static str, burst: u32 },
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Contender {
+    pub(crate) label: &'static str,
+    pub(crate) rival: Rival,
+    /// Upstream calls per second the contender is configured for.
+    pub(crate) rate: f64,
+}
+
+pub(crate) fn paced_contenders() -> Vec<Contender> {
+    vec![
+        Contender {
+            label: "score-proxy",
+            rival: Rival::Proxy,
+            rate: 1.0,
+        },
+        Contender {
+            label: "nginx 1r/s",
+            rival: Rival::Nginx {
+                rate: "1r/s",
+                burst: 20,
+            },
+            rate: 1.0,
+        },
+        Contender {
+            label: "nginx 59r/m",
+            rival: Rival::Nginx {
+                rate: "59r/m",
+                burst: 20,
+            },
+            rate: 59.0 / 60.0,
+        },
+    ]
+}
+
+/// A running contender; its processes stop when this is dropped.
+pub(crate) struct Running {
+    pub(crate) label: String,
+    pub(crate) base: String,
+    pub(crate) proc: Proc,
+}
+
+pub(crate) struct Suite {
+    pub(crate) plan: Plan,
+    bin: PathBuf,
+    pub(crate) ws: Workspace,
+    pub(crate) client: reqwest::Client,
+    pub(crate) sim: Sim,
+    conf_dir: PathBuf,
+    pub(crate) written_confs: Vec<PathBuf>,
+    instances: AtomicU64,
+    pub(crate) report: Report,
+}
+
+/// How the proxy's telemetry is set up for one run (scenario 5 compares them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Telemetry {
+    /// `SCORE_PROXY_METRICS=false RUST_LOG=off`, no OTLP endpoint.
+    Off,
+    /// `SCORE_PROXY_METRICS=true RUST_LOG=off`.
+    Metrics,
+    /// Metrics, and every span exported to the harness's OTLP sink.
+    Tracing(u16),
+    /// Metrics and tracing, one trace in ten sampled (`parentbased_traceidratio`, 0.1).
+    Sampled(u16),
+    /// The shipped default: metrics, and the access log at `info` (to a file).
+    Default,
+}
+
+impl Telemetry {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Telemetry::Off => "off",
+            Telemetry::Metrics => "metrics only",
+            Telemetry::Tracing(_) => "metrics + tracing (always_on, OTLP)",
+            Telemetry::Sampled(_) => "metrics + tracing (parentbased_traceidratio 0.1, OTLP)",
+            Telemetry::Default => "default (metrics + access log at info)",
+        }
+    }
+
+    pub(crate) fn env(self) -> Vec<(&'static str, String)> {
+        match self {
+            Telemetry::Off => vec![
+                ("SCORE_PROXY_METRICS", "false".into()),
+                ("RUST_LOG", "off".into()),
+            ],
+            Telemetry::Metrics => vec![
+                ("SCORE_PROXY_METRICS", "true".into()),
+                ("RUST_LOG", "off".into()),
+            ],
+            Telemetry::Tracing(port) => vec![
+                ("SCORE_PROXY_METRICS", "true".into()),
+                ("RUST_LOG", "off".into()),
+                (
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    format!("http://127.0.0.1:{port}"),
+                ),
+                ("OTEL_TRACES_SAMPLER", "always_on".into()),
+            ],
+            Telemetry::Sampled(port) => vec![
+                ("SCORE_PROXY_METRICS", "true".into()),
+                ("RUST_LOG", "off".into()),
+                (
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    format!("http://127.0.0.1:{port}"),
+                ),
+                ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".into()),
+                ("OTEL_TRACES_SAMPLER_ARG", "0.1".into()),
+            ],
+            Telemetry::Default => vec![("SCORE_PROXY_METRICS", "true".into())],
+        }
+    }
+}
+
+impl Suite {
+    /// The suite before its first scenario: no contender started, nothing reported.
+    pub(crate) fn new(
+        plan: Plan,
+        bin: PathBuf,
+        ws: Workspace,
+        client: reqwest::Client,
+        sim: Sim,
+        conf_dir: PathBuf,
+    ) -> Suite {
+        Suite {
+            plan,
+            bin,
+            ws,
+            client,
+            sim,
+            conf_dir,
+            written_confs: Vec::new(),
+            instances: AtomicU64::new(0),
+            report: Report::default(),
+        }
+    }
+
+    fn instance_dir(&self, what: &str) -> Result<PathBuf> {
+        let n = self.instances.fetch_add(1, Ordering::Relaxed);
+        self.ws.subdir(&format!("{what}-{n}"))
+    }
+
+    pub(crate) async fn start(&mut self, c: &Contender) -> Result<Running> {
+        match &c.rival {
+            Rival::Proxy => self.start_proxy(c.label, &[], Telemetry::Metrics).await,
+            Rival::Nginx { rate, burst } => self.start_nginx(c.label, rate, *burst).await,
+        }
+    }
+
+    /// The release binary, on a free port, in front of the simulator. `extra` flags come
+    /// after the defaults; the environment is cleared and then set from `telemetry`.
+    pub(crate) async fn start_proxy(
+        &self,
+        label: &str,
+        extra: &[&str],
+        telemetry: Telemetry,
+    ) -> Result<Running> {
+        let dir = self.instance_dir("proxy")?;
+        let port = free_port()?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.env_clear();
+        for (k, v) in telemetry.env() {
+            cmd.env(k, v);
+        }
+        cmd.args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--upstream-url",
+            &format!("http://127.0.0.1:{}/api/score", self.sim.port),
+        ])
+        .args(extra);
+        let mut proc = Proc::spawn(label, cmd, dir.join("proxy.log"), false)?;
+        let base = format!("http://127.0.0.1:{port}");
+        wait_ready(&self.client, &format!("{base}/health"), &mut proc).await?;
+        Ok(Running {
+            label: label.to_owned(),
+            base,
+            proc,
+        })
+    }
+
+    fn nginx_conf(&self, prefix: &Path, outer: u16, inner: u16, rate: &str, burst: u32) -> String {
+        NGINX_TEMPLATE
+            .replace("{{PREFIX}}", &prefix.display().to_string())
+            .replace("{{OUTER_PORT}}", &outer.to_string())
+            .replace("{{INNER_PORT}}", &inner.to_string())
+            .replace("{{SIM_PORT}}", &self.sim.port.to_string())
+            .replace("{{RATE}}", rate)
+            .replace("{{BURST}}", &burst.to_string())
+    }
+
+    pub(crate) async fn start_nginx(
+        &mut self,
+        label: &str,
+        rate: &str,
+        burst: u32,
+    ) -> Result<Running> {
+        let nginx =
+            on_path("nginx").context("nginx is not installed (apt-get install -y nginx)")?;
+        let dir = self.instance_dir("nginx")?;
+        let (outer, inner) = (free_port()?, free_port()?);
+        let conf = self.nginx_conf(&dir, outer, inner, rate, burst);
+        let conf_path = dir.join("nginx.conf");
+        fs::write(&conf_path, &conf)?;
+        // The exact configuration used, next to the report (once per rate).
+        let kept = self.conf_dir.join(format!(
+            "nginx-{}.generated.conf",
+            rate.replace('/', "-per-")
+        ));
+        if !self.written_confs.contains(&kept) {
+            fs::create_dir_all(&self.conf_dir)?;
+            fs::write(
+                &kept,
+                format!(
+                    "# Generated by benches/compare.rs from bench/nginx.conf.template for the\n\
+                     # \"{label}\" runs; paths and ports are those of the run that wrote it.\n{conf}"
+                ),
+            )?;
+            self.written_confs.push(kept);
+        }
+        let mut cmd = Command::new(nginx);
+        cmd.arg("-p")
+            .arg(&dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(&conf_path)
+            .args(["-g", "daemon off;"]);
+        let mut proc = Proc::spawn(label, cmd, dir.join("nginx.out"), true)?;
+        let base = format!("http://127.0.0.1:{outer}");
+        wait_ready(&self.client, &format!("{base}/health"), &mut proc)
+            .await
+            .with_context(|| {
+                format!(
+                    "nginx error log:\n{}",
+                    fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+                )
+            })?;
+        Ok(Running {
+            label: label.to_owned(),
+            base,
+            proc,
+        })
+    }
+}
