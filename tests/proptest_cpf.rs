@@ -1,6 +1,6 @@
 //! Property tests of stage 1 (`score_proxy::lookup::validation`): CPF parsing and the query parser
 //! of `/proxy/score`, checked against the reference model in `score_test_support` (`cpf` and
-//! `query`), written from the rules in `UPSTREAM.md`, independently of the implementation
+//! `query`), written from the rules in `docs/upstream.md`, independently of the implementation
 //! (the fuzz target checks the parser against the same model).
 //!
 //! The model computes check digits the textbook way (`r = sum % 11`, digit `0` if `r < 2`
@@ -323,7 +323,7 @@ proptest! {
     }
 }
 
-/// The model itself, on the numbers `UPSTREAM.md` gives: a wrong model would make every
+/// The model itself, on the numbers `docs/upstream.md` gives: a wrong model would make every
 /// property above vacuous.
 #[test]
 fn the_model_agrees_with_the_known_numbers() {

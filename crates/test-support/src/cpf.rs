@@ -1,4 +1,4 @@
-//! The CPF reference model: what the rules in `UPSTREAM.md` say a CPF is, written from the
+//! The CPF reference model: what the rules in `docs/upstream.md` say a CPF is, written from the
 //! rules and not from `score_validation`, so that a test comparing the two finds a bug in
 //! either.
 //!
@@ -122,7 +122,7 @@ pub fn nth(n: u32) -> String {
 mod tests {
     use super::*;
 
-    /// The numbers `UPSTREAM.md` gives: a wrong model would make every property that uses
+    /// The numbers `docs/upstream.md` gives: a wrong model would make every property that uses
     /// it vacuous.
     #[test]
     fn known_numbers() {

@@ -1,5 +1,5 @@
 //! The reference model of the `/proxy/score` query: what `score_validation::parse_lookup`
-//! should answer, written from the rules in `UPSTREAM.md` and the README (form decoding by
+//! should answer, written from the rules in `docs/upstream.md` and the README (form decoding by
 //! hand, parameters left to right, a repeated `cpf` or `client_id` refused) on top of the
 //! CPF model in [`crate::cpf`].
 //!
