@@ -61,8 +61,8 @@ fn document_is_openapi_3_0_with_every_public_route() {
 fn route_list_matches_the_router_source() {
     let source = include_str!("../src/http/mod.rs");
     let start = source
-        .find("pub fn router(")
-        .expect("http.rs defines `pub fn router`");
+        .find("fn router(")
+        .expect("http/mod.rs defines `fn router`");
     let body = &source[start..];
     let end = body.find("\n}\n").expect("end of `router`");
     let registered: BTreeSet<String> = body[..end]
@@ -75,7 +75,7 @@ fn route_list_matches_the_router_source() {
 }
 
 /// Error kinds produced outside `ProxyError`: the router's fallbacks and size limits
-/// (`http.rs`) and the connections refused before a request is read (`server.rs`).
+/// (`http/mod.rs`) and the connections refused before a request is read (`http/server.rs`).
 const OTHER_KINDS: [(&str, &str); 5] = [
     ("not_found", include_str!("../src/http/mod.rs")),
     ("method_not_allowed", include_str!("../src/http/mod.rs")),
