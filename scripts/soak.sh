@@ -22,5 +22,5 @@ for arg in "$@"; do
     esac
 done
 
-cargo build --release --locked --quiet
+cargo build --release --locked --quiet --workspace --bins
 exec python3 scripts/soak.py --bin target/release/score-proxy "$@"
