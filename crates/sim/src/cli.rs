@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::config::{Fault, RetryAfterMode, SimulatorConfig};
+use super::delay::ArrivalDelay;
 
 /// Every setting has a flag and an environment variable; durations take humantime
 /// syntax (`1s`, `250ms`, `1m 30s`).
@@ -43,6 +44,17 @@ pub struct SimulateArgs {
     /// Comma-separated client ids to accept (default: any non-empty id).
     #[arg(long, env = "SIM_CLIENT_IDS", value_delimiter = ',')]
     pub client_ids: Vec<String>,
+
+    /// One-way network delay before an arrival is counted (the rate rule judges the
+    /// delayed arrival): `none`, `uniform:MIN..MAX` (e.g. `uniform:0ms..30ms`), or
+    /// `spikes:MIN..MAX,PERCENT%,SPIKE` (uniform in the range, except that PERCENT of
+    /// calls are delayed by SPIKE, e.g. `spikes:0ms..3ms,5%,150ms`).
+    #[arg(long, env = "SIM_ARRIVAL_DELAY", default_value = "none")]
+    pub arrival_delay: ArrivalDelay,
+
+    /// Seed of the generator the delays are drawn from: the same seed, the same delays.
+    #[arg(long, env = "SIM_SEED", default_value_t = 0)]
+    pub seed: u64,
 }
 
 impl SimulateArgs {
@@ -63,6 +75,8 @@ impl SimulateArgs {
             fail_every: self.fail_every,
             retry_after: self.retry_after,
             client_ids: (!ids.is_empty()).then_some(ids),
+            arrival_delay: self.arrival_delay,
+            seed: self.seed,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! What the simulator can be told to do, and the JSON shape of `/__sim/config`.
 //!
 //! The defaults are the real API's known behaviour (1 call/s for everyone together, a 2 s
-//! penalty, no `Retry-After`), so a test that changes nothing tests against the strict
+//! penalty, no `Retry-After`) on loopback (no network delay), so a test that changes nothing tests against the strict
 //! contract. Everything else is a knob a test turns to reproduce one way the real API has
 //! been seen (or feared) to misbehave.
 
@@ -11,6 +11,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
+
+use super::delay::ArrivalDelay;
 
 /// Everything that shapes the simulator's answers.
 ///
@@ -36,6 +38,12 @@ pub struct SimulatorConfig {
     pub retry_after: RetryAfterMode,
     /// Accepted `client-id` values; `None` accepts any non-empty id, `Some(empty)` none.
     pub client_ids: Option<HashSet<String>>,
+    /// The one-way network delay before an arrival is counted: the rate rule judges the
+    /// delayed arrival, as the real API judges what reaches it, not what left the caller.
+    pub arrival_delay: ArrivalDelay,
+    /// Seeds the generator the delays are drawn from, so a test gets the same delays on
+    /// every run. Changing it (or resetting the simulator) restarts the sequence.
+    pub seed: u64,
 }
 
 impl Default for SimulatorConfig {
@@ -48,6 +56,8 @@ impl Default for SimulatorConfig {
             fail_every: None,
             retry_after: RetryAfterMode::None,
             client_ids: None,
+            arrival_delay: ArrivalDelay::None,
+            seed: 0,
         }
     }
 }
@@ -225,6 +235,11 @@ pub struct ConfigView {
     pub penalty_ms: u64,
     /// Sorted, so that the output is stable.
     pub client_ids: Option<Vec<String>>,
+    /// In the command line's syntax: `none`, `uniform:0ms..30ms`, `spikes:0ms..3ms,5%,150ms`.
+    #[serde(default)]
+    pub arrival_delay: ArrivalDelay,
+    #[serde(default)]
+    pub seed: u64,
 }
 
 impl From<&SimulatorConfig> for ConfigView {
@@ -241,6 +256,8 @@ impl From<&SimulatorConfig> for ConfigView {
                 ids.sort();
                 ids
             }),
+            arrival_delay: config.arrival_delay,
+            seed: config.seed,
         }
     }
 }
@@ -265,6 +282,9 @@ pub struct ConfigUpdate {
     pub penalty_ms: Option<u64>,
     #[serde(default, deserialize_with = "present")]
     pub client_ids: Option<Option<Vec<String>>>,
+    pub arrival_delay: Option<ArrivalDelay>,
+    /// Restarts the delays' sequence from this seed, even if it is the seed in force.
+    pub seed: Option<u64>,
 }
 
 /// Tells an explicit `null` (outer `Some(None)`) apart from an absent field (outer `None`,
@@ -303,6 +323,12 @@ impl ConfigUpdate {
         }
         if let Some(ids) = self.client_ids {
             config.client_ids = ids.map(|ids| ids.into_iter().collect());
+        }
+        if let Some(delay) = self.arrival_delay {
+            config.arrival_delay = delay;
+        }
+        if let Some(seed) = self.seed {
+            config.seed = seed;
         }
         Ok(())
     }

@@ -10,8 +10,10 @@
 //! abandoned, trace context propagated, no call for a cached answer) can only be checked
 //! by looking at what reached the upstream.
 //!
-//! - [`config`]: the knobs (rate rule, latency, faults, `Retry-After`, allow-list) and
-//!   the JSON shapes of `/__sim/config`.
+//! - [`config`]: the knobs (rate rule, latency, faults, `Retry-After`, allow-list, network
+//!   delay) and the JSON shapes of `/__sim/config`.
+//! - [`delay`]: the one-way network delay before an arrival is counted, drawn from a
+//!   seeded generator.
 //! - [`cpf`]: the simulator's own CPF check and made-up scores, kept apart from the
 //!   proxy's validation on purpose.
 //! - [`record`]: the rate rule's judge and the record of every arrival.
@@ -24,6 +26,7 @@
 mod cli;
 mod config;
 pub mod cpf;
+mod delay;
 mod record;
 mod routes;
 
@@ -44,6 +47,7 @@ pub use cli::SimulateArgs;
 pub use config::{
     ConfigUpdate, ConfigView, Fault, ParseModeError, RetryAfterMode, SimulatorConfig,
 };
+pub use delay::{ArrivalDelay, ParseDelayError};
 pub use record::{Arrival, MAX_RECORDED_ARRIVALS, MAX_RECORDED_FIELD_LEN, SimStats};
 pub use routes::SCORE_PATH;
 
@@ -81,6 +85,7 @@ impl fmt::Debug for Simulator {
             .field("min_interval", &config.min_interval)
             .field("penalty", &config.penalty)
             .field("latency", &config.latency)
+            .field("arrival_delay", &config.arrival_delay)
             .field("fault", &config.fault)
             .field("calls", &self.calls())
             .finish_non_exhaustive()
@@ -175,16 +180,37 @@ impl Simulator {
     }
 
     /// Changes the configuration in place; the change applies from the next arrival on.
+    /// A changed seed restarts the delays' sequence.
     pub fn configure(&self, change: impl FnOnce(&mut SimulatorConfig)) {
-        change(&mut self.lock().config);
+        let mut state = self.lock();
+        let seed = state.config.seed;
+        change(&mut state.config);
+        if state.config.seed != seed {
+            state.reseed();
+        }
     }
 
     /// Applies a partial update (the body of `PUT /__sim/config`) atomically, or refuses
-    /// it whole; returns the configuration now in force.
+    /// it whole; returns the configuration now in force. A seed in the update restarts
+    /// the delays' sequence even if it is the seed in force, so a script can replay it.
     pub fn update_config(&self, update: ConfigUpdate) -> Result<ConfigView, String> {
         let mut state = self.lock();
+        let reseed = update.seed.is_some();
         update.apply(&mut state.config)?;
+        if reseed {
+            state.reseed();
+        }
         Ok(ConfigView::from(&state.config))
+    }
+
+    pub fn set_arrival_delay(&self, delay: ArrivalDelay) {
+        self.configure(|c| c.arrival_delay = delay);
+    }
+
+    /// Draws the next call's network delay, under the lock so that concurrent calls take
+    /// the seeded sequence's numbers one each.
+    fn draw_arrival_delay(&self) -> Duration {
+        self.lock().draw_delay()
     }
 
     pub fn set_fault(&self, fault: Fault) {
@@ -231,6 +257,14 @@ impl Simulator {
         let mut calls = self.inner.calls.subscribe();
         // The sender lives in `self.inner`, so the channel cannot close while we wait.
         let _ = calls.wait_for(|&c| c >= n).await;
+    }
+
+    /// Resolves once at least `n` score requests are being handled: with a network delay,
+    /// a call reaches this count when it reaches the handler, before it is counted as an
+    /// arrival, so a test can change the delay for the calls after it.
+    pub async fn wait_for_in_flight(&self, n: u64) {
+        let mut in_flight = self.inner.in_flight.subscribe();
+        let _ = in_flight.wait_for(|&c| c >= n).await;
     }
 
     /// Resolves once no score request is being handled: every answer was sent, or its

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::config::SimulatorConfig;
+use super::delay::SplitMix64;
 
 /// How many arrivals are kept for inspection. Beyond this only the counters grow, so a
 /// long soak run cannot exhaust memory; [`SimStats::arrivals_dropped`] says how many
@@ -28,8 +29,14 @@ pub struct Arrival {
     /// Unique over the simulator's life (not reset by [`reset`](super::Simulator::reset)),
     /// and the `request_id` of a `200`, so a test can tell a fresh answer from a cached one.
     pub seq: u64,
-    /// When the handler started, since the simulator was created.
+    /// When the rate rule counted the call, since the simulator was created: when the
+    /// handler started plus [`delay`](Self::delay).
     pub at: Duration,
+    /// The one-way network delay drawn for this call (zero unless
+    /// [`SimulatorConfig::arrival_delay`] is set): the call reached the handler `delay`
+    /// before `at`.
+    #[serde(default)]
+    pub delay: Duration,
     /// The `client-id` header as received (lossily decoded, truncated); empty if absent.
     pub client_id: String,
     /// The `cpf` query parameter as decoded (truncated); empty if absent.
@@ -82,6 +89,8 @@ pub(crate) struct Admission {
 #[derive(Debug)]
 pub(crate) struct State {
     pub config: SimulatorConfig,
+    /// Draws arrival delays; seeded from `config.seed` at creation, reset and re-seeding.
+    rng: SplitMix64,
     last_arrival: Option<Instant>,
     penalty_until: Option<Instant>,
     last_seq: u64,
@@ -96,6 +105,7 @@ pub(crate) struct State {
 impl State {
     pub fn new(config: SimulatorConfig) -> Self {
         Self {
+            rng: SplitMix64::new(config.seed),
             config,
             last_arrival: None,
             penalty_until: None,
@@ -138,6 +148,16 @@ impl State {
             calls: self.calls,
             violation,
         }
+    }
+
+    /// The network delay of the next call to reach the handler.
+    pub fn draw_delay(&mut self) -> Duration {
+        self.config.arrival_delay.draw(&mut self.rng)
+    }
+
+    /// Restarts the delays' sequence from `config.seed`.
+    pub fn reseed(&mut self) {
+        self.rng = SplitMix64::new(self.config.seed);
     }
 
     /// Keeps the arrival (while there is room) and counts its status.
@@ -184,8 +204,9 @@ impl State {
     }
 
     /// Forgets every recording and the rate rule's clock (the last arrival and the
-    /// penalty), so that the next call is judged as if it were the first. Keeps the
-    /// configuration and the sequence numbers, which must stay unique.
+    /// penalty), so that the next call is judged as if it were the first, and restarts
+    /// the delays from the seed. Keeps the configuration and the sequence numbers, which
+    /// must stay unique.
     pub fn reset(&mut self) {
         *self = Self {
             last_seq: self.last_seq,
@@ -273,6 +294,7 @@ mod tests {
             let arrival = Arrival {
                 seq: a.seq,
                 at: Duration::ZERO,
+                delay: Duration::ZERO,
                 client_id: String::new(),
                 cpf: String::new(),
                 status: 200 + n % 2,

@@ -1,9 +1,12 @@
 //! The simulator's HTTP surface: the score endpoint as the real API has it, plus the
 //! `/__sim/*` control endpoints for scripts and out-of-process tests.
 //!
-//! A score call goes through three steps, in this order:
+//! A score call goes through these steps, in this order:
 //! 1. **arrival**: the clock is read first thing, before any parsing, because the real
 //!    API judges the rate at arrival and any work before reading the clock would shift it;
+//!    with a network delay configured, the arrival is that instant plus a drawn one-way
+//!    delay, and the handler waits until then: the rate rule judges when the call would
+//!    have reached an API across a network, not when it reached loopback;
 //! 2. **judgement**: under the state lock, the arrival is counted, checked against the
 //!    rate rule, given an outcome and recorded, all at once;
 //! 3. **answer**: outside the lock, after the configured latency, the outcome becomes a
@@ -57,11 +60,25 @@ pub(super) fn router(sim: Simulator) -> Router {
 
 /// `GET /api/score`. The request is taken whole (no extractor that could reject it)
 /// because every arrival counts, however malformed.
+///
+/// A call whose client goes away during its network delay is never counted: on a real
+/// network it would still arrive, but the proxy only drops a started call when it gives up
+/// on it, long after any delay configured here.
 async fn score(State(sim): State<Simulator>, request: Request) -> Response {
-    let arrival = Instant::now();
+    let received = Instant::now();
     let _in_flight = sim.in_flight_guard();
+    let delay = sim.draw_arrival_delay();
+    let arrival = received + delay;
     let call = Call::read(request.uri(), request.headers());
-    let decision = judge(&sim, arrival, call);
+    if !delay.is_zero()
+        && sim
+            .unless_stopping(tokio::time::sleep_until(arrival.into()))
+            .await
+            .is_none()
+    {
+        return aborted();
+    }
+    let decision = judge(&sim, arrival, delay, call);
     tracing::debug!(
         seq = decision.seq,
         status = decision.outcome.status(),
@@ -204,8 +221,10 @@ struct Decision {
     penalty: Duration,
 }
 
-/// Counts, judges and records one arrival in a single critical section.
-fn judge(sim: &Simulator, arrival: Instant, call: Call) -> Decision {
+/// Counts, judges and records one arrival in a single critical section. `arrival` is the
+/// delayed instant, which the sleep before may have overshot by a timer tick: the rule
+/// judges the exact instant, not the wake-up.
+fn judge(sim: &Simulator, arrival: Instant, delay: Duration, call: Call) -> Decision {
     let mut state = sim.lock();
     let admission = state.admit(arrival);
     let outcome = decide(&state.config, admission, &call);
@@ -220,6 +239,7 @@ fn judge(sim: &Simulator, arrival: Instant, call: Call) -> Decision {
         Arrival {
             seq: admission.seq,
             at: sim.elapsed_at(arrival),
+            delay,
             client_id: call.recorded_client_id,
             cpf: call.recorded_cpf,
             status: decision.outcome.status(),

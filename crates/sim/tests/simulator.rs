@@ -20,8 +20,8 @@ use clap::Parser;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use score_sim::{
-    ConfigView, Fault, RetryAfterMode, SimStats, SimulateArgs, Simulator, SimulatorConfig,
-    SimulatorHandle, cpf, serve,
+    ArrivalDelay, ConfigView, Fault, RetryAfterMode, SimStats, SimulateArgs, Simulator,
+    SimulatorConfig, SimulatorHandle, cpf, serve,
 };
 use serde_json::{Value, json};
 
@@ -608,6 +608,8 @@ async fn the_control_endpoints_work_over_http() {
         min_interval_ms: 150,
         penalty_ms: 300,
         client_ids: None,
+        arrival_delay: ArrivalDelay::None,
+        seed: 0,
     };
     assert_eq!(view, expected);
     let got = reply(http.get(format!("{base}/__sim/config"))).await;
@@ -837,6 +839,10 @@ fn command_line_arguments_build_the_config() {
         "http-date",
         "--client-ids",
         "alpha,beta",
+        "--arrival-delay",
+        "uniform:0ms..30ms",
+        "--seed",
+        "42",
     ])
     .expect("arguments parse")
     .args;
@@ -850,6 +856,11 @@ fn command_line_arguments_build_the_config() {
             fail_every: Some(4),
             retry_after: RetryAfterMode::HttpDate,
             client_ids: Some(HashSet::from(["alpha".to_owned(), "beta".to_owned()])),
+            arrival_delay: ArrivalDelay::Uniform {
+                min: ms(0),
+                max: ms(30),
+            },
+            seed: 42,
         }
     );
 
@@ -858,6 +869,8 @@ fn command_line_arguments_build_the_config() {
         &["sim", "--fault", "melt"],
         &["sim", "--retry-after", "minutes"],
         &["sim", "--penalty", "2"],
+        &["sim", "--arrival-delay", "uniform:30ms..0ms"],
+        &["sim", "--arrival-delay", "spikes:0ms..3ms,5%"],
     ] {
         assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} must be refused");
     }
