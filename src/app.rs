@@ -17,7 +17,7 @@ use crate::lookup::cache::CacheResult;
 use crate::lookup::cache::{CacheConfig, CacheLookup, CachedScore, LocalCache, ScoreCache};
 use crate::lookup::dispatch::Dispatcher;
 use crate::lookup::error::ProxyError;
-use crate::lookup::pacing::{LocalPacer, Pacer, PacingMode, StartGate};
+use crate::lookup::pacing::{Guard, GuardReason, LocalPacer, Pacer, PacingMode, StartGate};
 use crate::lookup::scheduler::{FlightInfo, Joined, Scheduler, Source};
 use crate::lookup::upstream::UpstreamClient;
 use crate::lookup::validation::{self, ClientId};
@@ -91,11 +91,19 @@ impl App {
                 metrics.clone(),
             )?),
         };
+        // The guard learns in one process; shared mode's slots are booked in Redis an
+        // interval apart that every replica agrees on, so there it stays at the floor.
+        let base = LocalPacer::interval_for(config.rate_per_second, Duration::ZERO);
+        let guard = Arc::new(match &shared {
+            Some(_) => Guard::fixed(config.rate_guard),
+            None => Guard::new(config.rate_guard, config.rate_guard_max),
+        });
+        metrics.set_pacing_guard(guard.floor(), GuardReason::Floor, guard.ceiling());
         let pacer: Arc<dyn Pacer> = match &shared {
             Some(shared) => shared.clone(),
             None => {
                 metrics.set_pacing_mode(PacingMode::Local);
-                Arc::new(LocalPacer::new(interval))
+                Arc::new(LocalPacer::adaptive(base, guard.clone()))
             }
         };
         let breaker = {
@@ -131,9 +139,12 @@ impl App {
         // so the floor from this replica's previous start gives that back; otherwise the
         // timer's millisecond of lateness would carry from one of its slots to the next
         // adjacent one and add up. Any two starts stay 1/rate + half the guard apart.
-        let gate = Arc::new(StartGate::new(
-            interval.saturating_sub(pacer.late_tolerance().unwrap_or_default()),
-        ));
+        let gate = Arc::new(match &shared {
+            Some(_) => StartGate::new(
+                interval.saturating_sub(pacer.late_tolerance().unwrap_or_default()),
+            ),
+            None => StartGate::adaptive(base, guard.clone()),
+        });
         let upstream = Arc::new(UpstreamClient::new(
             config.upstream_url.clone(),
             config.upstream_timeout,
@@ -148,7 +159,7 @@ impl App {
             metrics: metrics.clone(),
             in_flight: Arc::new(Semaphore::new(config.upstream_max_in_flight)),
             default_penalty: config.upstream_penalty,
-            guard: config.rate_guard,
+            guard,
             breaker_cooldown: config.breaker_cooldown,
         });
         Ok(Arc::new(App {

@@ -36,6 +36,19 @@ impl ServeArgs {
             "rate_guard",
             parse::duration(&self.rate_guard, ZERO..=secs(10)),
         );
+        let rate_guard_max = p.take(
+            "rate_guard_max",
+            parse::duration(&self.rate_guard_max, ZERO..=secs(10)),
+        );
+        if let (Some(floor), Some(ceiling)) = (rate_guard, rate_guard_max)
+            && ceiling < floor
+        {
+            p.add(
+                "rate_guard_max",
+                "must be at least --rate-guard (the guard's floor); set them equal for a \
+                 fixed guard",
+            );
+        }
         let queue_capacity = p.take(
             "queue_capacity",
             parse::whole(&self.queue_capacity, 1..=100_000),
@@ -162,6 +175,7 @@ impl ServeArgs {
                 upstream_url: upstream_url?,
                 rate_per_second: rate_per_second?,
                 rate_guard: rate_guard?,
+                rate_guard_max: rate_guard_max?,
                 queue_capacity: queue_capacity?,
                 queue_timeout: queue_timeout?,
                 cache_ttl: cache_ttl?,
@@ -320,6 +334,7 @@ mod tests {
             "--upstream-url=ftp://x/y",
             "--rate=0",
             "--rate-guard=11s",
+            "--rate-guard-max=soon",
             "--queue-capacity=lots",
             "--queue-timeout=0s",
             "--cache-ttl=5",
@@ -353,6 +368,7 @@ mod tests {
                 "--upstream-url (SCORE_PROXY_UPSTREAM_URL)",
                 "--rate (SCORE_PROXY_RATE_PER_SECOND)",
                 "--rate-guard (SCORE_PROXY_RATE_GUARD)",
+                "--rate-guard-max (SCORE_PROXY_RATE_GUARD_MAX)",
                 "--queue-capacity (SCORE_PROXY_QUEUE_CAPACITY)",
                 "--queue-timeout (SCORE_PROXY_QUEUE_TIMEOUT)",
                 "--cache-ttl (SCORE_PROXY_CACHE_TTL)",
@@ -387,6 +403,8 @@ mod tests {
             "--admin-listen=127.0.0.1:9000",
             "--redis-url=redis://127.0.0.1:6379",
             "--rate=none",
+            "--rate-guard=50ms",
+            "--rate-guard-max=20ms",
         ])
         .validate(|_| None)
         .unwrap_err();
@@ -395,6 +413,8 @@ mod tests {
             lines,
             [
                 "--rate (SCORE_PROXY_RATE_PER_SECOND): 'none' is not a number",
+                "--rate-guard-max (SCORE_PROXY_RATE_GUARD_MAX): must be at least --rate-guard \
+                 (the guard's floor); set them equal for a fixed guard",
                 "--redaction-key (SCORE_PROXY_REDACTION_KEY): shared mode (--redis-url) needs \
                  the same redaction key on every replica: Redis keys are hashed with it",
                 "--admin-listen (SCORE_PROXY_ADMIN_LISTEN): must differ from --listen",

@@ -31,6 +31,7 @@ pub(crate) mod defaults {
     pub(crate) const UPSTREAM_URL: &str = "https://score.hsborges.dev/api/score";
     pub(crate) const RATE: &str = "1";
     pub(crate) const RATE_GUARD: &str = "10ms";
+    pub(crate) const RATE_GUARD_MAX: &str = "100ms";
     pub(crate) const QUEUE_CAPACITY: &str = "20";
     pub(crate) const QUEUE_TIMEOUT: &str = "30s";
     pub(crate) const CACHE_TTL: &str = "300s";
@@ -129,9 +130,14 @@ pub struct ServeArgs {
     /// Upstream calls per second allowed, for all callers together.
     #[arg(long = "rate", env = "SCORE_PROXY_RATE_PER_SECOND", default_value = defaults::RATE)]
     pub(crate) rate_per_second: String,
-    /// Added to 1/rate between call starts, to absorb clock and network jitter.
+    /// Added to 1/rate between call starts, to absorb clock and network jitter: the
+    /// floor of the guard, which rises above it with the spread of the upstream's round
+    /// trips and after a penalty.
     #[arg(long, env = "SCORE_PROXY_RATE_GUARD", default_value = defaults::RATE_GUARD)]
     pub(crate) rate_guard: String,
+    /// The ceiling of the learned guard (equal to --rate-guard: a fixed guard).
+    #[arg(long, env = "SCORE_PROXY_RATE_GUARD_MAX", default_value = defaults::RATE_GUARD_MAX)]
+    pub(crate) rate_guard_max: String,
     /// Most distinct lookups that may wait for upstream budget.
     #[arg(long, env = "SCORE_PROXY_QUEUE_CAPACITY", default_value = defaults::QUEUE_CAPACITY)]
     pub(crate) queue_capacity: String,
@@ -213,7 +219,10 @@ pub struct Config {
     pub(crate) listen: SocketAddr,
     pub upstream_url: Url,
     pub(crate) rate_per_second: f64,
+    /// The guard's floor (`--rate-guard`).
     pub(crate) rate_guard: Duration,
+    /// The guard's ceiling (`--rate-guard-max`), never below the floor.
+    pub(crate) rate_guard_max: Duration,
     pub(crate) queue_capacity: usize,
     pub(crate) queue_timeout: Duration,
     pub(crate) cache_ttl: Duration,
@@ -285,6 +294,7 @@ mod tests {
         );
         assert_eq!(c.rate_per_second, 1.0);
         assert_eq!(c.rate_guard, Duration::from_millis(10));
+        assert_eq!(c.rate_guard_max, Duration::from_millis(100));
         assert_eq!(c.queue_capacity, 20);
         assert_eq!(c.queue_timeout, Duration::from_secs(30));
         assert_eq!(c.cache_ttl, Duration::from_secs(300));

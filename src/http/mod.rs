@@ -425,6 +425,10 @@ pub(crate) struct Status {
     pub(crate) pacing_mode: &'static str,
     pub(crate) rate_per_second: f64,
     pub(crate) interval_seconds: f64,
+    /// The guard in force (part of `interval_seconds`), and why: `floor`, `rtt_spread`
+    /// or `penalty`.
+    pub(crate) guard_seconds: f64,
+    pub(crate) guard_reason: &'static str,
     pub(crate) penalty_active: bool,
     pub(crate) penalty_remaining_seconds: f64,
     pub(crate) breaker: &'static str,
@@ -440,6 +444,7 @@ fn current_status(app: &App) -> Status {
     let penalty = app.pacer.penalty_until();
     let lifecycle = app.lifecycle();
     let breaker = app.breaker.state();
+    let (guard, guard_reason) = app.dispatcher.guard.snapshot();
     let system_status = if lifecycle != Lifecycle::Running {
         "draining"
     } else if breaker != BreakerState::Closed || app.pacer.mode() == PacingMode::Fallback {
@@ -461,6 +466,8 @@ fn current_status(app: &App) -> Status {
         pacing_mode: app.pacer.mode().as_str(),
         rate_per_second: app.config.rate_per_second,
         interval_seconds: app.pacer.interval().as_secs_f64(),
+        guard_seconds: guard.as_secs_f64(),
+        guard_reason: guard_reason.as_str(),
         penalty_active: penalty.is_some(),
         penalty_remaining_seconds: penalty.map_or(0.0, |t| {
             t.saturating_duration_since(Instant::now()).as_secs_f64()

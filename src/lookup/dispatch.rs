@@ -23,7 +23,7 @@ use tracing::Instrument;
 use crate::lookup::breaker::{Breaker, BreakerState, CallVerdict};
 use crate::lookup::cache::CachedScore;
 use crate::lookup::pacing::SlotUnused;
-use crate::lookup::pacing::{GateRefusal, Pacer, StartGate};
+use crate::lookup::pacing::{GateRefusal, Guard, Pacer, StartGate};
 use crate::lookup::scheduler::{Flight, Scheduler};
 use crate::lookup::upstream::UpstreamClient;
 use crate::lookup::upstream::UpstreamOutcome;
@@ -41,8 +41,9 @@ pub(crate) struct Dispatcher {
     pub(crate) in_flight: Arc<Semaphore>,
     /// The penalty assumed when a 429 carries no usable `Retry-After`.
     pub(crate) default_penalty: Duration,
-    /// Added to every penalty, as to every interval: our clock and the upstream's differ.
-    pub(crate) guard: Duration,
+    /// The guard in force is added to every penalty, as to every interval (our clock and
+    /// the upstream's differ); each answered call teaches it (see `pacing::guard`).
+    pub(crate) guard: Arc<Guard>,
     pub(crate) breaker_cooldown: Duration,
 }
 
@@ -133,6 +134,30 @@ impl Dispatcher {
         }
     }
 
+    /// What an answered call teaches the guard: its round trip, and whether it was clean
+    /// or penalised. Calls the upstream did not answer (timeouts, broken connections,
+    /// server errors, whose timing says more about the failure than the network) teach
+    /// nothing.
+    fn learn(&self, outcome: UpstreamOutcome, started: Instant, finished: Instant, rtt: Duration) {
+        match outcome {
+            UpstreamOutcome::Ok | UpstreamOutcome::Unauthorized | UpstreamOutcome::RejectedInput => {
+                self.guard.clean_call(rtt);
+            }
+            UpstreamOutcome::Penalty => {
+                if self.guard.penalised(started, finished, rtt) {
+                    tracing::warn!(
+                        guard_ms = self.guard.current().as_secs_f64() * 1e3,
+                        "a correctly spaced call was penalised: raising the guard"
+                    );
+                }
+            }
+            _ => return,
+        }
+        let (guard, reason) = self.guard.snapshot();
+        self.metrics
+            .set_pacing_guard(guard, reason, self.guard.ceiling());
+    }
+
     fn unused(&self, why: SlotUnused) {
         self.metrics.unused_slot(why);
         self.scheduler.replenish();
@@ -204,6 +229,7 @@ impl Dispatcher {
             info.upstream_status = result.status;
             info.upstream_took = Some(took);
         });
+        self.learn(result.outcome, started, result.finished_at, took);
 
         let verdict = match result.outcome {
             UpstreamOutcome::Ok => CallVerdict::Success,
@@ -236,7 +262,7 @@ impl Dispatcher {
                 let penalty = result.retry_after.unwrap_or(self.default_penalty);
                 // Measured from when the 429 reached us, which is after the upstream started
                 // counting: the pause can only err on the long side.
-                let until = result.finished_at + penalty + self.guard;
+                let until = result.finished_at + penalty + self.guard.current();
                 let paused_from = self
                     .pacer
                     .penalty_until()

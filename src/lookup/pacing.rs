@@ -22,8 +22,17 @@
 //! taken early in the following one can be less than an interval apart; the floor is what
 //! guarantees spacing, and the bucket never delays a start (it only ever refuses one, which
 //! would be a bug and is counted).
+//!
+//! The guard itself is learned ([`guard`]): in one process both the pacer and the start gate
+//! read the guard in force at each booking and each start, so `interval` is `1/rate` plus
+//! whatever the guard is now.
+
+mod guard;
+
+pub(crate) use guard::{Guard, GuardReason};
 
 use std::future::Future;
+use std::sync::Arc;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -117,7 +126,10 @@ pub trait Pacer: Send + Sync + 'static {
 /// Slots booked in this process: a virtual-scheduling leaky bucket (GCRA), one slot per
 /// interval, no burst.
 pub(crate) struct LocalPacer {
+    /// The whole interval for a fixed pacer, `1/rate` for one that reads `guard`.
     interval: Duration,
+    /// The learned guard, added to `interval` at each booking.
+    guard: Option<Arc<Guard>>,
     state: Mutex<LocalState>,
 }
 
@@ -129,11 +141,26 @@ struct LocalState {
 }
 
 impl LocalPacer {
+    /// Slots a fixed `interval` apart (shared mode's fallback, tests).
     pub(crate) fn new(interval: Duration) -> Self {
         LocalPacer {
             interval,
+            guard: None,
             state: Mutex::new(LocalState::default()),
         }
+    }
+
+    /// Slots `1/rate + the guard in force` apart, `base` being `1/rate`.
+    pub(crate) fn adaptive(base: Duration, guard: Arc<Guard>) -> Self {
+        LocalPacer {
+            interval: base,
+            guard: Some(guard),
+            state: Mutex::new(LocalState::default()),
+        }
+    }
+
+    fn current_interval(&self) -> Duration {
+        self.interval + self.guard.as_ref().map_or(Duration::ZERO, |g| g.current())
     }
 
     /// The spacing for `rate` calls per second plus `guard`.
@@ -159,6 +186,7 @@ impl LocalPacer {
         not_after: Instant,
         capacity: usize,
     ) -> Result<Instant, BookError> {
+        let interval = self.current_interval();
         let mut state = self.lock();
         let start = [Some(now), state.next_free, state.penalty_until]
             .into_iter()
@@ -167,9 +195,9 @@ impl LocalPacer {
             .expect("now is always there");
         // Slots booked ahead of this one (a penalty's pause is not a booked slot).
         let from = state.penalty_until.map_or(now, |p| p.max(now));
-        if ahead(start - from, self.interval) >= capacity as u64 {
+        if ahead(start - from, interval) >= capacity as u64 {
             // A place frees as soon as fewer than `capacity` slots lie ahead.
-            let retry_after = (start - from).saturating_sub(self.interval * capacity as u32);
+            let retry_after = (start - from).saturating_sub(interval * capacity as u32);
             return Err(BookError::Full { retry_after });
         }
         if start > not_after {
@@ -177,7 +205,7 @@ impl LocalPacer {
                 by: start - not_after,
             });
         }
-        state.next_free = Some(start + self.interval);
+        state.next_free = Some(start + interval);
         Ok(start)
     }
 }
@@ -190,7 +218,7 @@ fn ahead(wait: Duration, interval: Duration) -> u64 {
 
 impl Pacer for LocalPacer {
     fn interval(&self) -> Duration {
-        self.interval
+        self.current_interval()
     }
 
     fn book(
@@ -226,30 +254,50 @@ impl Pacer for LocalPacer {
 
 /// The last check before a call starts; see the module docs.
 pub(crate) struct StartGate {
+    /// The whole spacing for a fixed gate, `1/rate` for one that reads `guard`.
     interval: Duration,
+    /// The learned guard, added to `interval` at each start.
+    guard: Option<Arc<Guard>>,
     bucket: leaky_bucket::RateLimiter,
     last_start: Mutex<Option<Instant>>,
 }
 
 impl StartGate {
     pub(crate) fn new(interval: Duration) -> Self {
+        Self::build(interval, None, interval)
+    }
+
+    /// A gate whose spacing is `base` (`1/rate`) plus the guard in force. Its token bucket
+    /// refills at `base` plus the guard's floor: the guard only ever adds to the spacing, so
+    /// the bucket still never refuses a start the floor allows.
+    pub(crate) fn adaptive(base: Duration, guard: Arc<Guard>) -> Self {
+        let bucket_interval = base + guard.floor();
+        Self::build(base, Some(guard), bucket_interval)
+    }
+
+    fn build(interval: Duration, guard: Option<Arc<Guard>>, bucket_interval: Duration) -> Self {
         StartGate {
             interval,
+            guard,
             bucket: leaky_bucket::RateLimiter::builder()
                 .max(1)
                 .initial(1)
                 .refill(1)
-                .interval(interval)
+                .interval(bucket_interval)
                 .build(),
             last_start: Mutex::new(None),
         }
     }
 
+    fn spacing(&self) -> Duration {
+        self.interval + self.guard.as_ref().map_or(Duration::ZERO, |g| g.current())
+    }
+
     /// The earliest instant a start is allowed: the slot, or later if the previous start
-    /// was itself late.
+    /// was itself late (or the guard rose since the slot was booked).
     pub(crate) fn earliest(&self, slot: Instant) -> Instant {
         let last = *self.last_start.lock().unwrap_or_else(|e| e.into_inner());
-        last.map_or(slot, |l| slot.max(l + self.interval))
+        last.map_or(slot, |l| slot.max(l + self.spacing()))
     }
 
     /// A call that started at the last recorded start actually left at `at` (it had to

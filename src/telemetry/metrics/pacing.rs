@@ -1,14 +1,15 @@
-//! The pacer: the configured rate, how long the schedule makes lookups wait, the upstream's
-//! penalties, start slots that went unused, and how this replica paces (alone, shared or
-//! fallen back).
+//! The pacer: the configured rate, the guard in force and why, how long the schedule makes
+//! lookups wait, the upstream's penalties, start slots that went unused, and how this
+//! replica paces (alone, shared or fallen back).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use prometheus::{Counter, Histogram, IntCounter, IntGauge};
+use prometheus::{Counter, Gauge, Histogram, IntCounter, IntGauge};
+use strum::VariantArray;
 
 use super::{Families, Metrics, MetricsConfig, per_value, queue};
-use crate::lookup::pacing::{PacingMode, SlotUnused};
+use crate::lookup::pacing::{GuardReason, PacingMode, SlotUnused};
 
 /// Booking a slot: a mutex locally, a Redis round trip in shared mode.
 const BOOK_BUCKETS: &[f64] = &[
@@ -23,6 +24,10 @@ pub(super) struct PacingMetrics {
     unused_slots: HashMap<SlotUnused, IntCounter>,
     book_duration: Histogram,
     mode: IntGauge,
+    guard: Gauge,
+    guard_max: Gauge,
+    /// One series per reason, 1 for the reason in force.
+    guard_reason: HashMap<GuardReason, IntGauge>,
 }
 
 impl PacingMetrics {
@@ -72,6 +77,30 @@ impl PacingMetrics {
                 "Time to book a start slot with the pacer (a Redis round trip in shared mode).",
                 BOOK_BUCKETS,
             ),
+            guard: families.float_gauge(
+                "pacing_guard_seconds",
+                "The guard in force: added to 1/rate between call starts, learned between \
+                 --rate-guard and --rate-guard-max from the spread of the upstream's round \
+                 trips and from penalties.",
+            ),
+            guard_max: families.float_gauge(
+                "pacing_guard_max_seconds",
+                "The guard's ceiling (--rate-guard-max); a guard that sits there means a \
+                 network worse than the ceiling allows for.",
+            ),
+            guard_reason: {
+                let family = families.gauge_vec(
+                    "pacing_guard_reason",
+                    "Why the guard is what it is, 1 for the reason in force: floor (nothing \
+                     calls for more than --rate-guard), rtt_spread (the floor plus the spread \
+                     of recent round trips), penalty (raised after a 429, decaying).",
+                    &["reason"],
+                );
+                GuardReason::VARIANTS
+                    .iter()
+                    .map(|&r| (r, family.with_label_values(&[r.as_str()])))
+                    .collect()
+            },
             mode: families.gauge(
                 "pacing_mode",
                 "How this replica paces: 0 local (no Redis configured), 1 shared (one schedule \
@@ -104,6 +133,16 @@ impl Metrics {
 
     pub(crate) fn pacing_booked(&self, took: Duration) {
         self.pacing.book_duration.observe(took.as_secs_f64());
+    }
+
+    /// The guard in force and why; the ceiling, which only changes at start-up.
+    pub(crate) fn set_pacing_guard(&self, guard: Duration, reason: GuardReason, ceiling: Duration) {
+        let pacing = &self.pacing;
+        pacing.guard.set(guard.as_secs_f64());
+        pacing.guard_max.set(ceiling.as_secs_f64());
+        for (&r, gauge) in &pacing.guard_reason {
+            gauge.set(i64::from(r == reason));
+        }
     }
 
     /// The gauge's value is the mode's discriminant (0 local, 1 shared, 2 fallback).
