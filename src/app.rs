@@ -140,9 +140,9 @@ impl App {
         // timer's millisecond of lateness would carry from one of its slots to the next
         // adjacent one and add up. Any two starts stay 1/rate + half the guard apart.
         let gate = Arc::new(match &shared {
-            Some(_) => StartGate::new(
-                interval.saturating_sub(pacer.late_tolerance().unwrap_or_default()),
-            ),
+            Some(_) => {
+                StartGate::new(interval.saturating_sub(pacer.late_tolerance().unwrap_or_default()))
+            }
             None => StartGate::adaptive(base, guard.clone()),
         });
         let upstream = Arc::new(UpstreamClient::new(

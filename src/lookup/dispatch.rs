@@ -137,11 +137,21 @@ impl Dispatcher {
     /// What an answered call teaches the guard: its round trip, and whether it was clean
     /// or penalised. Calls the upstream did not answer (timeouts, broken connections,
     /// server errors, whose timing says more about the failure than the network) teach
-    /// nothing.
-    fn learn(&self, outcome: UpstreamOutcome, started: Instant, finished: Instant, rtt: Duration) {
-        match outcome {
-            UpstreamOutcome::Ok | UpstreamOutcome::Unauthorized | UpstreamOutcome::RejectedInput => {
+    /// nothing. Returns whether the call was answered without a penalty (so it certainly
+    /// arrived, and the next start need not wait for it: see `StartGate::call_ended`).
+    fn learn(
+        &self,
+        outcome: UpstreamOutcome,
+        started: Instant,
+        finished: Instant,
+        rtt: Duration,
+    ) -> bool {
+        let clean = match outcome {
+            UpstreamOutcome::Ok
+            | UpstreamOutcome::Unauthorized
+            | UpstreamOutcome::RejectedInput => {
                 self.guard.clean_call(rtt);
+                true
             }
             UpstreamOutcome::Penalty => {
                 if self.guard.penalised(started, finished, rtt) {
@@ -150,12 +160,14 @@ impl Dispatcher {
                         "a correctly spaced call was penalised: raising the guard"
                     );
                 }
+                false
             }
-            _ => return,
-        }
+            _ => return false,
+        };
         let (guard, reason) = self.guard.snapshot();
         self.metrics
             .set_pacing_guard(guard, reason, self.guard.ceiling());
+        clean
     }
 
     fn unused(&self, why: SlotUnused) {
@@ -229,7 +241,10 @@ impl Dispatcher {
             info.upstream_status = result.status;
             info.upstream_took = Some(took);
         });
-        self.learn(result.outcome, started, result.finished_at, took);
+        let answered = self.learn(result.outcome, started, result.finished_at, took);
+        if let Some(next) = self.gate.call_ended(started, result.finished_at, answered) {
+            self.pacer.settle(started, next);
+        }
 
         let verdict = match result.outcome {
             UpstreamOutcome::Ok => CallVerdict::Success,

@@ -32,8 +32,8 @@ mod guard;
 pub(crate) use guard::{Guard, GuardReason};
 
 use std::future::Future;
-use std::sync::Arc;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -112,6 +112,12 @@ pub trait Pacer: Send + Sync + 'static {
         None
     }
 
+    /// Causality (see `StartGate::call_ended`): every call this process started has
+    /// arrived, the latest one started at `started`, so the next start may be as early as
+    /// `next`. A pacer with nothing booked after `started` books its next slot from there;
+    /// a shared schedule ignores it (other replicas' calls may be under way).
+    fn settle(&self, _started: Instant, _next: Instant) {}
+
     /// How late a booked slot may still be used. `None`: any time (every slot is this
     /// process's, and the start gate keeps the spacing from the last real start). A shared
     /// schedule interleaves other replicas' slots, so a slot used late crowds the next one:
@@ -137,6 +143,8 @@ pub(crate) struct LocalPacer {
 struct LocalState {
     /// The first instant not yet booked.
     next_free: Option<Instant>,
+    /// The latest slot booked.
+    last_booked: Option<Instant>,
     penalty_until: Option<Instant>,
 }
 
@@ -206,6 +214,7 @@ impl LocalPacer {
             });
         }
         state.next_free = Some(start + interval);
+        state.last_booked = Some(start);
         Ok(start)
     }
 }
@@ -247,6 +256,17 @@ impl Pacer for LocalPacer {
         self.lock().penalty_until.filter(|&t| t > Instant::now())
     }
 
+    fn settle(&self, started: Instant, next: Instant) {
+        let mut state = self.lock();
+        // Only when no slot is booked after the call that came back: a booked one was
+        // placed an interval after the slot before it, and stays where it is.
+        if state.last_booked.is_none_or(|booked| booked <= started)
+            && state.next_free.is_some_and(|free| free > next)
+        {
+            state.next_free = Some(next);
+        }
+    }
+
     fn mode(&self) -> PacingMode {
         PacingMode::Local
     }
@@ -260,6 +280,18 @@ pub(crate) struct StartGate {
     guard: Option<Arc<Guard>>,
     bucket: leaky_bucket::RateLimiter,
     last_start: Mutex<Option<Instant>>,
+    /// Causality: see [`StartGate::call_ended`].
+    causal: Mutex<Causal>,
+}
+
+/// What the gate knows about calls under way, for the causal rule.
+#[derive(Default)]
+struct Causal {
+    /// Calls started through the gate and not yet ended.
+    open: usize,
+    /// The latest start's call came back at this instant with no other call open: it has
+    /// certainly arrived, and so has every call before it.
+    settled: Option<(Instant, Instant)>,
 }
 
 impl StartGate {
@@ -286,7 +318,40 @@ impl StartGate {
                 .interval(bucket_interval)
                 .build(),
             last_start: Mutex::new(None),
+            causal: Mutex::new(Causal::default()),
         }
+    }
+
+    fn causal(&self) -> std::sync::MutexGuard<'_, Causal> {
+        self.causal.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A call that started through this gate at `started` ended at `at`; `answered` if the
+    /// upstream answered it (so it certainly arrived). Causality: when it was the latest
+    /// start and no other call is open, every call so far has arrived by `at`, so the next
+    /// start may count from `at` (plus `1/rate` and the guard's floor, which covers our
+    /// clock, not the network) instead of from its start plus the whole learned guard.
+    /// Returns that earliest next start when the rule applies and it is earlier than the
+    /// usual floor; a learning gate only (a fixed one keeps its spacing).
+    pub(crate) fn call_ended(
+        &self,
+        started: Instant,
+        at: Instant,
+        answered: bool,
+    ) -> Option<Instant> {
+        let last = *self.last_start.lock().unwrap_or_else(|e| e.into_inner());
+        let mut causal = self.causal();
+        causal.open = causal.open.saturating_sub(1);
+        let guard = self.guard.as_ref()?;
+        if !answered || causal.open > 0 || last != Some(started) {
+            return None;
+        }
+        let next = at + self.interval + guard.floor();
+        if next >= started + self.spacing() {
+            return None;
+        }
+        causal.settled = Some((started, next));
+        Some(next)
     }
 
     fn spacing(&self) -> Duration {
@@ -297,7 +362,16 @@ impl StartGate {
     /// was itself late (or the guard rose since the slot was booked).
     pub(crate) fn earliest(&self, slot: Instant) -> Instant {
         let last = *self.last_start.lock().unwrap_or_else(|e| e.into_inner());
-        last.map_or(slot, |l| slot.max(l + self.spacing()))
+        let settled = self.causal().settled;
+        last.map_or(slot, |l| {
+            let floor = match settled {
+                // The latest start's call came back with nothing else open (and it left
+                // when it started: a late departure moves `last` past it).
+                Some((started, next)) if started == l => next.min(l + self.spacing()),
+                _ => l + self.spacing(),
+            };
+            slot.max(floor)
+        })
     }
 
     /// A call that started at the last recorded start actually left at `at` (it had to
@@ -342,6 +416,9 @@ impl StartGate {
             return Err(GateRefusal::Rate);
         }
         *self.last_start.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+        let mut causal = self.causal();
+        causal.open += 1;
+        causal.settled = None;
         Ok(now)
     }
 }
@@ -380,187 +457,4 @@ pub(crate) enum SlotUnused {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MS: Duration = Duration::from_millis(1);
-
-    fn far() -> Instant {
-        Instant::now() + Duration::from_secs(3600)
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn bookings_are_an_interval_apart_and_never_in_the_past() {
-        let pacer = LocalPacer::new(1010 * MS);
-        let t0 = Instant::now();
-        let a = pacer.book(far(), 100).await.unwrap();
-        let b = pacer.book(far(), 100).await.unwrap();
-        let c = pacer.book(far(), 100).await.unwrap();
-        assert_eq!((a, b, c), (t0, t0 + 1010 * MS, t0 + 2020 * MS));
-        tokio::time::advance(Duration::from_secs(10)).await;
-        let d = pacer.book(far(), 100).await.unwrap();
-        assert_eq!(
-            d,
-            Instant::now(),
-            "after an idle spell the next start is now"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn capacity_and_deadline_are_enforced_at_booking() {
-        let pacer = LocalPacer::new(100 * MS);
-        let t0 = Instant::now();
-        for _ in 0..3 {
-            pacer.book(far(), 3).await.unwrap();
-        }
-        // Three booked (at 0, 100, 200 ms): the next would have three ahead of it; a place
-        // frees the moment the first slot is under way.
-        assert_eq!(
-            pacer.book(far(), 3).await,
-            Err(BookError::Full {
-                retry_after: Duration::ZERO
-            })
-        );
-        tokio::time::advance(MS).await;
-        assert_eq!(pacer.book(far(), 3).await, Ok(t0 + 300 * MS));
-        assert_eq!(
-            pacer.book(t0 + 350 * MS, 10).await,
-            Err(BookError::TooLate { by: 50 * MS })
-        );
-        assert_eq!(pacer.book(t0 + 400 * MS, 10).await, Ok(t0 + 400 * MS));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_penalty_that_arrives_while_a_slot_waits_at_the_gate_voids_it() {
-        let gate = std::sync::Arc::new(StartGate::new(1000 * MS));
-        let pacer = std::sync::Arc::new(LocalPacer::new(1000 * MS));
-        let t0 = Instant::now();
-        gate.pass(t0, None, || pacer.penalty_until(), || None)
-            .await
-            .unwrap();
-        // The next slot was taken slightly early... (a spare from before) so it waits at the
-        // gate for the floor, one interval after the first start.
-        let waiting = {
-            let (gate, pacer) = (gate.clone(), pacer.clone());
-            tokio::spawn(async move {
-                gate.pass(t0 + 10 * MS, None, || pacer.penalty_until(), || None)
-                    .await
-            })
-        };
-        // ...and meanwhile the first call's 429 arrives.
-        tokio::time::advance(100 * MS).await;
-        pacer.penalize_now(Instant::now() + Duration::from_secs(2));
-        assert_eq!(waiting.await.unwrap(), Err(GateRefusal::Penalty));
-        // After the penalty, starts go through again.
-        tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(
-            gate.pass(Instant::now(), None, || pacer.penalty_until(), || None)
-                .await
-                .is_ok()
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn with_a_late_tolerance_the_gate_refuses_a_slot_it_reaches_too_late() {
-        let gate = StartGate::new(1000 * MS);
-        let t0 = Instant::now();
-        // Within the tolerance: used, and recorded as the start.
-        tokio::time::advance(4 * MS).await;
-        assert_eq!(
-            gate.pass(t0, Some(5 * MS), || None, || None).await,
-            Ok(t0 + 4 * MS)
-        );
-        // The next slot is pushed by that late start (the floor: an interval after it) past
-        // a 2 ms tolerance: another replica's slot may be an interval after ours, so it is
-        // given up rather than used.
-        assert_eq!(
-            gate.pass(t0 + 1000 * MS, Some(2 * MS), || None, || None)
-                .await,
-            Err(GateRefusal::Late)
-        );
-        assert_eq!(Instant::now(), t0 + 1004 * MS);
-        // A slot reached 6 ms late (a stalled timer) is refused too...
-        tokio::time::advance(1002 * MS).await;
-        assert_eq!(
-            gate.pass(t0 + 2000 * MS, Some(5 * MS), || None, || None)
-                .await,
-            Err(GateRefusal::Late)
-        );
-        // ...but without a tolerance (one process) lateness is harmless: the floor keeps the
-        // spacing from the real start, so it is used.
-        assert_eq!(
-            gate.pass(t0 + 2000 * MS, None, || None, || None).await,
-            Ok(t0 + 2006 * MS)
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_late_departure_pushes_the_next_start_and_a_hold_refuses_a_slot() {
-        let gate = StartGate::new(1000 * MS);
-        let t0 = Instant::now();
-        gate.pass(t0, None, || None, || None).await.unwrap();
-        // The call had to open a connection: it left 120 ms after its start...
-        assert_eq!(gate.note_departure(t0 + 120 * MS), 120 * MS);
-        // ...so the next start waits for an interval after the departure, not the start.
-        let next = gate
-            .pass(t0 + 1000 * MS, None, || None, || None)
-            .await
-            .unwrap();
-        assert_eq!(next, t0 + 1120 * MS);
-        // A departure older than the last start changes nothing.
-        assert_eq!(gate.note_departure(t0 + 500 * MS), Duration::ZERO);
-        assert_eq!(gate.earliest(t0 + 2000 * MS), t0 + 2120 * MS);
-
-        // Another replica's late call holds starts until an interval after it left.
-        let hold = Instant::now() + 3000 * MS;
-        assert_eq!(
-            gate.pass(t0 + 2120 * MS, Some(5 * MS), || None, || Some(hold))
-                .await,
-            Err(GateRefusal::Held)
-        );
-        assert_eq!(Instant::now(), t0 + 2120 * MS);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn no_booking_inside_a_penalty() {
-        let pacer = LocalPacer::new(1000 * MS);
-        let t0 = Instant::now();
-        pacer.book(far(), 10).await.unwrap();
-        pacer.penalize(t0 + 3000 * MS).await;
-        pacer.penalize(t0 + 1000 * MS).await;
-        assert_eq!(pacer.penalty_until(), Some(t0 + 3000 * MS));
-        assert_eq!(pacer.book(far(), 10).await, Ok(t0 + 3000 * MS));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_gate_keeps_starts_an_interval_apart_even_when_a_start_was_late() {
-        let gate = StartGate::new(1010 * MS);
-        let t0 = Instant::now();
-        let first = gate.pass(t0, None, || None, || None).await.unwrap();
-        // The dispatcher woke 30 ms late for the next slot...
-        tokio::time::advance(1040 * MS).await;
-        let second = gate
-            .pass(t0 + 1010 * MS, None, || None, || None)
-            .await
-            .unwrap();
-        assert_eq!(second - first, 1040 * MS);
-        // ...so the slot after it is pushed to keep the spacing from the real start.
-        let third = gate
-            .pass(t0 + 2020 * MS, None, || None, || None)
-            .await
-            .unwrap();
-        assert_eq!(third - second, 1010 * MS);
-        // Idle spells at awkward phases of leaky-bucket's refill grid never let two starts
-        // bunch up, and the bucket never refuses a start the floor allows.
-        let mut last = third;
-        for idle in [0, 1500, 0, 2700, 10, 999, 0, 5050, 0] {
-            tokio::time::advance(idle * MS).await;
-            let next = gate
-                .pass(Instant::now(), None, || None, || None)
-                .await
-                .expect("the bucket agrees");
-            assert!(next - last >= 1010 * MS, "{:?}", next - last);
-            last = next;
-        }
-    }
-}
+mod tests;
