@@ -289,14 +289,7 @@ fn setting(id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Cli;
-    use clap::Parser;
-
-    fn args(extra: &[&str]) -> ServeArgs {
-        let mut argv = vec!["score-proxy"];
-        argv.extend_from_slice(extra);
-        Cli::try_parse_from(argv).unwrap().serve
-    }
+    use crate::config::tests::args;
 
     #[test]
     fn a_setting_is_named_by_its_flag_and_variable() {

@@ -274,7 +274,8 @@ impl std::fmt::Display for ConfigProblem {
 mod tests {
     use super::*;
 
-    fn args(extra: &[&str]) -> ServeArgs {
+    /// The proxy's settings as clap parses them from `extra` (the config tests' one way in).
+    pub(super) fn args(extra: &[&str]) -> ServeArgs {
         let mut argv = vec!["score-proxy"];
         argv.extend_from_slice(extra);
         Cli::try_parse_from(argv).unwrap().serve

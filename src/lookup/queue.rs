@@ -189,6 +189,12 @@ impl<T> FairQueue<T> {
         let client_state = self.clients.entry(client.clone()).or_insert((0, 0));
         client_state.0 = client_state.0.max(key.0);
         client_state.1 += 1;
+        self.place(id, key, client, deadline, job);
+        Ok((id, position))
+    }
+
+    /// Puts a job at its queue order key (a first attempt or a retry alike).
+    fn place(&mut self, id: JobId, key: OrderKey, client: &ClientId, deadline: Instant, job: T) {
         self.keys.insert(id, key);
         self.order.insert(
             key,
@@ -198,7 +204,6 @@ impl<T> FairQueue<T> {
                 job,
             },
         );
-        Ok((id, position))
     }
 
     /// Whether a job entering at `position` meets `deadline` and every job behind it (pushed
@@ -237,15 +242,7 @@ impl<T> FairQueue<T> {
         let id = JobId(seq);
         let client_state = self.clients.entry(client.clone()).or_insert((0, 0));
         client_state.1 += 1;
-        self.keys.insert(id, key);
-        self.order.insert(
-            key,
-            Entry {
-                client: client.clone(),
-                deadline,
-                job,
-            },
-        );
+        self.place(id, key, client, deadline, job);
         Ok(id)
     }
 
