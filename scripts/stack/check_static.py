@@ -15,10 +15,14 @@
 - the Prometheus config's rule files exist, and so do the rule files of every unit test;
 - every Grafana data source has a fixed uid, and points at a compose service;
 - every dashboard in dashboards/ is well-formed Grafana JSON: unique uid, unique panel ids,
-  grid positions inside the 24-column grid and not overlapping, every panel and query with
-  a provisioned data source uid, every template variable it uses defined, a description
-  on every panel, and the configured rate limit never summed over instances (it is one
-  budget: max).
+  grid positions inside the 24-column grid and not overlapping, every template variable it
+  uses defined, a description on every panel; every panel, query, annotation and variable
+  on a data source variable ($datasource), never a hard-coded uid, and Jaeger reached
+  through variables (${jaeger_url}, $traces); the job and instance variables from `up`
+  with allValue `.*`; no increase(...[$__rate_interval]) (a count that changes with the
+  zoom); up and process_* guarded by a literal job matcher; the configured rate limit never
+  summed over instances (it is one budget: max); every recording rule used is recorded;
+  every query, its variables substituted, parses (promtool check rules).
 
 Exit status 0 when everything holds; 1, with one line per problem, otherwise.
 Needs Python 3.11 with pyyaml and jsonschema.
@@ -570,23 +574,201 @@ def variables_used(text: str) -> set[str]:
     return out
 
 
-def check_link_uids(where: str, url: str, uids: set[str]) -> None:
-    """Explore links carry their data source in the URL's JSON."""
+# A data source named through a dashboard variable: "$datasource" or "${datasource}".
+DATASOURCE_VARIABLE_REF = re.compile(r"^\$(\w+)$|^\$\{(\w+)\}$")
+# Variables that list the proxies must come from `up`, which holds every scrape target,
+# answering or not: from a metric the proxy exports, a proxy that is down drops out of the
+# list and its panels show "No data" instead of DOWN.
+TARGET_VARIABLES = {"job", "instance"}
+# Metrics that other jobs export too (Prometheus scrapes itself): with job=All (.*) a query
+# of them needs a literal job matcher of its own that selects the proxy's jobs only.
+SHARED_METRIC = re.compile(r"(?<![\w:])(up|process_\w+)\s*\{([^}]*)\}")
+# A count over a window that follows the zoom: each event is counted in several windows.
+ZOOM_COUNT = re.compile(r"\bincrease\s*\(")
+ZOOM_WINDOW = re.compile(r"\[\s*\$\{?__(rate_)?interval\}?\s*\]")
+RECORDED = re.compile(r"(?<![\w:$])([a-zA-Z_][a-zA-Z0-9_]*:[a-zA-Z0-9_:]+)")
+# What the promtool check puts in place of Grafana's own variables.
+PROMTOOL_BUILTINS = {
+    "__rate_interval": "1m",
+    "__interval": "1m",
+    "__interval_ms": "60000",
+    "__range": "1h",
+    "__range_s": "3600",
+    "__range_ms": "3600000",
+}
+
+
+def datasource_variable(ds, template_vars: dict[str, dict]) -> tuple[str | None, dict | None]:
+    """(variable name, variable) when the data source is a reference to a dashboard variable."""
+    uid = ds_uid(ds)
+    m = DATASOURCE_VARIABLE_REF.match(uid or "")
+    if not m:
+        return None, None
+    name = m.group(1) or m.group(2)
+    return name, template_vars.get(name)
+
+
+def datasource_type(where: str, ds, template_vars: dict[str, dict], allow_builtin: bool = True) -> str | None:
+    """The plugin type a panel, query, annotation or variable uses, reported when it is a
+    hard-coded uid (every dashboard follows its $datasource variable, so it works against
+    any Prometheus) or a variable that is not a data source variable."""
+    uid = ds_uid(ds)
+    if uid in BUILTIN_DATASOURCE_UIDS and allow_builtin:
+        return "grafana"
+    name, var = datasource_variable(ds, template_vars)
+    if name is None:
+        problem(f"{where}: hard-coded data source uid {uid!r}: name it through a data source variable of the dashboard (${{datasource}}, ${{traces}})")
+        return None
+    if var is None or var.get("type") != "datasource":
+        problem(f"{where}: data source ${{{name}}} is not a data source variable of the dashboard")
+        return None
+    return str(var.get("query") or "")
+
+
+def check_datasource_variable(where: str, var: dict, datasources: dict[str, dict]) -> None:
+    """A data source variable picks a provisioned data source of its type by default."""
+    kind = var.get("query")
+    types = {ds.get("type") for ds in datasources.values()}
+    if kind not in types:
+        problem(f"{where}: data source variable ${var.get('name')} is of type {kind!r}; provisioned types: {sorted(types)}")
+        return
+    current = (var.get("current") or {}).get("value")
+    if datasources.get(current, {}).get("type") != kind:
+        problem(f"{where}: data source variable ${var.get('name')} defaults to {current!r}, not a provisioned {kind} uid")
+
+
+def variable_query(var: dict) -> str:
+    q = var.get("query")
+    if isinstance(q, dict):
+        q = q.get("query")
+    return str(q or var.get("definition") or "")
+
+
+def check_query_variable(where: str, var: dict) -> None:
+    """Variables that list the proxies come from `up`, and their All is `.*`, so a target
+    that stops answering (or one that appears) is still selected."""
+    name, q = var.get("name"), variable_query(var)
+    m = re.match(r"^\s*label_values\(\s*(.*?)\s*,\s*(\w+)\s*\)\s*$", q, re.S)
+    from_up = bool(m and re.match(r"^up\s*(\{|$)", m.group(1)))
+    if (name in TARGET_VARIABLES or (m and m.group(2) in TARGET_VARIABLES)) and not from_up:
+        problem(f"{where}: variable ${name} ({q}) must come from up (label_values(up{{...}}, {name})), so a proxy that is down stays listed")
+    if from_up and not (var.get("includeAll") and var.get("allValue") == ".*"):
+        problem(f"{where}: variable ${name} comes from up: it needs includeAll and allValue \".*\" (got {var.get('allValue')!r})")
+
+
+def check_expr(where: str, expr: str, ptype: str, recorded: set[str]) -> None:
+    """Rules every panel query keeps."""
+    # The configured rate is one budget for every instance of a job: max, never sum.
+    if re.search(r"\bsum\b(\s*by\s*\([^)]*\))?\s*\(\s*score_proxy_pacing_rate_per_second\b", expr):
+        problem(f"{where}: sums score_proxy_pacing_rate_per_second; the limit is one budget (use max)")
+    # Counts of events: a rate, or a stat over the whole range, never a count per window.
+    for m in ZOOM_COUNT.finditer(expr):
+        depth, end = 0, len(expr)
+        for i in range(m.end() - 1, len(expr)):
+            depth += {"(": 1, ")": -1}.get(expr[i], 0)
+            if depth == 0:
+                end = i
+                break
+        inner = expr[m.end() : end]
+        if ZOOM_WINDOW.search(inner):
+            problem(
+                f"{where}: increase(...[$__rate_interval]) in a {ptype} panel counts one event in several windows "
+                "and changes with the zoom: draw a rate, or a stat of increase(...[$__range])"
+            )
+        elif ptype != "stat" and "$__range" in inner:
+            problem(f"{where}: increase(...[$__range]) belongs in a stat panel (one number for the range), not in a {ptype} panel")
+    for m in SHARED_METRIC.finditer(expr):
+        guards = [v for op, v in re.findall(r'\bjob\s*(=~|=)\s*"([^"$]*)"', m.group(2))]
+        if not any(all(re.fullmatch(g, j) for j in JOBS) and not re.fullmatch(g, "prometheus") for g in guards):
+            problem(f'{where}: {m.group(1)}{{...}} needs a literal job matcher selecting only {", ".join(JOBS)} (job=~"score-proxy.*"): with job=All it would include other jobs')
+    for name in RECORDED.findall(re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)):
+        if name not in recorded:
+            problem(f"{where}: uses {name}, which no recording rule in {rel(PROM_CONFIG.parent)}/ records")
+
+
+def recorded_series() -> set[str]:
+    config = load_yaml(PROM_CONFIG) or {}
+    out = set()
+    for pattern in config.get("rule_files") or []:
+        for path in glob.glob(str(PROM_CONFIG.parent / pattern)):
+            for group in (load_yaml(Path(path)) or {}).get("groups") or []:
+                out.update(r["record"] for r in group.get("rules") or [] if r.get("record"))
+    return out
+
+
+def substitute_for_promtool(expr: str, template_vars: dict[str, dict]) -> str:
+    """The expression as Prometheus would receive it: All for variables that have it, any
+    value for the others."""
+
+    def value(m: re.Match) -> str:
+        name = m.group(1) or m.group(2) or m.group(4)
+        if name in PROMTOOL_BUILTINS:
+            return PROMTOOL_BUILTINS[name]
+        var = template_vars.get(name) or {}
+        if var.get("includeAll"):
+            return var.get("allValue") or ".*"
+        if var.get("type") in ("textbox", "constant"):
+            return str(var.get("query") or "")
+        return "x"
+
+    return VARIABLE.sub(value, expr)
+
+
+def check_syntax_with_promtool(queries: list[tuple[str, str]]) -> None:
+    """Every query, its variables substituted, parses as PromQL: `promtool check rules` on a
+    file with one recording rule per query (promtool has no offline query command)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    if not queries:
+        return
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        problem("promtool not found on PATH: cannot check the dashboards' PromQL (apt-get install -y prometheus)")
+        return
+    rules = [{"record": f"dashboard_query_{i}", "expr": expr} for i, (_, expr) in enumerate(queries)]
+    with tempfile.TemporaryDirectory(prefix="check-static-") as tmp:
+        path = Path(tmp) / "dashboard-queries.yml"
+        path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}, sort_keys=False))
+        run = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
+    if run.returncode == 0:
+        return
+    output = run.stdout + run.stderr
+    reported = False
+    for line in output.splitlines():
+        m = re.search(r'"dashboard_query_(\d+)":\s*(.*)$', line)
+        if m:
+            where, expr = queries[int(m.group(1))]
+            problem(f"{where}: promtool: {m.group(2)}\n      query: {expr}")
+            reported = True
+    if not reported:
+        problem(f"promtool check rules failed on the dashboards' queries: {output.strip()[-800:]}")
+
+
+def check_link(where: str, url: str, template_vars: dict[str, dict], datasources: dict[str, dict]) -> None:
+    """Links use defined variables, reach Jaeger through the ${jaeger_url} variable rather
+    than a host baked in, and Explore links name their data source through a variable."""
+    for name in variables_used(url):
+        if name not in template_vars and name not in BUILTIN_VARIABLES and not name.startswith("__"):
+            problem(f"{where}: link uses undefined variable ${name}")
+    if re.match(r"^https?://", url):
+        problem(f"{where}: link to a fixed address {url.split('?')[0]!r}: put the base URL in a variable (e.g. ${{jaeger_url:raw}})")
     if "/explore" not in url:
         return
     decoded = urllib.parse.unquote(url)
     for uid in re.findall(r'"uid"\s*:\s*"([^"]+)"', decoded) + re.findall(r'"datasource"\s*:\s*"([^"]+)"', decoded):
-        if uid not in uids:
-            problem(f"{where}: link to Explore uses data source uid {uid!r}, which is not provisioned")
+        datasource_type(f"{where}: link to Explore", uid, template_vars, allow_builtin=False)
 
 
 def check_dashboards(datasources: dict[str, dict]) -> None:
-    uids = set(datasources)
     files = sorted(DASHBOARDS.glob("*.json"))
     names = {f.name for f in files}
     for required in REQUIRED_DASHBOARDS:
         if required not in names:
             problem(f"dashboards/{required} is missing")
+    recorded = recorded_series()
+    queries: list[tuple[str, str]] = []
     seen_uids: dict[str, str] = {}
     for f in files:
         where = rel(f)
@@ -628,22 +810,31 @@ def check_dashboards(datasources: dict[str, dict]) -> None:
             if p.get("type") == "row" and p.get("collapsed") and p.get("panels"):
                 check_layout(f"{where} (row {p.get('title')!r})", p["panels"])
 
-        template_vars = {}
-        for var in (dash.get("templating") or {}).get("list") or []:
-            name = var.get("name")
-            template_vars[name] = var
-            if var.get("type") == "query":
-                vuid = ds_uid(var.get("datasource"))
-                if vuid not in uids:
-                    problem(f"{where}: variable ${name} uses data source {vuid!r}, which is not provisioned")
+        template_vars = {var.get("name"): var for var in (dash.get("templating") or {}).get("list") or []}
         defined = set(template_vars) | BUILTIN_VARIABLES
+        if not any(v.get("type") == "datasource" and v.get("query") == "prometheus" for v in template_vars.values()):
+            problem(f"{where}: no Prometheus data source variable ($datasource) for the panels to follow")
+        for name, var in template_vars.items():
+            vwhere = f"{where}: variable ${name}"
+            kind = var.get("type")
+            if kind == "datasource":
+                check_datasource_variable(where, var, datasources)
+            elif kind == "query":
+                datasource_type(vwhere, var.get("datasource"), template_vars, allow_builtin=False)
+                check_query_variable(where, var)
+                for used in variables_used(variable_query(var)) - defined:
+                    problem(f"{vwhere} uses undefined variable ${used}")
+            elif kind in ("textbox", "constant") and not str(var.get("query") or "").strip():
+                problem(f"{vwhere} has no value")
 
         for ann in (dash.get("annotations") or {}).get("list") or []:
-            auid = ds_uid(ann.get("datasource"))
-            if auid not in uids and auid not in BUILTIN_DATASOURCE_UIDS:
-                problem(f"{where}: annotation {ann.get('name')!r} uses data source {auid!r}, which is not provisioned")
+            awhere = f"{where}: annotation {ann.get('name')!r}"
+            kind = datasource_type(awhere, ann.get("datasource"), template_vars)
             for name in variables_used(ann.get("expr", "")) - defined:
-                problem(f"{where}: annotation {ann.get('name')!r} uses undefined variable ${name}")
+                problem(f"{awhere} uses undefined variable ${name}")
+            if kind == "prometheus" and ann.get("expr"):
+                check_expr(awhere, ann["expr"], "annotation", recorded)
+                queries.append((awhere, substitute_for_promtool(ann["expr"], template_vars)))
 
         for p in all_panels:
             title = p.get("title", "?")
@@ -654,9 +845,7 @@ def check_dashboards(datasources: dict[str, dict]) -> None:
                 problem(f"{pwhere}: no type")
             if not str(p.get("description") or "").strip():
                 problem(f"{pwhere}: no description (the (i) next to the title says what a panel shows)")
-            puid = ds_uid(p.get("datasource"))
-            if puid not in uids and puid not in BUILTIN_DATASOURCE_UIDS:
-                problem(f"{pwhere}: data source {puid!r} is not provisioned")
+            pkind = datasource_type(pwhere, p.get("datasource"), template_vars)
             targets = p.get("targets") or []
             if not targets:
                 problem(f"{pwhere}: no queries")
@@ -664,24 +853,30 @@ def check_dashboards(datasources: dict[str, dict]) -> None:
             if len(set(refids)) != len(refids) or None in refids:
                 problem(f"{pwhere}: query refIds must be present and unique, got {refids}")
             for t in targets:
-                tuid = ds_uid(t.get("datasource")) or puid
-                if tuid not in uids:
-                    problem(f"{pwhere} query {t.get('refId')}: data source {tuid!r} is not provisioned")
-                if datasources.get(tuid, {}).get("type") == "prometheus" and not str(t.get("expr", "")).strip():
-                    problem(f"{pwhere} query {t.get('refId')}: empty expr")
-                for name in variables_used(str(t.get("expr", ""))) - defined:
-                    problem(f"{pwhere} query {t.get('refId')}: undefined variable ${name}")
-                # The configured rate is one budget for every instance of a job: max, never sum.
-                if re.search(r"\bsum\b(\s*by\s*\([^)]*\))?\s*\(\s*score_proxy_pacing_rate_per_second\b", str(t.get("expr", ""))):
-                    problem(f"{pwhere} query {t.get('refId')}: sums score_proxy_pacing_rate_per_second; the limit is one budget (use max)")
+                qwhere = f"{pwhere} query {t.get('refId')}"
+                kind = datasource_type(qwhere, t["datasource"], template_vars) if t.get("datasource") else pkind
+                expr = str(t.get("expr", ""))
+                if kind == "prometheus" and not expr.strip():
+                    problem(f"{qwhere}: empty expr")
+                for name in variables_used(expr) - defined:
+                    problem(f"{qwhere}: undefined variable ${name}")
+                if kind == "prometheus" and expr.strip():
+                    check_expr(qwhere, expr, str(p.get("type")), recorded)
+                    queries.append((qwhere, substitute_for_promtool(expr, template_vars)))
             defaults = (p.get("fieldConfig") or {}).get("defaults") or {}
-            for link in (defaults.get("links") or []) + (p.get("links") or []):
-                check_link_uids(pwhere, str(link.get("url", "")), uids)
+            links = (defaults.get("links") or []) + (p.get("links") or [])
+            for o in (p.get("fieldConfig") or {}).get("overrides") or []:
+                for prop in o.get("properties") or []:
+                    if prop.get("id") == "links":
+                        links += prop.get("value") or []
+            for link in links:
+                check_link(pwhere, str(link.get("url", "")), template_vars, datasources)
                 internal = link.get("internal") or {}
-                if internal and internal.get("datasourceUid") not in uids:
+                if internal and internal.get("datasourceUid") not in datasources:
                     problem(f"{pwhere}: link to data source {internal.get('datasourceUid')!r}, which is not provisioned")
         for link in dash.get("links") or []:
-            check_link_uids(where, str(link.get("url", "")), uids)
+            check_link(f"{where}: dashboard link {link.get('title')!r}", str(link.get("url", "")), template_vars, datasources)
+    check_syntax_with_promtool(queries)
 
 
 def main() -> int:

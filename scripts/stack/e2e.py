@@ -27,7 +27,7 @@ spread over the three replicas (loadgen with three targets: shared cache hits an
 cross-replica followers). It waits for each step through Prometheus's API, not by
 sleeping. Then it checks through that API:
   1. every template variable of every dashboard resolves to values, as Grafana would ask
-     (the job variable to each job in turn);
+     (the job variable to All and to each job in turn);
   2. every PromQL expression of every dashboard panel (and annotation), with the variables
      substituted as Grafana would, evaluates without error over the run for every job, and
      for at least one job returns a series with a finite value, and a non-zero one (the
@@ -346,15 +346,28 @@ def variable_query(var: dict) -> str:
 
 
 def resolve_variables(prom: Prometheus, dash: dict, builtins: dict[str, str], start: float, end: float):
-    """Resolves the dashboard's query variables in order, through the label values API, as
-    Grafana would: All for includeAll variables; for a single-value variable (the job: one
-    proxy, or a fleet of replicas) every value in turn, since each is a view a user picks.
+    """Resolves the dashboard's variables in order, as Grafana would: a data source variable
+    to the uid it picks by default, a text box or constant to its text, a query variable
+    through the label values API. An includeAll variable takes its All (its allValue, `.*`
+    for the proxies' variables), and, when it is single-value (the job: one proxy, or a
+    fleet of replicas), every value in turn as well, since each is a view a user picks.
     Returns (description, values) for every combination."""
     branches: list[tuple[str, dict[str, str]]] = [("", dict(builtins))]
     for var in (dash.get("templating") or {}).get("list") or []:
         name = var.get("name")
-        if var.get("type") != "query":
-            fail(f"{dash['uid']}: variable ${name} is of type {var.get('type')!r}, which this check cannot resolve")
+        kind = var.get("type")
+        if kind == "datasource":
+            value = str((var.get("current") or {}).get("value") or "")
+            if not value:
+                fail(f"{dash['uid']}: data source variable ${name} has no default")
+                continue
+            branches = [(where, {**values, name: value}) for where, values in branches]
+            continue
+        if kind in ("textbox", "constant"):
+            branches = [(where, {**values, name: str(var.get("query") or "")}) for where, values in branches]
+            continue
+        if kind != "query":
+            fail(f"{dash['uid']}: variable ${name} is of type {kind!r}, which this check cannot resolve")
             continue
         q = variable_query(var)
         m = LABEL_VALUES.match(q)
@@ -378,11 +391,12 @@ def resolve_variables(prom: Prometheus, dash: dict, builtins: dict[str, str], st
             if not found:
                 fail(f"{dash['uid']}:{where} variable ${name} ({q}) resolves to no values")
                 continue
+            choices = []
             if var.get("includeAll"):
                 value = var.get("allValue") or format_variable(var, found)
-                choices = [(f"{where} ${name}=All", value)]
-            else:
-                choices = [(f"{where} ${name}={v}", format_variable(var, [v])) for v in found]
+                choices.append((f"{where} ${name}=All", value))
+            if not var.get("includeAll") or not var.get("multi"):
+                choices += [(f"{where} ${name}={v}", format_variable(var, [v])) for v in found]
             for branch, value in choices:
                 resolved.append((branch, {**values, name: value}))
                 ok(f"{dash['uid']}:{branch}  ({len(found)} value(s) from {q}: {value})")
@@ -392,7 +406,17 @@ def resolve_variables(prom: Prometheus, dash: dict, builtins: dict[str, str], st
 
 def dashboard_queries(dash: dict):
     """(where, title, refId, expr) of every Prometheus query: panels (rows' children too),
-    then annotations."""
+    then annotations. A query's data source is Prometheus when it names the provisioned
+    uid or a data source variable of type prometheus ($datasource)."""
+    variables = {v.get("name"): v for v in (dash.get("templating") or {}).get("list") or []}
+
+    def is_prometheus(ds) -> bool:
+        uid = str((ds or {}).get("uid") or "")
+        m = re.fullmatch(r"\$(\w+)|\$\{(\w+)\}", uid)
+        if m:
+            var = variables.get(m.group(1) or m.group(2)) or {}
+            return var.get("type") == "datasource" and var.get("query") == "prometheus"
+        return uid == "prometheus"
 
     def walk(panels):
         for p in panels or []:
@@ -401,11 +425,10 @@ def dashboard_queries(dash: dict):
 
     for p in walk(dash.get("panels")):
         for t in p.get("targets") or []:
-            uid = (t.get("datasource") or p.get("datasource") or {}).get("uid")
-            if uid == "prometheus" and t.get("expr"):
+            if is_prometheus(t.get("datasource") or p.get("datasource")) and t.get("expr"):
                 yield ("panel", p.get("title", "?"), t.get("refId", "?"), t["expr"])
     for a in (dash.get("annotations") or {}).get("list") or []:
-        if a.get("expr") and (a.get("datasource") or {}).get("uid") == "prometheus":
+        if a.get("expr") and is_prometheus(a.get("datasource")):
             yield ("annotation", a.get("name", "?"), "-", a["expr"])
 
 
