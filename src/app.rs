@@ -72,6 +72,11 @@ impl App {
             queue_capacity: config.queue_capacity,
             queue_timeout: config.queue_timeout,
         }));
+        // The guard learns from this process's calls; in shared mode the fleet's largest
+        // comes back with every booking (see `pacing::guard`).
+        let base = LocalPacer::interval_for(config.rate_per_second, Duration::ZERO);
+        let guard = Arc::new(Guard::new(config.rate_guard, config.rate_guard_max));
+        metrics.set_pacing_guard(guard.floor(), GuardReason::Floor, guard.ceiling());
         // One process paces alone; replicas share a schedule (and a cache tier) in Redis.
         let shared = match &config.redis {
             None => None,
@@ -81,24 +86,16 @@ impl App {
                     prefix: redis.prefix.clone(),
                     timeout: redis.timeout,
                     expected_replicas: redis.expected_replicas,
-                    interval,
-                    guard: config.rate_guard,
+                    base,
                     cache_ttl: config.cache_ttl,
                     stale_for: config.stale_if_error,
                     upstream_timeout: config.upstream_timeout,
                     key_secret: config.redaction_key.clone().unwrap_or_default(),
                 },
+                guard.clone(),
                 metrics.clone(),
             )?),
         };
-        // The guard learns in one process; shared mode's slots are booked in Redis an
-        // interval apart that every replica agrees on, so there it stays at the floor.
-        let base = LocalPacer::interval_for(config.rate_per_second, Duration::ZERO);
-        let guard = Arc::new(match &shared {
-            Some(_) => Guard::fixed(config.rate_guard),
-            None => Guard::new(config.rate_guard, config.rate_guard_max),
-        });
-        metrics.set_pacing_guard(guard.floor(), GuardReason::Floor, guard.ceiling());
         let pacer: Arc<dyn Pacer> = match &shared {
             Some(shared) => shared.clone(),
             None => {
@@ -135,20 +132,16 @@ impl App {
             metrics.clone(),
         );
         // One process: starts a whole interval apart, from the real departures. Shared
-        // pacing: a start may be up to the late tolerance (half the guard) behind its slot,
-        // so the floor from this replica's previous start gives that back; otherwise the
-        // timer's millisecond of lateness would carry from one of its slots to the next
-        // adjacent one and add up. Any two starts stay 1/rate + half the guard apart.
+        // pacing: a start may be up to the late tolerance behind its slot, which the spacing
+        // from this replica's own previous start gives back (see `StartGate::fleet`).
         let gate = Arc::new(match &shared {
-            Some(_) => {
-                StartGate::new(interval.saturating_sub(pacer.late_tolerance().unwrap_or_default()))
-            }
+            Some(_) => StartGate::fleet(base, guard.clone()),
             None => StartGate::adaptive(base, guard.clone()),
         });
         let upstream = Arc::new(UpstreamClient::new(
             config.upstream_url.clone(),
             config.upstream_timeout,
-            on_connect(gate.clone(), pacer.clone(), metrics.clone(), interval),
+            on_connect(gate.clone(), pacer.clone(), metrics.clone()),
         )?);
         let dispatcher = Arc::new(Dispatcher {
             scheduler: scheduler.clone(),
@@ -359,7 +352,6 @@ fn on_connect(
     gate: Arc<StartGate>,
     pacer: Arc<dyn Pacer>,
     metrics: Arc<Metrics>,
-    interval: Duration,
 ) -> crate::lookup::upstream::OnConnect {
     Arc::new(move |took, ready| {
         metrics.upstream_connect(took);
@@ -374,7 +366,7 @@ fn on_connect(
             .is_some_and(|tolerance| late > tolerance)
         {
             let pacer = pacer.clone();
-            tokio::spawn(async move { pacer.hold(ready + interval).await });
+            tokio::spawn(async move { pacer.hold(ready + pacer.interval()).await });
         }
     })
 }

@@ -31,10 +31,19 @@ struct Fleet {
 const CAPACITY: usize = 6;
 
 async fn fleet(redis_url: &str, sim: SimulatorConfig) -> Fleet {
+    fleet_with(redis_url, sim, |_| Vec::new()).await
+}
+
+/// Three replicas, each with the flags `own(i)` returns on top of the shared ones.
+async fn fleet_with(
+    redis_url: &str,
+    sim: SimulatorConfig,
+    own: impl Fn(usize) -> Vec<String>,
+) -> Fleet {
     common::init_test_log();
     let sim = Simulator::spawn(sim).await.unwrap();
     let mut replicas = Vec::new();
-    for _ in 0..3 {
+    for i in 0..3 {
         let config = common::config(
             &sim.url(),
             &[
@@ -48,7 +57,10 @@ async fn fleet(redis_url: &str, sim: SimulatorConfig) -> Fleet {
                 "3".into(),
                 "--redis-timeout".into(),
                 "200ms".into(),
-            ],
+            ]
+            .into_iter()
+            .chain(own(i))
+            .collect::<Vec<String>>(),
         );
         let server = Server::bind(config).await.unwrap();
         let addr = server.local_addr();
@@ -435,4 +447,53 @@ async fn a_call_that_left_late_holds_the_other_replicas_off() {
         "the other replicas gave up their slots inside the hold"
     );
     drop(redis);
+}
+
+/// The fleet shares one upstream, so it shares one guard: the largest any replica learned.
+/// Replica 0 runs with a 60 ms guard (standing in for one that learned it from a penalty or
+/// from the spread of its round trips), the two others with 2 ms. Once replica 0 has booked,
+/// the others' calls are spaced by 60 ms too, and say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_learned_by_one_replica_spaces_the_whole_fleet() {
+    let redis = Redis::start();
+    let guard = |i: usize| if i == 0 { "60ms" } else { "2ms" };
+    let f = fleet_with(&redis.url(), sim_config(), |i| {
+        vec!["--rate-guard".into(), guard(i).into()]
+    })
+    .await;
+    f.all_in(PacingMode::Shared).await;
+
+    let first = f.lookup(0, &cpf(0)).await.unwrap();
+    assert_eq!(first.status, 200, "{}", first.body);
+    // Then a burst on the two replicas with the small guard only.
+    let burst: Vec<_> = (1..=6u32)
+        .map(|n| f.lookup(1 + n as usize % 2, &cpf(n)))
+        .collect();
+    for b in burst {
+        let r = b.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let stats = f.sim.stats();
+    assert_eq!(stats.violations, 0, "{stats:#?}");
+    let mut ats: Vec<Duration> = stats.arrivals.iter().map(|a| a.at).collect();
+    ats.sort();
+    // Slots 100 ms + 60 ms apart on Redis's clock; a start may be up to half the guard
+    // (30 ms) behind its slot, and loopback adds a millisecond or two. With their own 2 ms
+    // guard the two replicas would space their calls about 102 ms apart.
+    let closest = ats.windows(2).map(|w| w[1] - w[0]).min().unwrap();
+    assert!(
+        closest >= Duration::from_millis(120),
+        "closest arrivals {closest:?} apart: {ats:?}"
+    );
+    for r in &f.replicas[1..] {
+        let m = r.app.metrics.render();
+        assert_eq!(
+            common::metric_value(&m, "score_proxy_pacing_guard_seconds"),
+            0.060
+        );
+        assert_eq!(
+            common::metric_value(&m, "score_proxy_pacing_guard_reason{reason=\"fleet\"}"),
+            1.0
+        );
+    }
 }

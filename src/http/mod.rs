@@ -425,8 +425,8 @@ pub(crate) struct Status {
     pub(crate) pacing_mode: &'static str,
     pub(crate) rate_per_second: f64,
     pub(crate) interval_seconds: f64,
-    /// The guard in force (part of `interval_seconds`), and why: `floor`, `rtt_spread`
-    /// or `penalty`.
+    /// The guard in force (part of `interval_seconds`), and why: `floor`, `rtt_spread`,
+    /// `penalty` or `fleet`.
     pub(crate) guard_seconds: f64,
     pub(crate) guard_reason: &'static str,
     pub(crate) penalty_active: bool,

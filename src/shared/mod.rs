@@ -8,8 +8,9 @@
 //!   reading, from the health check's `TIME` or a booking, with the shortest round trip in the
 //!   last 10 s: off by at most half of that round trip, a few hundredths of a millisecond on a
 //!   quiet loopback, and the same for every slot, so a replica's own slots keep their spacing
-//!   however slow a booking was; the guard must cover the rest). Slots are `interval` apart
-//!   across all replicas; capacity counts every replica's booked slots, so `queue-capacity` and
+//!   however slow a booking was; the guard must cover the rest). Slots are an interval apart
+//!   across all replicas (`1/rate` plus the fleet's guard: the largest any replica learned in
+//!   the last minute, reported in `<prefix>:guards` with each booking); capacity counts every replica's booked slots, so `queue-capacity` and
 //!   deadlines keep their meaning fleet-wide. A slot booked for a lookup whose client then
 //!   leaves stays booked: the replica gives it to its next lookup, or lets it pass unused. It
 //!   cannot be handed back, because later slots were already booked behind it.
@@ -64,7 +65,7 @@ use redis::aio::ConnectionManager;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::lookup::pacing::{LocalPacer, PacingMode};
+use crate::lookup::pacing::{Guard, LocalPacer, PacingMode};
 use crate::lookup::validation::LookupKey;
 use crate::telemetry::metrics::Metrics;
 use clock::RedisClock;
@@ -82,8 +83,8 @@ pub(crate) struct SharedConfig {
     pub(crate) timeout: Duration,
     /// How many replicas share the budget when Redis is gone (the fallback rate divides by it).
     pub(crate) expected_replicas: u32,
-    pub(crate) interval: Duration,
-    pub(crate) guard: Duration,
+    /// `1/rate`: slots are this plus the fleet's guard apart.
+    pub(crate) base: Duration,
     pub(crate) cache_ttl: Duration,
     pub(crate) stale_for: Duration,
     /// How long a flight lease lives beyond the lookup's deadline (its call's timeout).
@@ -112,6 +113,9 @@ pub struct Shared {
     replica_id: String,
     key: [u8; 32],
     metrics: Arc<Metrics>,
+    /// This replica's learned guard: what it reports with each booking, and where the
+    /// fleet's guard each booking returns is noted.
+    guard: Arc<Guard>,
     book: redis::Script,
     pause: redis::Script,
     release: redis::Script,
@@ -119,9 +123,16 @@ pub struct Shared {
 
 impl Shared {
     /// Prepares shared mode (no connection yet: [`Shared::connect`], then [`Shared::start`]).
-    pub(crate) fn new(config: SharedConfig, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Shared>> {
+    pub(crate) fn new(
+        config: SharedConfig,
+        guard: Arc<Guard>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Shared>> {
         let client = redis::Client::open(config.url.as_str())?;
-        let fallback = LocalPacer::new(config.interval * config.expected_replicas.max(1));
+        // Fallback spaces by the guard's floor: with no shared schedule, a learned guard
+        // would not keep two replicas' calls apart anyway (issue 17).
+        let fallback =
+            LocalPacer::new((config.base + guard.floor()) * config.expected_replicas.max(1));
         let mut id = [0u8; 8];
         getrandom::fill(&mut id).expect("the OS random source is available");
         let key = blake3::derive_key("score-proxy shared keys v1", config.key_secret.as_bytes());
@@ -138,6 +149,7 @@ impl Shared {
             replica_id: id.iter().map(|b| format!("{b:02x}")).collect(),
             key,
             metrics,
+            guard,
             book: redis::Script::new(pacer::BOOK),
             pause: redis::Script::new(pause::PAUSE),
             release: redis::Script::new(flights::RELEASE),
@@ -199,6 +211,10 @@ impl Shared {
 
     fn pace_key(&self) -> String {
         format!("{}:pace", self.config.prefix)
+    }
+
+    fn guards_key(&self) -> String {
+        format!("{}:guards", self.config.prefix)
     }
 
     fn penalty_channel(&self) -> String {
