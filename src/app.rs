@@ -87,6 +87,7 @@ impl App {
                     timeout: redis.timeout,
                     expected_replicas: redis.expected_replicas,
                     base,
+                    replica_index: redis.replica_index,
                     cache_ttl: config.cache_ttl,
                     stale_for: config.stale_if_error,
                     upstream_timeout: config.upstream_timeout,
@@ -335,6 +336,25 @@ impl App {
     pub(crate) fn close(&self) {
         self.scheduler.close();
         self.lifecycle.send_replace(Lifecycle::Closed);
+    }
+
+    /// Shared mode: a switch between the shared schedule and fallback voids every start
+    /// slot booked under the other, and books again under the new one. Slots booked in
+    /// Redis are not known to a replica's fallback grid, nor grid slots to Redis: keeping
+    /// them would run two schedules at once (see `shared/division.rs`).
+    pub(crate) async fn follow_pacing_mode(self: Arc<Self>) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let mut changes = shared.mode_changes();
+        while changes.changed().await.is_ok() {
+            let mode = *changes.borrow_and_update();
+            let void = self.scheduler.booked_slots();
+            self.scheduler
+                .void_slots_before(Instant::now() + Duration::from_secs(86_400 * 365));
+            self.scheduler.replenish();
+            tracing::debug!(?mode, void, "pacing mode changed: start slots booked again");
+        }
     }
 
     /// Upstream calls under way.

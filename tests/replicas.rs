@@ -497,3 +497,137 @@ async fn a_guard_learned_by_one_replica_spaces_the_whole_fleet() {
         );
     }
 }
+
+/// Time division needs grid positions well above the simulator's interval but not so far
+/// that the test measures nothing: the guard fixed at 40 ms (floor and ceiling), so
+/// positions are 140 ms apart and each replica's own slots 420 ms apart; a queue of 12 per
+/// replica holds the 10 lookups each gets.
+fn divided(i: usize, index: bool) -> Vec<String> {
+    let mut args: Vec<String> = ["--rate-guard-max", "40ms", "--queue-capacity", "12"]
+        .map(String::from)
+        .to_vec();
+    if index {
+        args.extend(["--replica-index".into(), i.to_string()]);
+    }
+    args
+}
+
+const PERIOD: Duration = Duration::from_millis(140);
+
+/// Sends `n` distinct lookups (from `first`) spread over the replicas, and checks every
+/// answer is a score or an honest refusal.
+async fn spread_burst(f: &Fleet, first: u32, n: u32) -> usize {
+    let lookups: Vec<_> = (first..first + n)
+        .map(|k| f.lookup(k as usize, &cpf(k)))
+        .collect();
+    let mut ok = 0;
+    for r in lookups {
+        let r = r.await.unwrap();
+        match r.status {
+            200 => ok += 1,
+            429 | 503 => assert!(r.retry_after().is_some(), "{}", r.body),
+            other => panic!("{other}: {}", r.body),
+        }
+    }
+    ok
+}
+
+/// The fleet's arrivals since `since` (simulator time): how many were penalised, the closest
+/// two, and the fleet's rate over them against the grid's (one call per period).
+fn judged(f: &Fleet, since: Duration) -> (u64, Duration, f64) {
+    let stats = f.sim.stats();
+    let ats: Vec<_> = stats.arrivals.iter().filter(|a| a.at >= since).collect();
+    let penalised = ats.iter().filter(|a| a.violation).count() as u64;
+    let closest = ats
+        .windows(2)
+        .map(|w| w[1].at - w[0].at)
+        .min()
+        .unwrap_or(Duration::MAX);
+    let use_of_grid = match (ats.first(), ats.last()) {
+        (Some(a), Some(b)) if ats.len() > 1 => {
+            (ats.len() - 1) as f64 / (b.at - a.at).as_secs_f64() * PERIOD.as_secs_f64()
+        }
+        _ => 0.0,
+    };
+    (penalised, closest, use_of_grid)
+}
+
+/// Redis is gone before a burst of 30 distinct lookups over three replicas: each keeps the
+/// place it leased and calls only at its own positions of one grid on Redis's last known
+/// clock, so the fleet's calls stay a period apart without talking and the upstream never
+/// penalises them. Then Redis comes back in the middle of a second burst, and goes again in
+/// the middle of a third: no switch runs two schedules at once.
+///
+/// Timing noise: the replicas share this host's clock and sample Redis's over loopback (a
+/// round trip well under a millisecond), so the grid's error is the timer's: a millisecond
+/// or two against the 40 ms between the upstream's interval and the grid's period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_the_replicas_take_turns_on_one_grid() {
+    let port = common::free_port();
+    let redis = Redis::start_on(port);
+    let f = fleet_with(&redis.url(), sim_config(), |i| divided(i, false)).await;
+    f.all_in(PacingMode::Shared).await;
+    drop(redis);
+    f.all_in(PacingMode::Fallback).await;
+
+    let since = f.sim.elapsed();
+    assert_eq!(spread_burst(&f, 0, 30).await, 30);
+    let (penalised, closest, use_of_grid) = judged(&f, since);
+    assert_eq!(penalised, 0);
+    assert!(closest >= Duration::from_millis(125), "closest {closest:?}");
+    assert!(
+        use_of_grid >= 0.9,
+        "the fleet used {use_of_grid:.2} of the grid"
+    );
+
+    // Redis returns while a burst waits: the replicas leave their grids behind a fence.
+    let since = f.sim.elapsed();
+    let burst = {
+        let lookups: Vec<_> = (100..130u32)
+            .map(|k| f.lookup(k as usize, &cpf(k)))
+            .collect();
+        f.sim.wait_for_calls(f.sim.calls() + 5).await;
+        let redis = Redis::start_on(port);
+        f.all_in(PacingMode::Shared).await;
+        (lookups, redis)
+    };
+    let (lookups, redis) = burst;
+    for r in lookups {
+        let r = r.await.unwrap();
+        assert!(matches!(r.status, 200 | 429 | 503), "{}", r.body);
+    }
+    // And it goes again in the middle of the next one.
+    let next: Vec<_> = (200..230u32)
+        .map(|k| f.lookup(k as usize, &cpf(k)))
+        .collect();
+    f.sim.wait_for_calls(f.sim.calls() + 5).await;
+    drop(redis);
+    for r in next {
+        let r = r.await.unwrap();
+        assert!(matches!(r.status, 200 | 429 | 503), "{}", r.body);
+    }
+    let (penalised, closest, _) = judged(&f, since);
+    assert!(penalised <= 1, "{penalised} penalised");
+    assert!(
+        closest >= common::SIM_INTERVAL,
+        "closest arrivals {closest:?} apart"
+    );
+}
+
+/// Replicas that start while Redis is down have no leased place: with `--replica-index`
+/// they take turns on the grid from the start (on their system clocks, which agree here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_started_without_redis_take_turns_by_their_index() {
+    let nowhere = format!("redis://127.0.0.1:{}", common::free_port());
+    let f = fleet_with(&nowhere, sim_config(), |i| divided(i, true)).await;
+    assert_eq!(f.ready(0).await["pacing"], "fallback");
+    let since = f.sim.elapsed();
+    assert_eq!(spread_burst(&f, 0, 30).await, 30);
+    let (penalised, closest, use_of_grid) = judged(&f, since);
+    assert_eq!(penalised, 0);
+    assert!(closest >= Duration::from_millis(125), "closest {closest:?}");
+    assert!(
+        use_of_grid >= 0.9,
+        "the fleet used {use_of_grid:.2} of the grid"
+    );
+}

@@ -50,6 +50,7 @@
 mod cache_tier;
 mod clock;
 mod connection;
+mod division;
 mod flights;
 pub(crate) mod ops;
 mod pacer;
@@ -69,6 +70,7 @@ use crate::lookup::pacing::{Guard, LocalPacer, PacingMode};
 use crate::lookup::validation::LookupKey;
 use crate::telemetry::metrics::Metrics;
 use clock::RedisClock;
+use division::{Division, Member};
 use flights::Word;
 use pause::Pauses;
 
@@ -85,6 +87,8 @@ pub(crate) struct SharedConfig {
     pub(crate) expected_replicas: u32,
     /// `1/rate`: slots are this plus the fleet's guard apart.
     pub(crate) base: Duration,
+    /// `--replica-index`: this replica's place in fallback before Redis has leased one.
+    pub(crate) replica_index: Option<u32>,
     pub(crate) cache_ttl: Duration,
     pub(crate) stale_for: Duration,
     /// How long a flight lease lives beyond the lookup's deadline (its call's timeout).
@@ -100,7 +104,9 @@ pub struct Shared {
     client: redis::Client,
     conn: Mutex<Option<ConnectionManager>>,
     mode: watch::Sender<PacingMode>,
-    /// Pacing while Redis is out of reach.
+    /// Pacing while Redis is out of reach: time division on the last known Redis clock
+    /// (`division.rs`), or, without a place, a local pacer at a share of the rate.
+    division: Division,
     fallback: LocalPacer,
     /// The latest penalty and hold ends this replica knows of (its own, Redis's replies, and
     /// what the other replicas published).
@@ -119,6 +125,8 @@ pub struct Shared {
     book: redis::Script,
     pause: redis::Script,
     release: redis::Script,
+    member: redis::Script,
+    fence: redis::Script,
 }
 
 impl Shared {
@@ -137,7 +145,17 @@ impl Shared {
         getrandom::fill(&mut id).expect("the OS random source is available");
         let key = blake3::derive_key("score-proxy shared keys v1", config.key_secret.as_bytes());
         metrics.set_pacing_mode(PacingMode::Fallback);
+        let division = Division::new(
+            config.base,
+            (guard.floor(), guard.ceiling()),
+            connection::fallback_settle(config.timeout),
+            config.replica_index.map(|index| Member {
+                index,
+                count: config.expected_replicas.max(1),
+            }),
+        );
         Ok(Arc::new(Shared {
+            division,
             client,
             conn: Mutex::new(None),
             mode: watch::channel(PacingMode::Fallback).0,
@@ -153,6 +171,8 @@ impl Shared {
             book: redis::Script::new(pacer::BOOK),
             pause: redis::Script::new(pause::PAUSE),
             release: redis::Script::new(flights::RELEASE),
+            member: redis::Script::new(connection::MEMBER),
+            fence: redis::Script::new(connection::FENCE),
             config,
         }))
     }
@@ -161,6 +181,7 @@ impl Shared {
     /// stays in fallback, and the health check keeps trying.
     pub(crate) async fn connect(&self) {
         if self.ensure_connection().await.is_some() && self.ping().await {
+            self.renew_place().await;
             self.enter(PacingMode::Shared);
         }
     }
@@ -211,6 +232,10 @@ impl Shared {
 
     fn pace_key(&self) -> String {
         format!("{}:pace", self.config.prefix)
+    }
+
+    fn members_key(&self) -> String {
+        format!("{}:members", self.config.prefix)
     }
 
     fn guards_key(&self) -> String {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::Shared;
+use super::division::GridClock;
 use super::pause::Pause;
 use crate::lookup::pacing::{BookError, BoxFuture, Pacer, PacingMode, late_tolerance};
 
@@ -23,7 +24,10 @@ const GUARD_HORIZON: Duration = Duration::from_secs(60);
 
 impl Pacer for Shared {
     fn interval(&self) -> Duration {
-        self.config.base + self.guard.current()
+        match self.mode() {
+            PacingMode::Fallback => self.fallback_spacing(),
+            _ => self.config.base + self.guard.current(),
+        }
     }
 
     fn book(
@@ -88,7 +92,11 @@ impl Pacer for Shared {
                     };
                 }
             }
-            self.fallback.book_now(Instant::now(), not_after, capacity)
+            let now = Instant::now();
+            let grid = Grid(&self.clock);
+            self.division
+                .book(now, not_after, capacity, self.guard.current(), &grid)
+                .unwrap_or_else(|| self.fallback.book_now(now, not_after, capacity))
         })
     }
 
@@ -117,7 +125,29 @@ impl Pacer for Shared {
     }
 }
 
+/// Redis's clock as this replica last estimated it, for the fallback grid.
+struct Grid<'a>(&'a super::clock::RedisClock);
+
+impl GridClock for Grid<'_> {
+    fn redis_time(&self, at: Instant) -> (i64, Duration) {
+        self.0.redis_time(at)
+    }
+    fn local_time(&self, redis_us: i64) -> Instant {
+        self.0.local_time_or_system(redis_us)
+    }
+}
+
 impl Shared {
+    /// In fallback, the spacing of this replica's own slots: its places on the grid, or
+    /// the share of the rate without one.
+    fn fallback_spacing(&self) -> Duration {
+        let now = Instant::now();
+        let (_, error) = self.clock.redis_time(now);
+        self.division
+            .own_spacing(now, self.guard.current(), error)
+            .unwrap_or_else(|| self.fallback.interval())
+    }
+
     /// The fleet's guard, as the latest booking returned it, becomes a lower bound of this
     /// replica's (the metrics follow at once: the dispatcher updates them only when a call
     /// ends).

@@ -2,7 +2,8 @@
 -- guard: the largest guard any replica reported within the horizon.
 --
 -- KEYS[1]  the schedule hash (`<prefix>:pace`): `next` is the first free start, `penalty`
---          the end of the latest penalty, both in µs since the epoch on Redis's clock.
+--          the end of the latest penalty, `fence` the end of the latest return from
+--          fallback (fence.lua), all in µs since the epoch on Redis's clock.
 -- KEYS[2]  the guards hash (`<prefix>:guards`): replica id -> "<guard µs>:<reported at µs>".
 -- ARGV[1]  1/rate, µs: the interval between starts is this plus the fleet's guard.
 -- ARGV[2]  the longest the caller may wait for its slot (from Redis's now), µs.
@@ -23,6 +24,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local next_free = tonumber(redis.call('HGET', KEYS[1], 'next') or '0')
 local penalty = tonumber(redis.call('HGET', KEYS[1], 'penalty') or '0')
+local fence = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
 local base = tonumber(ARGV[1])
 local max_wait = tonumber(ARGV[2])
 local capacity = tonumber(ARGV[3])
@@ -45,7 +47,8 @@ for i = 1, #reports, 2 do
 end
 local interval = base + fleet
 
-local from = math.max(now, penalty)
+-- Waiting for a penalty or a fence is not waiting behind booked slots.
+local from = math.max(now, penalty, fence)
 local start = math.max(from, next_free, now + lead)
 local penalty_left = math.max(0, penalty - now)
 if math.floor((start - from) / interval) >= capacity then
