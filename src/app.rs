@@ -71,6 +71,7 @@ impl App {
             interval,
             queue_capacity: config.queue_capacity,
             queue_timeout: config.queue_timeout,
+            expected_replicas: config.redis.as_ref().map_or(1, |r| r.expected_replicas),
         }));
         // The guard learns from this process's calls; in shared mode the fleet's largest
         // comes back with every booking (see `pacing::guard`).
@@ -236,7 +237,7 @@ impl App {
             // the caller (a rejected client id).
             Err(e) if e.stale_ok() && stale.is_some() => {
                 let old = stale.expect("checked");
-                self.metrics.cache_lookup(CacheResult::Stale);
+                self.metrics.stale_answer();
                 request_span.record("score_proxy.stale_after", e.kind());
                 Ok(self.answer(old, CacheResult::Stale, report))
             }
@@ -257,9 +258,14 @@ impl App {
         //    queue a new one, or be refused at once (429 when full, 503 when it could not
         //    start before its deadline or the breaker is open). Never a wait that ends in
         //    nothing.
-        let joined = self.scheduler.join(key, max_wait, || {
-            FlightOrigin::new(request_span.clone(), *trace)
-        })?;
+        let joined = self
+            .scheduler
+            .join(key, max_wait, || {
+                FlightOrigin::new(request_span.clone(), *trace)
+            })
+            // Refused before joining anything (an open breaker, shutdown): still a miss, so
+            // that every valid lookup is counted once.
+            .inspect_err(|_| self.metrics.cache_lookup(CacheResult::Miss))?;
 
         // 4. Wait while the dispatcher paces and calls. If the client hangs up, axum drops
         //    this future, the waiter leaves, and an unstarted lookup leaves the queue.

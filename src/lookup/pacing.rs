@@ -50,17 +50,17 @@ pub enum BookError {
     TooLate { by: Duration },
 }
 
-/// How the pacer is pacing (for `/ready`, `/status` and metrics): the name in snake case, the
-/// `pacing_mode` gauge's value is the discriminant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr)]
+/// How the pacer is pacing (for `/ready`, `/status` and the `pacing_mode{mode}` series): the
+/// name in snake case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case")]
 pub enum PacingMode {
     /// One process, no shared schedule.
-    Local = 0,
+    Local,
     /// Several replicas, one schedule in Redis.
-    Shared = 1,
+    Shared,
     /// Redis is out of reach: a safe local share of the rate.
-    Fallback = 2,
+    Fallback,
 }
 
 impl PacingMode {
