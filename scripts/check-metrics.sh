@@ -26,9 +26,21 @@ for source in "http://$PROXY/metrics" "http://$PROXY/metrics?format=prometheus";
     curl -sf -H 'Accept: text/plain;version=0.0.4' "$source" >"$WORK/scrape.txt"
     grep -q '^score_proxy_cache_lookups_total{result="hit"} 1$' "$WORK/scrape.txt" \
         || die "the scrape of $source lacks the expected hit"
+    # The names alerts and dashboards rely on: the standard process metrics, unprefixed;
+    # states one series each; the budget spent; no stale result among lookups.
+    for series in '^process_cpu_seconds_total ' '^process_resident_memory_bytes ' \
+        '^process_start_time_seconds ' '^score_proxy_breaker_state{state="closed"} 1$' \
+        '^score_proxy_pacing_mode{mode="local"} 1$' '^score_proxy_upstream_call_starts_total 2$' \
+        '^score_proxy_cache_stale_answers_total 0$' '^score_proxy_queue_timeout_seconds ' \
+        '^score_proxy_expected_replicas 1$'; do
+        grep -q "$series" "$WORK/scrape.txt" || die "the scrape of $source lacks $series"
+    done
+    if grep -q '^score_proxy_process_\|result="stale"' "$WORK/scrape.txt"; then
+        die "the scrape of $source still has a score_proxy_process_* metric or a stale lookup result"
+    fi
     if ! out="$(promtool check metrics <"$WORK/scrape.txt" 2>&1)" || [ -n "$out" ]; then
         echo "$out" >&2
         die "promtool check metrics found problems in $source"
     fi
 done
-echo "promtool check metrics: clean ($(grep -c '^score_proxy_' "$WORK/scrape.txt") samples)"
+echo "promtool check metrics: clean ($(grep -c '^score_proxy_\|^process_' "$WORK/scrape.txt") samples)"

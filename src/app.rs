@@ -71,7 +71,13 @@ impl App {
             interval,
             queue_capacity: config.queue_capacity,
             queue_timeout: config.queue_timeout,
+            expected_replicas: config.redis.as_ref().map_or(1, |r| r.expected_replicas),
         }));
+        // The guard learns from this process's calls; in shared mode the fleet's largest
+        // comes back with every booking (see `pacing::guard`).
+        let base = LocalPacer::interval_for(config.rate_per_second, Duration::ZERO);
+        let guard = Arc::new(Guard::new(config.rate_guard, config.rate_guard_max));
+        metrics.set_pacing_guard(guard.floor(), GuardReason::Floor, guard.ceiling());
         // One process paces alone; replicas share a schedule (and a cache tier) in Redis.
         let shared = match &config.redis {
             None => None,
@@ -81,24 +87,17 @@ impl App {
                     prefix: redis.prefix.clone(),
                     timeout: redis.timeout,
                     expected_replicas: redis.expected_replicas,
-                    interval,
-                    guard: config.rate_guard,
+                    base,
+                    replica_index: redis.replica_index,
                     cache_ttl: config.cache_ttl,
                     stale_for: config.stale_if_error,
                     upstream_timeout: config.upstream_timeout,
                     key_secret: config.redaction_key.clone().unwrap_or_default(),
                 },
+                guard.clone(),
                 metrics.clone(),
             )?),
         };
-        // The guard learns in one process; shared mode's slots are booked in Redis an
-        // interval apart that every replica agrees on, so there it stays at the floor.
-        let base = LocalPacer::interval_for(config.rate_per_second, Duration::ZERO);
-        let guard = Arc::new(match &shared {
-            Some(_) => Guard::fixed(config.rate_guard),
-            None => Guard::new(config.rate_guard, config.rate_guard_max),
-        });
-        metrics.set_pacing_guard(guard.floor(), GuardReason::Floor, guard.ceiling());
         let pacer: Arc<dyn Pacer> = match &shared {
             Some(shared) => shared.clone(),
             None => {
@@ -135,20 +134,16 @@ impl App {
             metrics.clone(),
         );
         // One process: starts a whole interval apart, from the real departures. Shared
-        // pacing: a start may be up to the late tolerance (half the guard) behind its slot,
-        // so the floor from this replica's previous start gives that back; otherwise the
-        // timer's millisecond of lateness would carry from one of its slots to the next
-        // adjacent one and add up. Any two starts stay 1/rate + half the guard apart.
+        // pacing: a start may be up to the late tolerance behind its slot, which the spacing
+        // from this replica's own previous start gives back (see `StartGate::fleet`).
         let gate = Arc::new(match &shared {
-            Some(_) => {
-                StartGate::new(interval.saturating_sub(pacer.late_tolerance().unwrap_or_default()))
-            }
+            Some(_) => StartGate::fleet(base, guard.clone()),
             None => StartGate::adaptive(base, guard.clone()),
         });
         let upstream = Arc::new(UpstreamClient::new(
             config.upstream_url.clone(),
             config.upstream_timeout,
-            on_connect(gate.clone(), pacer.clone(), metrics.clone(), interval),
+            on_connect(gate.clone(), pacer.clone(), metrics.clone()),
         )?);
         let dispatcher = Arc::new(Dispatcher {
             scheduler: scheduler.clone(),
@@ -242,7 +237,7 @@ impl App {
             // the caller (a rejected client id).
             Err(e) if e.stale_ok() && stale.is_some() => {
                 let old = stale.expect("checked");
-                self.metrics.cache_lookup(CacheResult::Stale);
+                self.metrics.stale_answer();
                 request_span.record("score_proxy.stale_after", e.kind());
                 Ok(self.answer(old, CacheResult::Stale, report))
             }
@@ -263,9 +258,14 @@ impl App {
         //    queue a new one, or be refused at once (429 when full, 503 when it could not
         //    start before its deadline or the breaker is open). Never a wait that ends in
         //    nothing.
-        let joined = self.scheduler.join(key, max_wait, || {
-            FlightOrigin::new(request_span.clone(), *trace)
-        })?;
+        let joined = self
+            .scheduler
+            .join(key, max_wait, || {
+                FlightOrigin::new(request_span.clone(), *trace)
+            })
+            // Refused before joining anything (an open breaker, shutdown): still a miss, so
+            // that every valid lookup is counted once.
+            .inspect_err(|_| self.metrics.cache_lookup(CacheResult::Miss))?;
 
         // 4. Wait while the dispatcher paces and calls. If the client hangs up, axum drops
         //    this future, the waiter leaves, and an unstarted lookup leaves the queue.
@@ -344,6 +344,25 @@ impl App {
         self.lifecycle.send_replace(Lifecycle::Closed);
     }
 
+    /// Shared mode: a switch between the shared schedule and fallback voids every start
+    /// slot booked under the other, and books again under the new one. Slots booked in
+    /// Redis are not known to a replica's fallback grid, nor grid slots to Redis: keeping
+    /// them would run two schedules at once (see `shared/division.rs`).
+    pub(crate) async fn follow_pacing_mode(self: Arc<Self>) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let mut changes = shared.mode_changes();
+        while changes.changed().await.is_ok() {
+            let mode = *changes.borrow_and_update();
+            let void = self.scheduler.booked_slots();
+            self.scheduler
+                .void_slots_before(Instant::now() + Duration::from_secs(86_400 * 365));
+            self.scheduler.replenish();
+            tracing::debug!(?mode, void, "pacing mode changed: start slots booked again");
+        }
+    }
+
     /// Upstream calls under way.
     pub(crate) fn processing(&self) -> i64 {
         self.metrics.upstream_in_flight().get()
@@ -359,7 +378,6 @@ fn on_connect(
     gate: Arc<StartGate>,
     pacer: Arc<dyn Pacer>,
     metrics: Arc<Metrics>,
-    interval: Duration,
 ) -> crate::lookup::upstream::OnConnect {
     Arc::new(move |took, ready| {
         metrics.upstream_connect(took);
@@ -374,7 +392,7 @@ fn on_connect(
             .is_some_and(|tolerance| late > tolerance)
         {
             let pacer = pacer.clone();
-            tokio::spawn(async move { pacer.hold(ready + interval).await });
+            tokio::spawn(async move { pacer.hold(ready + pacer.interval()).await });
         }
     })
 }

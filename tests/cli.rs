@@ -338,3 +338,65 @@ async fn ten_thousand_concurrent_connections() {
     drop(streams);
     eprintln!("{CONNECTIONS} connections served in {took:?}");
 }
+
+/// The environment of compose's proxy services (`docker-compose.yml`), in which compose runs
+/// `score-proxy healthcheck`: the subcommand must not trip over the proxy's own settings.
+const COMPOSE_ENV: [(&str, &str); 11] = [
+    ("SCORE_PROXY_LISTEN", "0.0.0.0:8000"),
+    (
+        "SCORE_PROXY_UPSTREAM_URL",
+        "http://upstream-replicas:9000/api/score",
+    ),
+    ("CLIENT_ID", "000"),
+    ("SCORE_PROXY_REDIS_URL", "redis://redis:6379"),
+    ("SCORE_PROXY_REDACTION_KEY", "score-proxy-demo-replicas-key"),
+    ("SCORE_PROXY_EXPECTED_REPLICAS", "3"),
+    ("SCORE_PROXY_RATE_GUARD", "25ms"),
+    ("SCORE_PROXY_LOG_FORMAT", "json"),
+    ("SCORE_PROXY_ADMIN_LISTEN", "0.0.0.0:9100"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://jaeger:4318"),
+    ("OTEL_SERVICE_NAME", "score-proxy"),
+];
+
+/// `score-proxy healthcheck` as compose runs it (`--url .../health`, in the proxy's
+/// environment): exit 0 against a running proxy, on its public and its admin listener, and
+/// with the URL from `SCORE_PROXY_HEALTHCHECK_URL`; non-zero when nothing listens.
+#[test]
+fn the_healthcheck_subcommand_passes_on_a_running_proxy_and_fails_without_one() {
+    let mut proxy = command();
+    proxy.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
+    let (_proxy, addr, line) = start_with_line(proxy, "listening");
+    let admin = line
+        .split("admin=Some(")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .expect("the admin address is logged")
+        .to_owned();
+
+    let healthcheck = |args: &[&str], env: &[(&str, &str)]| {
+        let output = command()
+            .envs(COMPOSE_ENV)
+            .envs(env.iter().copied())
+            .arg("healthcheck")
+            .args(args)
+            .args(["--timeout", "5s"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        (output.status, stderr)
+    };
+    for base in [&addr, &admin] {
+        let url = format!("http://{base}/health");
+        let (status, stderr) = healthcheck(&["--url", &url], &[]);
+        assert!(status.success(), "{url}: {status}: {stderr}");
+    }
+    let url = format!("http://{addr}/health");
+    let (status, stderr) = healthcheck(&[], &[("SCORE_PROXY_HEALTHCHECK_URL", &url)]);
+    assert!(status.success(), "{status}: {stderr}");
+
+    // Nothing listens on a port just freed.
+    let url = format!("http://127.0.0.1:{}/health", common::free_port());
+    let (status, stderr) = healthcheck(&["--url", &url], &[]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&url), "{stderr}");
+}

@@ -15,7 +15,8 @@ const SPEC: &str = include_str!("../src/http/openapi.json");
 /// The routes `http::router` registers on the public listener (with `--public-metrics`,
 /// the default). Kept by hand on purpose: adding a route should mean updating this list,
 /// the document and the README together.
-const ROUTES: [&str; 6] = [
+const ROUTES: [&str; 7] = [
+    "/",
     "/proxy/score",
     "/health",
     "/ready",
@@ -147,12 +148,30 @@ async fn every_documented_route_is_served() {
     // The JSON bodies of the operators' endpoints match their schemas, field for field (a
     // field added to `/status` but not to the document fails here, before schemathesis).
     let document = spec();
-    for path in ["/health", "/ready", "/status", "/metrics"] {
+    for path in ["/", "/health", "/ready", "/status", "/metrics"] {
         let reply = app.get(path).await;
         let schema = &document["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]
             ["schema"];
         conforms(&document, schema, &reply.json(), path);
     }
+    // `GET /` lists every other route, as the original's did, and `/health` says
+    // `healthy`, which the original's users' scripts look for.
+    let index = app.get("/").await.json();
+    let listed: BTreeSet<String> = index["endpoints"]
+        .as_object()
+        .expect("endpoints is an object")
+        .keys()
+        .cloned()
+        .collect();
+    let others: BTreeSet<String> = ROUTES
+        .iter()
+        .filter(|&&r| r != "/")
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(listed, others, "GET / lists the other routes");
+    assert_eq!(index["service"], "score-proxy");
+    assert_eq!(app.get("/health").await.json()["status"], "healthy");
+
     let lookup = app.get("/proxy/score?cpf=12345678900&client_id=000").await;
     assert_eq!(lookup.status, 400);
     let schema = &document["paths"]["/proxy/score"]["get"]["responses"]["400"]["content"]["application/json"]
@@ -184,8 +203,8 @@ async fn every_documented_route_is_served() {
 }
 
 /// A small JSON-schema check, enough for the document's own schemas: `$ref`, `oneOf`,
-/// `type`, `enum`, `required`, `minimum`, and, for objects that list their properties, no
-/// property the document does not list.
+/// `type`, `enum`, `required`, `minimum`, an `additionalProperties` schema, and, for objects
+/// that list their properties, no property the document does not list.
 fn conforms(spec: &Value, schema: &Value, value: &Value, at: &str) {
     if let Some(Value::String(r)) = schema.get("$ref") {
         let target = spec
@@ -218,7 +237,8 @@ fn conforms(spec: &Value, schema: &Value, value: &Value, at: &str) {
             }
             let properties = schema["properties"].as_object();
             for (name, field) in object {
-                match properties.and_then(|p| p.get(name)) {
+                let extra = schema.get("additionalProperties").filter(|a| a.is_object());
+                match properties.and_then(|p| p.get(name)).or(extra) {
                     Some(sub) => conforms(spec, sub, field, &format!("{at}.{name}")),
                     None => assert!(
                         properties.is_none()

@@ -29,6 +29,21 @@ async fn the_originals_curl_works_unchanged() {
     assert_eq!(again.x_cache(), "HIT");
     assert_eq!(again.body, r.body);
     assert_eq!(t.sim.calls(), 1);
+    // The original's health check and its index of endpoints.
+    let health = t.get("/health").await;
+    assert_eq!(health.status, 200);
+    assert!(
+        health.body.contains("\"status\":\"healthy\""),
+        "{}",
+        health.body
+    );
+    let index = t.get("/").await;
+    assert_eq!(index.status, 200);
+    assert_eq!(index.header("content-type"), Some("application/json"));
+    let endpoints = &index.json()["endpoints"];
+    for path in ["/proxy/score", "/health", "/metrics", "/status"] {
+        assert!(endpoints[path].is_string(), "{path}: {}", index.body);
+    }
     t.assert_no_violations();
 }
 

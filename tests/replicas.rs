@@ -31,10 +31,19 @@ struct Fleet {
 const CAPACITY: usize = 6;
 
 async fn fleet(redis_url: &str, sim: SimulatorConfig) -> Fleet {
+    fleet_with(redis_url, sim, |_| Vec::new()).await
+}
+
+/// Three replicas, each with the flags `own(i)` returns on top of the shared ones.
+async fn fleet_with(
+    redis_url: &str,
+    sim: SimulatorConfig,
+    own: impl Fn(usize) -> Vec<String>,
+) -> Fleet {
     common::init_test_log();
     let sim = Simulator::spawn(sim).await.unwrap();
     let mut replicas = Vec::new();
-    for _ in 0..3 {
+    for i in 0..3 {
         let config = common::config(
             &sim.url(),
             &[
@@ -48,7 +57,10 @@ async fn fleet(redis_url: &str, sim: SimulatorConfig) -> Fleet {
                 "3".into(),
                 "--redis-timeout".into(),
                 "200ms".into(),
-            ],
+            ]
+            .into_iter()
+            .chain(own(i))
+            .collect::<Vec<String>>(),
         );
         let server = Server::bind(config).await.unwrap();
         let addr = server.local_addr();
@@ -435,4 +447,187 @@ async fn a_call_that_left_late_holds_the_other_replicas_off() {
         "the other replicas gave up their slots inside the hold"
     );
     drop(redis);
+}
+
+/// The fleet shares one upstream, so it shares one guard: the largest any replica learned.
+/// Replica 0 runs with a 60 ms guard (standing in for one that learned it from a penalty or
+/// from the spread of its round trips), the two others with 2 ms. Once replica 0 has booked,
+/// the others' calls are spaced by 60 ms too, and say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_learned_by_one_replica_spaces_the_whole_fleet() {
+    let redis = Redis::start();
+    let guard = |i: usize| if i == 0 { "60ms" } else { "2ms" };
+    let f = fleet_with(&redis.url(), sim_config(), |i| {
+        vec!["--rate-guard".into(), guard(i).into()]
+    })
+    .await;
+    f.all_in(PacingMode::Shared).await;
+
+    let first = f.lookup(0, &cpf(0)).await.unwrap();
+    assert_eq!(first.status, 200, "{}", first.body);
+    // Then a burst on the two replicas with the small guard only.
+    let burst: Vec<_> = (1..=6u32)
+        .map(|n| f.lookup(1 + n as usize % 2, &cpf(n)))
+        .collect();
+    for b in burst {
+        let r = b.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let stats = f.sim.stats();
+    assert_eq!(stats.violations, 0, "{stats:#?}");
+    let mut ats: Vec<Duration> = stats.arrivals.iter().map(|a| a.at).collect();
+    ats.sort();
+    // Slots 100 ms + 60 ms apart on Redis's clock; a start may be up to half the guard
+    // (30 ms) behind its slot, and loopback adds a millisecond or two. With their own 2 ms
+    // guard the two replicas would space their calls about 102 ms apart.
+    let closest = ats.windows(2).map(|w| w[1] - w[0]).min().unwrap();
+    assert!(
+        closest >= Duration::from_millis(120),
+        "closest arrivals {closest:?} apart: {ats:?}"
+    );
+    for r in &f.replicas[1..] {
+        let m = r.app.metrics.render();
+        assert_eq!(
+            common::metric_value(&m, "score_proxy_pacing_guard_seconds"),
+            0.060
+        );
+        assert_eq!(
+            common::metric_value(&m, "score_proxy_pacing_guard_reason{reason=\"fleet\"}"),
+            1.0
+        );
+    }
+}
+
+/// Time division needs grid positions well above the simulator's interval but not so far
+/// that the test measures nothing: the guard fixed at 40 ms (floor and ceiling), so
+/// positions are 140 ms apart and each replica's own slots 420 ms apart; a queue of 12 per
+/// replica holds the 10 lookups each gets.
+fn divided(i: usize, index: bool) -> Vec<String> {
+    let mut args: Vec<String> = ["--rate-guard-max", "40ms", "--queue-capacity", "12"]
+        .map(String::from)
+        .to_vec();
+    if index {
+        args.extend(["--replica-index".into(), i.to_string()]);
+    }
+    args
+}
+
+const PERIOD: Duration = Duration::from_millis(140);
+
+/// Sends `n` distinct lookups (from `first`) spread over the replicas, and checks every
+/// answer is a score or an honest refusal.
+async fn spread_burst(f: &Fleet, first: u32, n: u32) -> usize {
+    let lookups: Vec<_> = (first..first + n)
+        .map(|k| f.lookup(k as usize, &cpf(k)))
+        .collect();
+    let mut ok = 0;
+    for r in lookups {
+        let r = r.await.unwrap();
+        match r.status {
+            200 => ok += 1,
+            429 | 503 => assert!(r.retry_after().is_some(), "{}", r.body),
+            other => panic!("{other}: {}", r.body),
+        }
+    }
+    ok
+}
+
+/// The fleet's arrivals since `since` (simulator time): how many were penalised, the closest
+/// two, and the fleet's rate over them against the grid's (one call per period).
+fn judged(f: &Fleet, since: Duration) -> (u64, Duration, f64) {
+    let stats = f.sim.stats();
+    let ats: Vec<_> = stats.arrivals.iter().filter(|a| a.at >= since).collect();
+    let penalised = ats.iter().filter(|a| a.violation).count() as u64;
+    let closest = ats
+        .windows(2)
+        .map(|w| w[1].at - w[0].at)
+        .min()
+        .unwrap_or(Duration::MAX);
+    let use_of_grid = match (ats.first(), ats.last()) {
+        (Some(a), Some(b)) if ats.len() > 1 => {
+            (ats.len() - 1) as f64 / (b.at - a.at).as_secs_f64() * PERIOD.as_secs_f64()
+        }
+        _ => 0.0,
+    };
+    (penalised, closest, use_of_grid)
+}
+
+/// Redis is gone before a burst of 30 distinct lookups over three replicas: each keeps the
+/// place it leased and calls only at its own positions of one grid on Redis's last known
+/// clock, so the fleet's calls stay a period apart without talking and the upstream never
+/// penalises them. Then Redis comes back in the middle of a second burst, and goes again in
+/// the middle of a third: no switch runs two schedules at once.
+///
+/// Timing noise: the replicas share this host's clock and sample Redis's over loopback (a
+/// round trip well under a millisecond), so the grid's error is the timer's: a millisecond
+/// or two against the 40 ms between the upstream's interval and the grid's period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_the_replicas_take_turns_on_one_grid() {
+    let port = common::free_port();
+    let redis = Redis::start_on(port);
+    let f = fleet_with(&redis.url(), sim_config(), |i| divided(i, false)).await;
+    f.all_in(PacingMode::Shared).await;
+    drop(redis);
+    f.all_in(PacingMode::Fallback).await;
+
+    let since = f.sim.elapsed();
+    assert_eq!(spread_burst(&f, 0, 30).await, 30);
+    let (penalised, closest, use_of_grid) = judged(&f, since);
+    assert_eq!(penalised, 0);
+    assert!(closest >= Duration::from_millis(125), "closest {closest:?}");
+    assert!(
+        use_of_grid >= 0.9,
+        "the fleet used {use_of_grid:.2} of the grid"
+    );
+
+    // Redis returns while a burst waits: the replicas leave their grids behind a fence.
+    let since = f.sim.elapsed();
+    let burst = {
+        let lookups: Vec<_> = (100..130u32)
+            .map(|k| f.lookup(k as usize, &cpf(k)))
+            .collect();
+        f.sim.wait_for_calls(f.sim.calls() + 5).await;
+        let redis = Redis::start_on(port);
+        f.all_in(PacingMode::Shared).await;
+        (lookups, redis)
+    };
+    let (lookups, redis) = burst;
+    for r in lookups {
+        let r = r.await.unwrap();
+        assert!(matches!(r.status, 200 | 429 | 503), "{}", r.body);
+    }
+    // And it goes again in the middle of the next one.
+    let next: Vec<_> = (200..230u32)
+        .map(|k| f.lookup(k as usize, &cpf(k)))
+        .collect();
+    f.sim.wait_for_calls(f.sim.calls() + 5).await;
+    drop(redis);
+    for r in next {
+        let r = r.await.unwrap();
+        assert!(matches!(r.status, 200 | 429 | 503), "{}", r.body);
+    }
+    let (penalised, closest, _) = judged(&f, since);
+    assert!(penalised <= 1, "{penalised} penalised");
+    assert!(
+        closest >= common::SIM_INTERVAL,
+        "closest arrivals {closest:?} apart"
+    );
+}
+
+/// Replicas that start while Redis is down have no leased place: with `--replica-index`
+/// they take turns on the grid from the start (on their system clocks, which agree here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_started_without_redis_take_turns_by_their_index() {
+    let nowhere = format!("redis://127.0.0.1:{}", common::free_port());
+    let f = fleet_with(&nowhere, sim_config(), |i| divided(i, true)).await;
+    assert_eq!(f.ready(0).await["pacing"], "fallback");
+    let since = f.sim.elapsed();
+    assert_eq!(spread_burst(&f, 0, 30).await, 30);
+    let (penalised, closest, use_of_grid) = judged(&f, since);
+    assert_eq!(penalised, 0);
+    assert!(closest >= Duration::from_millis(125), "closest {closest:?}");
+    assert!(
+        use_of_grid >= 0.9,
+        "the fleet used {use_of_grid:.2} of the grid"
+    );
 }

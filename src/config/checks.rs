@@ -133,6 +133,23 @@ impl ServeArgs {
             "expected_replicas",
             parse::whole(&self.expected_replicas, 1..=1000),
         );
+        let replica_index = p.take(
+            "replica_index",
+            optional(self.replica_index.as_deref(), |raw| {
+                parse::whole::<u32>(raw, 0..=999)
+            }),
+        );
+        if let (Some(Some(index)), Some(expected)) = (replica_index, expected_replicas)
+            && index >= expected
+        {
+            p.add(
+                "replica_index",
+                &format!(
+                    "{index} is not below --expected-replicas ({expected}): places are 0 to {}",
+                    expected - 1
+                ),
+            );
+        }
         let redis_prefix = p.take("redis_prefix", parse::redis_prefix(&self.redis_prefix));
         let redis_url = p.take(
             "redis_url",
@@ -198,6 +215,7 @@ impl ServeArgs {
                         timeout: redis_timeout?,
                         prefix: redis_prefix?,
                         expected_replicas: expected_replicas?,
+                        replica_index: replica_index?,
                     }),
                 },
                 public_metrics: public_metrics?,
@@ -345,6 +363,7 @@ mod tests {
             "--admin-listen=admin",
             "--redis-timeout=1m",
             "--expected-replicas=0",
+            "--replica-index=first",
             "--redis-prefix=has space",
             "--redis-url=http://not-redis",
             "--public-metrics=perhaps",
@@ -379,6 +398,7 @@ mod tests {
                 "--admin-listen (SCORE_PROXY_ADMIN_LISTEN)",
                 "--redis-timeout (SCORE_PROXY_REDIS_TIMEOUT)",
                 "--expected-replicas (SCORE_PROXY_EXPECTED_REPLICAS)",
+                "--replica-index (SCORE_PROXY_REPLICA_INDEX)",
                 "--redis-prefix (SCORE_PROXY_REDIS_PREFIX)",
                 "--redis-url (SCORE_PROXY_REDIS_URL)",
                 "--public-metrics (SCORE_PROXY_PUBLIC_METRICS)",
@@ -428,11 +448,22 @@ mod tests {
             "--redaction-key=secret",
             "--redis-prefix=fleet-a",
             "--expected-replicas=2",
+            "--replica-index=1",
             "--redis-timeout=250ms",
         ])
         .validate(|_| None)
         .unwrap();
         let redis = c.redis.unwrap();
+        assert_eq!(redis.replica_index, Some(1));
+        // A place must be one of the expected replicas'.
+        let problems = args(&["--expected-replicas=2", "--replica-index=2"])
+            .validate(|_| None)
+            .unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].to_string().starts_with("--replica-index"),
+            "{problems:?}"
+        );
         assert_eq!(redis.url, "redis://127.0.0.1:6379");
         assert_eq!(redis.prefix, "fleet-a");
         assert_eq!(redis.expected_replicas, 2);

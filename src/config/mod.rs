@@ -192,6 +192,11 @@ pub struct ServeArgs {
     /// Replicas sharing the budget: without Redis each paces at rate / this.
     #[arg(long, env = "SCORE_PROXY_EXPECTED_REPLICAS", default_value = defaults::EXPECTED_REPLICAS)]
     pub(crate) expected_replicas: String,
+    /// This replica's place among the expected replicas (0 to expected - 1: a StatefulSet
+    /// ordinal, a compose service number), for a replica that starts while Redis is down;
+    /// with Redis, replicas lease their places and this is only a preference.
+    #[arg(long, env = "SCORE_PROXY_REPLICA_INDEX")]
+    pub(crate) replica_index: Option<String>,
     /// On SIGTERM/Ctrl-C, how long queued and running lookups get to finish.
     #[arg(long, env = "SCORE_PROXY_SHUTDOWN_GRACE", default_value = defaults::SHUTDOWN_GRACE)]
     pub(crate) shutdown_grace: String,
@@ -253,6 +258,7 @@ pub(crate) struct RedisSettings {
     pub(crate) timeout: Duration,
     pub(crate) prefix: String,
     pub(crate) expected_replicas: u32,
+    pub(crate) replica_index: Option<u32>,
 }
 
 /// One thing wrong with the configuration.

@@ -6,6 +6,7 @@
 //! what a failure looks like.
 
 pub(crate) mod connection;
+mod probes;
 pub(crate) mod route;
 pub mod server;
 
@@ -31,12 +32,14 @@ use crate::lookup::validation;
 use crate::shutdown::Lifecycle;
 use crate::telemetry;
 use crate::telemetry::metrics;
+use probes::{health, index, lifecycle_name, ready};
 use route::Route;
 
-/// The public router (port 8000): the lookup, health, status, and `/metrics` unless
-/// `--public-metrics false`.
+/// The public router (port 8000): the index of endpoints, the lookup, health, status, and
+/// `/metrics` unless `--public-metrics false`.
 pub(crate) fn router(app: Arc<App>) -> Router {
     let mut router = Router::new()
+        .route("/", get(index))
         .route("/proxy/score", get(score))
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -360,58 +363,6 @@ fn answer_response(answer: Answer) -> Response {
     response
 }
 
-#[derive(Serialize)]
-struct Health {
-    status: &'static str,
-}
-
-/// Liveness: answers at once, whatever the queue holds (it touches no shared lock).
-async fn health() -> axum::Json<Health> {
-    axum::Json(Health { status: "ok" })
-}
-
-#[derive(Serialize)]
-struct Readiness {
-    status: &'static str,
-    lifecycle: &'static str,
-    penalty_active: bool,
-    breaker: &'static str,
-    /// `local`, `shared` (one schedule in Redis) or `fallback` (Redis out of reach).
-    pacing: &'static str,
-}
-
-/// Readiness: 503 once shutdown has begun, so load balancers stop sending new lookups.
-/// An open circuit breaker is reported but does not make the proxy unready: cached answers
-/// are still served, and every replica shares the same failing upstream anyway.
-async fn ready(State(app): State<Arc<App>>) -> Response {
-    let lifecycle = app.lifecycle();
-    let body = Readiness {
-        status: if lifecycle == Lifecycle::Running {
-            "ready"
-        } else {
-            "not_ready"
-        },
-        lifecycle: lifecycle_name(lifecycle),
-        penalty_active: app.pacer.penalty_until().is_some(),
-        breaker: app.breaker.state().as_str(),
-        pacing: app.pacer.mode().as_str(),
-    };
-    let code = if lifecycle == Lifecycle::Running {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, axum::Json(body)).into_response()
-}
-
-fn lifecycle_name(l: Lifecycle) -> &'static str {
-    match l {
-        Lifecycle::Running => "running",
-        Lifecycle::Draining => "draining",
-        Lifecycle::Closed => "closed",
-    }
-}
-
 /// `/status` (and the original's JSON `/metrics`): the original's four fields first, then
 /// more that help.
 #[derive(Serialize)]
@@ -425,8 +376,8 @@ pub(crate) struct Status {
     pub(crate) pacing_mode: &'static str,
     pub(crate) rate_per_second: f64,
     pub(crate) interval_seconds: f64,
-    /// The guard in force (part of `interval_seconds`), and why: `floor`, `rtt_spread`
-    /// or `penalty`.
+    /// The guard in force (part of `interval_seconds`), and why: `floor`, `rtt_spread`,
+    /// `penalty` or `fleet`.
     pub(crate) guard_seconds: f64,
     pub(crate) guard_reason: &'static str,
     pub(crate) penalty_active: bool,
@@ -511,11 +462,17 @@ fn wants_prometheus(query: Option<&str>, headers: &HeaderMap) -> bool {
         .any(|v| v.contains("text/plain") || v.contains("openmetrics"))
 }
 
+/// The Prometheus text. Gauges of state are set from the live state first, so that what a
+/// scrape reads is true now, not as of the last lookup: an open breaker whose cool-down has
+/// passed reads `half_open` on an idle proxy (asking the breaker settles it), a penalty that
+/// has run out reads 0.
 async fn metrics_prometheus(State(app): State<Arc<App>>) -> Response {
     app.cache.sync();
     app.metrics.set_cache_entries(app.cache.entry_count());
     app.metrics
         .set_penalty_active(app.pacer.penalty_until().is_some());
+    app.metrics.set_breaker_state(app.breaker.state());
+    app.metrics.set_pacing_mode(app.pacer.mode());
     (
         [(
             header::CONTENT_TYPE,

@@ -18,6 +18,8 @@
 pub(crate) enum Route {
     #[strum(serialize = "/proxy/score")]
     Score = 0,
+    #[strum(serialize = "/")]
+    Index,
     #[strum(serialize = "/health")]
     Health,
     #[strum(serialize = "/ready")]

@@ -97,7 +97,14 @@ impl Server {
     ) -> anyhow::Result<()> {
         let app = self.app;
         let dispatcher = tokio::spawn(app.dispatcher.clone().run());
-        let shared_tasks = app.shared.as_ref().map(|s| s.start()).unwrap_or_default();
+        let shared_tasks = match &app.shared {
+            Some(shared) => {
+                let mut tasks = shared.start();
+                tasks.push(tokio::spawn(app.clone().follow_pacing_mode()));
+                tasks
+            }
+            None => Vec::new(),
+        };
         let (stop_tx, stop_rx) = watch::channel(false);
 
         let mut loops: Vec<JoinHandle<()>> = vec![tokio::spawn(accept_loop(

@@ -13,24 +13,19 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// The breaker's state, as `/ready`, `/status` and the `score_proxy_breaker_state` gauge show
-/// it (the label spelled from the variant's name, the gauge's level its discriminant).
+/// The breaker's state, as `/ready`, `/status` and the `score_proxy_breaker_state{state}`
+/// series show it (spelled from the variant's name).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case")]
 pub(crate) enum BreakerState {
-    Closed = 0,
-    HalfOpen = 1,
-    Open = 2,
+    Closed,
+    HalfOpen,
+    Open,
 }
 
 impl BreakerState {
     pub(crate) fn as_str(self) -> &'static str {
         self.into()
-    }
-
-    /// The gauge value: 0 closed, 1 half-open, 2 open.
-    pub(crate) fn level(self) -> i64 {
-        self as i64
     }
 }
 

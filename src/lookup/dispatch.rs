@@ -222,6 +222,7 @@ impl Dispatcher {
     ) {
         let completion = Completion::new(&self.scheduler, &flight);
         let attempt = flight.start_attempt();
+        self.metrics.upstream_call_started();
         let in_flight_gauge =
             crate::telemetry::metrics::GaugeGuard::new(self.metrics.upstream_in_flight());
         let span = telemetry::upstream_span(&flight.origin, attempt, self.upstream.url());

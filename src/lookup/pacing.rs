@@ -23,9 +23,9 @@
 //! guarantees spacing, and the bucket never delays a start (it only ever refuses one, which
 //! would be a bug and is counted).
 //!
-//! The guard itself is learned ([`guard`]): in one process both the pacer and the start gate
-//! read the guard in force at each booking and each start, so `interval` is `1/rate` plus
-//! whatever the guard is now.
+//! The guard itself is learned ([`guard`]): the pacer and the start gate read the guard in
+//! force at each booking and each start, so `interval` is `1/rate` plus whatever the guard is
+//! now. In shared mode that guard is the fleet's: the largest any replica learned lately.
 
 mod guard;
 
@@ -50,17 +50,17 @@ pub enum BookError {
     TooLate { by: Duration },
 }
 
-/// How the pacer is pacing (for `/ready`, `/status` and metrics): the name in snake case, the
-/// `pacing_mode` gauge's value is the discriminant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr)]
+/// How the pacer is pacing (for `/ready`, `/status` and the `pacing_mode{mode}` series): the
+/// name in snake case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case")]
 pub enum PacingMode {
     /// One process, no shared schedule.
-    Local = 0,
+    Local,
     /// Several replicas, one schedule in Redis.
-    Shared = 1,
+    Shared,
     /// Redis is out of reach: a safe local share of the rate.
-    Fallback = 2,
+    Fallback,
 }
 
 impl PacingMode {
@@ -272,12 +272,23 @@ impl Pacer for LocalPacer {
     }
 }
 
+/// How late after its slot a replica in shared pacing may still start a call when the
+/// guard in force is `guard`. Other replicas' slots sit one interval away: a slot used
+/// later than half the guard would eat into the margin that keeps their arrivals apart.
+pub(crate) fn late_tolerance(guard: Duration) -> Duration {
+    (guard / 2).max(Duration::from_millis(1))
+}
+
 /// The last check before a call starts; see the module docs.
 pub(crate) struct StartGate {
     /// The whole spacing for a fixed gate, `1/rate` for one that reads `guard`.
     interval: Duration,
     /// The learned guard, added to `interval` at each start.
     guard: Option<Arc<Guard>>,
+    /// Shared pacing: the spacing from this replica's own previous start gives back the late
+    /// tolerance of the guard in force, and the causal rule does not apply (other replicas'
+    /// calls are under way that this gate does not see).
+    fleet: bool,
     bucket: leaky_bucket::RateLimiter,
     last_start: Mutex<Option<Instant>>,
     /// Causality: see [`StartGate::call_ended`].
@@ -295,8 +306,10 @@ struct Causal {
 }
 
 impl StartGate {
+    /// A gate whose spacing never moves (tests of the mechanism without a guard).
+    #[cfg(test)]
     pub(crate) fn new(interval: Duration) -> Self {
-        Self::build(interval, None, interval)
+        Self::build(interval, None, false, interval)
     }
 
     /// A gate whose spacing is `base` (`1/rate`) plus the guard in force. Its token bucket
@@ -304,13 +317,31 @@ impl StartGate {
     /// the bucket still never refuses a start the floor allows.
     pub(crate) fn adaptive(base: Duration, guard: Arc<Guard>) -> Self {
         let bucket_interval = base + guard.floor();
-        Self::build(base, Some(guard), bucket_interval)
+        Self::build(base, Some(guard), false, bucket_interval)
     }
 
-    fn build(interval: Duration, guard: Option<Arc<Guard>>, bucket_interval: Duration) -> Self {
+    /// The gate of a replica in shared pacing: its own starts stay `base` plus the guard in
+    /// force less that guard's [`late_tolerance`] apart. A start may be up to the tolerance
+    /// behind its slot, so measuring from this replica's previous start gives that back;
+    /// otherwise the timer's millisecond of lateness would carry from one of its slots to
+    /// the next adjacent one and add up. (`g - late_tolerance(g)` grows with `g`, so the
+    /// bucket, set at the floor, never refuses what the spacing allows.)
+    pub(crate) fn fleet(base: Duration, guard: Arc<Guard>) -> Self {
+        let floor = guard.floor();
+        let bucket_interval = base + floor - late_tolerance(floor).min(floor);
+        Self::build(base, Some(guard), true, bucket_interval)
+    }
+
+    fn build(
+        interval: Duration,
+        guard: Option<Arc<Guard>>,
+        fleet: bool,
+        bucket_interval: Duration,
+    ) -> Self {
         StartGate {
             interval,
             guard,
+            fleet,
             bucket: leaky_bucket::RateLimiter::builder()
                 .max(1)
                 .initial(1)
@@ -343,7 +374,7 @@ impl StartGate {
         let mut causal = self.causal();
         causal.open = causal.open.saturating_sub(1);
         let guard = self.guard.as_ref()?;
-        if !answered || causal.open > 0 || last != Some(started) {
+        if self.fleet || !answered || causal.open > 0 || last != Some(started) {
             return None;
         }
         let next = at + self.interval + guard.floor();
@@ -355,7 +386,14 @@ impl StartGate {
     }
 
     fn spacing(&self) -> Duration {
-        self.interval + self.guard.as_ref().map_or(Duration::ZERO, |g| g.current())
+        match &self.guard {
+            None => self.interval,
+            Some(guard) if self.fleet => {
+                let g = guard.current();
+                self.interval + g - late_tolerance(g).min(g)
+            }
+            Some(guard) => self.interval + guard.current(),
+        }
     }
 
     /// The earliest instant a start is allowed: the slot, or later if the previous start

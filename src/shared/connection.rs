@@ -1,8 +1,10 @@
 //! The connection to Redis and what happens when it fails: every operation runs with a short
-//! timeout and is counted; the first failure switches the replica to fallback (a local pacer
-//! at a share of the rate, no shared cache, no cross-replica coalescing); a health check
-//! pings Redis every 500 ms (its `TIME`, which also samples Redis's clock) and returns to
-//! shared mode after two good pings.
+//! timeout and is counted; the first failure switches the replica to fallback (time division
+//! on the last known Redis clock, `division.rs`; no shared cache, no cross-replica
+//! coalescing); a health check pings Redis every 500 ms (its `TIME`, which also samples
+//! Redis's clock), renews this replica's place for time division, and returns to shared mode
+//! after two good pings, behind a fence that keeps the shared schedule clear of the replicas
+//! still on their grid.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,8 +15,32 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::Shared;
+use super::division::Member;
 use super::ops::RedisOutcome;
 use crate::lookup::pacing::PacingMode;
+
+/// Leases a place for time division (KEYS, ARGV and the reply in its header).
+pub(super) const MEMBER: &str = include_str!("scripts/member.lua");
+/// Puts the shared schedule's next slot after a fence (see its header).
+pub(super) const FENCE: &str = include_str!("scripts/fence.lua");
+
+/// How often the health check runs.
+const HEALTH_EVERY: Duration = Duration::from_millis(500);
+
+/// How long a place is leased: six health checks, so that a replica that is gone frees its
+/// place within seconds but a slow check or two does not lose it.
+const PLACE_LEASE: Duration = Duration::from_secs(3);
+
+/// The fence a replica back from fallback puts before the shared schedule: the others
+/// notice Redis's return within a health check of it, and leave their grids then.
+const REJOIN_FENCE: Duration = Duration::from_secs(1);
+
+/// How long a replica entering fallback waits before its first grid slot: every other
+/// replica notices the loss within a health check plus a Redis timeout (its next ping
+/// fails), and gives up the shared slots it had booked, which the grid does not know of.
+pub(super) fn fallback_settle(redis_timeout: Duration) -> Duration {
+    HEALTH_EVERY + redis_timeout + Duration::from_millis(100)
+}
 
 impl Shared {
     /// Switches to `mode`, saying so (metric, log) only when it is a change.
@@ -27,12 +53,26 @@ impl Shared {
             match mode {
                 PacingMode::Fallback => {
                     self.metrics.shared_fallback();
-                    tracing::warn!(
-                        rate_share = 1.0 / f64::from(self.config.expected_replicas.max(1)),
-                        "Redis out of reach: pacing alone at a share of the rate, no shared cache"
-                    );
+                    self.division.enter(Instant::now());
+                    match self.division.member() {
+                        Some(Member { index, count }) => tracing::warn!(
+                            place = index,
+                            places = count,
+                            period_ms = self.division.period().as_secs_f64() * 1e3,
+                            "Redis out of reach: time division on Redis's last known clock \
+                             (this replica calls only at its own places), no shared cache"
+                        ),
+                        None => tracing::warn!(
+                            rate_share = 1.0 / f64::from(self.config.expected_replicas.max(1)),
+                            "Redis out of reach and no place held (set --replica-index): \
+                             pacing alone at a share of the rate, no shared cache"
+                        ),
+                    }
                 }
-                _ => tracing::info!("Redis reachable: back to the shared schedule and cache"),
+                _ => {
+                    self.division.leave();
+                    tracing::info!("Redis reachable: back to the shared schedule and cache");
+                }
             }
         }
     }
@@ -129,10 +169,70 @@ impl Shared {
         true
     }
 
-    /// Every 500 ms: reconnects if need be, pings, and returns to shared mode after two
-    /// good pings in a row.
+    /// Leases (or renews) this replica's place for time division; keeps the last one held
+    /// when Redis does not answer.
+    pub(super) async fn renew_place(&self) {
+        let key = self.members_key();
+        let id = self.replica_id.as_str();
+        let count = self.config.expected_replicas.max(1);
+        let preferred = self
+            .division
+            .member()
+            .map(|m| m.index)
+            .or(self.config.replica_index)
+            .map_or(-1, i64::from);
+        let script = &self.member;
+        let sent = Instant::now();
+        let reply = self
+            .op("member", |mut c| async move {
+                script
+                    .key(&key)
+                    .arg(id)
+                    .arg(count)
+                    .arg(PLACE_LEASE.as_micros() as u64)
+                    .arg(preferred)
+                    .invoke_async::<(i64, i64)>(&mut c)
+                    .await
+            })
+            .await;
+        let Some((place, now_us)) = reply else {
+            return;
+        };
+        self.clock.sample(sent, Instant::now(), now_us);
+        match u32::try_from(place) {
+            Ok(index) => self.division.set_member(Member { index, count }),
+            Err(_) => tracing::warn!(
+                places = count,
+                "every place is held by another replica: more replicas run than \
+                 --expected-replicas says; without Redis this one would pace at a share"
+            ),
+        }
+    }
+
+    /// Back from fallback: no shared slot before the fence (see [`REJOIN_FENCE`]).
+    async fn fence(&self) -> bool {
+        let key = self.pace_key();
+        let script = &self.fence;
+        let sent = Instant::now();
+        let now_us = self
+            .op("fence", |mut c| async move {
+                script
+                    .key(&key)
+                    .arg(REJOIN_FENCE.as_micros() as u64)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
+        if let Some(now_us) = now_us {
+            self.clock.sample(sent, Instant::now(), now_us);
+        }
+        now_us.is_some()
+    }
+
+    /// Every 500 ms: reconnects if need be, pings, renews this replica's place, and returns
+    /// to shared mode after two good pings in a row, behind the fence.
     pub(super) async fn health_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut tick = tokio::time::interval(HEALTH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
@@ -141,8 +241,9 @@ impl Shared {
                 continue;
             }
             if self.ping().await {
+                self.renew_place().await;
                 let good = self.good_pings.fetch_add(1, Ordering::Relaxed) + 1;
-                if good >= 2 {
+                if good >= 2 && (self.mode() == PacingMode::Shared || self.fence().await) {
                     self.enter(PacingMode::Shared);
                 }
             }

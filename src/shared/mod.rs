@@ -8,8 +8,9 @@
 //!   reading, from the health check's `TIME` or a booking, with the shortest round trip in the
 //!   last 10 s: off by at most half of that round trip, a few hundredths of a millisecond on a
 //!   quiet loopback, and the same for every slot, so a replica's own slots keep their spacing
-//!   however slow a booking was; the guard must cover the rest). Slots are `interval` apart
-//!   across all replicas; capacity counts every replica's booked slots, so `queue-capacity` and
+//!   however slow a booking was; the guard must cover the rest). Slots are an interval apart
+//!   across all replicas (`1/rate` plus the fleet's guard: the largest any replica learned in
+//!   the last minute, reported in `<prefix>:guards` with each booking); capacity counts every replica's booked slots, so `queue-capacity` and
 //!   deadlines keep their meaning fleet-wide. A slot booked for a lookup whose client then
 //!   leaves stays booked: the replica gives it to its next lookup, or lets it pass unused. It
 //!   cannot be handed back, because later slots were already booked behind it.
@@ -49,6 +50,7 @@
 mod cache_tier;
 mod clock;
 mod connection;
+mod division;
 mod flights;
 pub(crate) mod ops;
 mod pacer;
@@ -64,10 +66,11 @@ use redis::aio::ConnectionManager;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::lookup::pacing::{LocalPacer, PacingMode};
+use crate::lookup::pacing::{Guard, LocalPacer, PacingMode};
 use crate::lookup::validation::LookupKey;
 use crate::telemetry::metrics::Metrics;
 use clock::RedisClock;
+use division::{Division, Member};
 use flights::Word;
 use pause::Pauses;
 
@@ -82,8 +85,10 @@ pub(crate) struct SharedConfig {
     pub(crate) timeout: Duration,
     /// How many replicas share the budget when Redis is gone (the fallback rate divides by it).
     pub(crate) expected_replicas: u32,
-    pub(crate) interval: Duration,
-    pub(crate) guard: Duration,
+    /// `1/rate`: slots are this plus the fleet's guard apart.
+    pub(crate) base: Duration,
+    /// `--replica-index`: this replica's place in fallback before Redis has leased one.
+    pub(crate) replica_index: Option<u32>,
     pub(crate) cache_ttl: Duration,
     pub(crate) stale_for: Duration,
     /// How long a flight lease lives beyond the lookup's deadline (its call's timeout).
@@ -99,7 +104,9 @@ pub struct Shared {
     client: redis::Client,
     conn: Mutex<Option<ConnectionManager>>,
     mode: watch::Sender<PacingMode>,
-    /// Pacing while Redis is out of reach.
+    /// Pacing while Redis is out of reach: time division on the last known Redis clock
+    /// (`division.rs`), or, without a place, a local pacer at a share of the rate.
+    division: Division,
     fallback: LocalPacer,
     /// The latest penalty and hold ends this replica knows of (its own, Redis's replies, and
     /// what the other replicas published).
@@ -112,21 +119,43 @@ pub struct Shared {
     replica_id: String,
     key: [u8; 32],
     metrics: Arc<Metrics>,
+    /// This replica's learned guard: what it reports with each booking, and where the
+    /// fleet's guard each booking returns is noted.
+    guard: Arc<Guard>,
     book: redis::Script,
     pause: redis::Script,
     release: redis::Script,
+    member: redis::Script,
+    fence: redis::Script,
 }
 
 impl Shared {
     /// Prepares shared mode (no connection yet: [`Shared::connect`], then [`Shared::start`]).
-    pub(crate) fn new(config: SharedConfig, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Shared>> {
+    pub(crate) fn new(
+        config: SharedConfig,
+        guard: Arc<Guard>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Shared>> {
         let client = redis::Client::open(config.url.as_str())?;
-        let fallback = LocalPacer::new(config.interval * config.expected_replicas.max(1));
+        // Fallback spaces by the guard's floor: with no shared schedule, a learned guard
+        // would not keep two replicas' calls apart anyway (issue 17).
+        let fallback =
+            LocalPacer::new((config.base + guard.floor()) * config.expected_replicas.max(1));
         let mut id = [0u8; 8];
         getrandom::fill(&mut id).expect("the OS random source is available");
         let key = blake3::derive_key("score-proxy shared keys v1", config.key_secret.as_bytes());
         metrics.set_pacing_mode(PacingMode::Fallback);
+        let division = Division::new(
+            config.base,
+            (guard.floor(), guard.ceiling()),
+            connection::fallback_settle(config.timeout),
+            config.replica_index.map(|index| Member {
+                index,
+                count: config.expected_replicas.max(1),
+            }),
+        );
         Ok(Arc::new(Shared {
+            division,
             client,
             conn: Mutex::new(None),
             mode: watch::channel(PacingMode::Fallback).0,
@@ -138,9 +167,12 @@ impl Shared {
             replica_id: id.iter().map(|b| format!("{b:02x}")).collect(),
             key,
             metrics,
+            guard,
             book: redis::Script::new(pacer::BOOK),
             pause: redis::Script::new(pause::PAUSE),
             release: redis::Script::new(flights::RELEASE),
+            member: redis::Script::new(connection::MEMBER),
+            fence: redis::Script::new(connection::FENCE),
             config,
         }))
     }
@@ -149,6 +181,7 @@ impl Shared {
     /// stays in fallback, and the health check keeps trying.
     pub(crate) async fn connect(&self) {
         if self.ensure_connection().await.is_some() && self.ping().await {
+            self.renew_place().await;
             self.enter(PacingMode::Shared);
         }
     }
@@ -199,6 +232,14 @@ impl Shared {
 
     fn pace_key(&self) -> String {
         format!("{}:pace", self.config.prefix)
+    }
+
+    fn members_key(&self) -> String {
+        format!("{}:members", self.config.prefix)
+    }
+
+    fn guards_key(&self) -> String {
+        format!("{}:guards", self.config.prefix)
     }
 
     fn penalty_channel(&self) -> String {

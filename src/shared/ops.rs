@@ -20,6 +20,10 @@ pub(crate) enum RedisOp {
     Release,
     Publish,
     Ping,
+    /// Leasing this replica's place for time division in fallback.
+    Member,
+    /// Back from fallback: the shared schedule starts after the fence.
+    Fence,
 }
 
 /// How a Redis operation ended.

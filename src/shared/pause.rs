@@ -100,6 +100,10 @@ impl Shared {
     /// cannot be told; a penalty still reaches the fallback pacer.)
     pub(super) async fn pause(&self, pause: Pause, until: Instant) {
         self.note_pause(pause, until);
+        if pause == Pause::Penalty && self.mode() == PacingMode::Fallback {
+            // No other replica hears of it: leave room on the grid instead.
+            self.division.penalized(until);
+        }
         if self.mode() == PacingMode::Shared {
             let key = self.pace_key();
             let channel = self.penalty_channel();

@@ -17,6 +17,13 @@
 //!   force, once per penalty (calls started before the raise are already accounted for),
 //!   and the raise decays slowly, by a fraction per clean call, as the calls stay clean.
 //!
+//! In shared mode the replicas share one upstream, so they share one guard: each replica
+//! learns its own as above and reports it with every booking; the booking script keeps the
+//! reports of the last minute and spaces the fleet's slots by the largest, which it returns
+//! (`shared/scripts/book.lua`). A replica adopts that fleet guard ([`Guard::note_fleet`]) for
+//! its own spacing and start gate, but keeps reporting what it learned itself, so the fleet's
+//! guard falls again when the replica that raised it sees its raise decay.
+//!
 //! The result is clamped between `--rate-guard` (the floor) and `--rate-guard-max` (the
 //! ceiling). With no spread and no penalty it stays at the floor: it never grows without a
 //! cause. The pacer books slots with the guard in force at booking; the start gate keeps
@@ -51,6 +58,8 @@ pub(crate) enum GuardReason {
     RttSpread,
     /// Raised after a penalty, and not yet decayed below the round-trip bound.
     Penalty,
+    /// Shared mode: another replica learned a larger guard, and the fleet spaces by it.
+    Fleet,
 }
 
 impl GuardReason {
@@ -75,6 +84,10 @@ struct GuardState {
     /// When the last raise happened: a 429 for a call started before it is a consequence
     /// of the penalty already counted, not a new sign.
     last_raise: Option<Instant>,
+    /// What this process learned itself (what it reports to the fleet).
+    own: Duration,
+    /// The largest guard the fleet's replicas reported lately (shared mode; zero alone).
+    fleet: Duration,
     in_force: Duration,
     reason: GuardReason,
 }
@@ -90,14 +103,16 @@ impl Guard {
                 rtts: VecDeque::with_capacity(WINDOW),
                 raised: Duration::ZERO,
                 last_raise: None,
+                own: floor,
+                fleet: Duration::ZERO,
                 in_force: floor,
                 reason: GuardReason::Floor,
             }),
         }
     }
 
-    /// A guard that never moves: what shared mode uses for now, as its slots are booked
-    /// in Redis an interval apart that every replica must agree on.
+    /// A guard that never moves (`--rate-guard-max` equal to `--rate-guard`).
+    #[cfg(test)]
     pub(crate) fn fixed(guard: Duration) -> Self {
         Self::new(guard, guard)
     }
@@ -115,6 +130,20 @@ impl Guard {
     pub(crate) fn snapshot(&self) -> (Duration, GuardReason) {
         let state = self.lock();
         (state.in_force, state.reason)
+    }
+
+    /// What this process learned by itself, whatever the fleet's guard: what a replica
+    /// reports with its bookings.
+    pub(crate) fn own(&self) -> Duration {
+        self.lock().own
+    }
+
+    /// Shared mode: the fleet's guard as the latest booking returned it (the largest guard
+    /// any replica reported lately, this one's included). Taken as a lower bound.
+    pub(crate) fn note_fleet(&self, fleet: Duration) {
+        let mut state = self.lock();
+        state.fleet = fleet;
+        self.settle(&mut state);
     }
 
     pub(crate) fn floor(&self) -> Duration {
@@ -153,12 +182,18 @@ impl Guard {
     /// Recomputes the guard in force from the observations.
     fn settle(&self, state: &mut GuardState) {
         let by_rtt = self.floor + spread(&state.rtts);
-        let (wanted, reason) = if state.raised > by_rtt {
+        let (own, own_reason) = if state.raised > by_rtt {
             (state.raised, GuardReason::Penalty)
         } else if by_rtt > self.floor {
             (by_rtt, GuardReason::RttSpread)
         } else {
             (self.floor, GuardReason::Floor)
+        };
+        state.own = own.clamp(self.floor, self.ceiling);
+        let (wanted, reason) = if state.fleet > state.own {
+            (state.fleet, GuardReason::Fleet)
+        } else {
+            (state.own, own_reason)
         };
         state.in_force = wanted.clamp(self.floor, self.ceiling);
         // A guard pinned at the floor is the floor's doing whatever asked for less.
@@ -286,5 +321,26 @@ mod tests {
         fixed.clean_call(500 * MS);
         fixed.clean_call(MS);
         assert_eq!(fixed.snapshot(), (25 * MS, GuardReason::Floor));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_fleets_guard_is_a_lower_bound_that_is_never_reported_back() {
+        let guard = Guard::new(10 * MS, 100 * MS);
+        guard.note_fleet(40 * MS);
+        assert_eq!(guard.snapshot(), (40 * MS, GuardReason::Fleet));
+        // What this replica reports stays what it learned itself, so the fleet's guard can
+        // fall once the replica that raised it decays.
+        assert_eq!(guard.own(), 10 * MS);
+        // A penalty raises from the guard in force, the fleet's included.
+        let started = Instant::now();
+        tokio::time::advance(MS).await;
+        assert!(guard.penalised(started, Instant::now(), MS));
+        assert_eq!(guard.snapshot(), (80 * MS, GuardReason::Penalty));
+        assert_eq!(guard.own(), 80 * MS);
+        // The fleet's guard is clamped like the rest, and gone when the fleet reports less.
+        guard.note_fleet(500 * MS);
+        assert_eq!(guard.snapshot(), (100 * MS, GuardReason::Fleet));
+        guard.note_fleet(10 * MS);
+        assert_eq!(guard.snapshot(), (80 * MS, GuardReason::Penalty));
     }
 }

@@ -260,3 +260,34 @@ async fn the_gate_keeps_starts_an_interval_apart_even_when_a_start_was_late() {
         last = next;
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_replicas_gate_follows_the_fleets_guard_less_the_late_tolerance() {
+    let guard = std::sync::Arc::new(Guard::new(10 * MS, 100 * MS));
+    let gate = StartGate::fleet(1000 * MS, guard.clone());
+    let first = gate
+        .pass(Instant::now(), None, || None, || None)
+        .await
+        .unwrap();
+    // At the floor: 1/rate plus the 10 ms guard less its 5 ms late tolerance.
+    assert_eq!(gate.earliest(first), first + 1005 * MS);
+    // Another replica learned 60 ms: this replica's own starts follow at once.
+    guard.note_fleet(60 * MS);
+    assert_eq!(gate.earliest(first), first + 1030 * MS);
+    let second = gate.pass(first, None, || None, || None).await.unwrap();
+    assert_eq!(second - first, 1030 * MS);
+    // The causal rule is one process's: other replicas' calls may be under way.
+    assert_eq!(gate.call_ended(second, second + 2 * MS, true), None);
+    // Back at the floor, the bucket (set at the floor) still never refuses a start.
+    guard.note_fleet(Duration::ZERO);
+    let mut last = second;
+    for idle in [0, 7, 1500, 0, 999, 3] {
+        tokio::time::advance(idle * MS).await;
+        let next = gate
+            .pass(Instant::now(), None, || None, || None)
+            .await
+            .expect("the bucket agrees");
+        assert!(next - last >= 1005 * MS, "{:?}", next - last);
+        last = next;
+    }
+}

@@ -1,44 +1,51 @@
-//! The circuit breaker: its state, and the changes into each state.
+//! The circuit breaker: its state, one series per state, and the changes into each state.
 
 use std::collections::HashMap;
 
 use prometheus::{IntCounter, IntGauge};
-use strum::VariantArray;
 
-use super::{Families, Metrics};
+use super::{Families, Metrics, per_value};
 use crate::lookup::breaker::BreakerState;
 
 pub(super) struct BreakerMetrics {
-    state: IntGauge,
+    /// One series per state, 1 for the current one.
+    state: HashMap<BreakerState, IntGauge>,
     /// One pre-registered child per state: every state's series exists from the start.
     transitions: HashMap<BreakerState, IntCounter>,
 }
 
 impl BreakerMetrics {
     pub(super) fn new(families: &Families) -> Self {
-        let transitions_vec = families.counter_vec(
-            "breaker_transitions_total",
-            "Circuit breaker state changes, by the state entered.",
-            &["to"],
-        );
-        BreakerMetrics {
-            state: families.gauge(
+        let metrics = BreakerMetrics {
+            state: per_value(&families.gauge_vec(
                 "breaker_state",
-                "Circuit breaker state: 0 closed, 1 half-open (one probe call), 2 open \
-                 (lookups refused).",
-            ),
-            transitions: BreakerState::VARIANTS
-                .iter()
-                .map(|&s| (s, transitions_vec.with_label_values(&[s.as_str()])))
-                .collect(),
-        }
+                "Circuit breaker state, 1 for the current one: closed, half_open (the cool-down \
+                 is over: the next lookup's call is the probe), open (lookups refused).",
+                &["state"],
+            )),
+            transitions: per_value(&families.counter_vec(
+                "breaker_transitions_total",
+                "Circuit breaker state changes, by the state entered.",
+                &["to"],
+            )),
+        };
+        metrics.state[&BreakerState::Closed].set(1);
+        metrics
     }
 }
 
 impl Metrics {
+    /// The breaker entered `state` (called under the breaker's lock, on every change).
     pub(crate) fn breaker_transition(&self, state: BreakerState) {
-        let breaker = &self.breaker;
-        breaker.state.set(state.level());
-        breaker.transitions[&state].inc();
+        self.set_breaker_state(state);
+        self.breaker.transitions[&state].inc();
+    }
+
+    /// The breaker's state as of now; the `/metrics` handler calls it before rendering, so
+    /// that an open breaker whose cool-down has passed reads `half_open` without traffic.
+    pub(crate) fn set_breaker_state(&self, state: BreakerState) {
+        for (&s, gauge) in &self.breaker.state {
+            gauge.set(i64::from(s == state));
+        }
     }
 }

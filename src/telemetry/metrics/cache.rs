@@ -1,27 +1,44 @@
-//! The local cache: how it resolved each lookup, how full it is, and why entries left.
+//! The local cache: how it resolved each lookup, the stale answers it served, how full it is,
+//! and why entries left.
 
 use std::collections::HashMap;
 
 use prometheus::{IntCounter, IntGauge};
+use strum::VariantArray;
 
 use super::{Families, Metrics, per_value};
 use crate::lookup::cache::{CacheResult, Eviction};
 
 pub(super) struct CacheMetrics {
+    /// Every `CacheResult` but `Stale`: a stale answer is what a lookup already counted as a
+    /// miss (or coalesced) ended with, not a way of resolving it.
     lookups: HashMap<CacheResult, IntCounter>,
+    stale_answers: IntCounter,
     entries: IntGauge,
     evictions: HashMap<Eviction, IntCounter>,
 }
 
 impl CacheMetrics {
     pub(super) fn new(families: &Families) -> Self {
+        let lookups = families.counter_vec(
+            "cache_lookups_total",
+            "Valid lookups, each counted once, by how the cache resolved them: hit, miss \
+             (started a lookup of its own, which the queue or an open breaker may still \
+             refuse), coalesced (shared another lookup's call).",
+            &["result"],
+        );
         CacheMetrics {
-            lookups: per_value(&families.counter_vec(
-                "cache_lookups_total",
-                "Valid lookups by how the cache resolved them: hit, miss (led an upstream \
-                 call), coalesced (shared another lookup's call), stale (served expired on error).",
-                &["result"],
-            )),
+            lookups: CacheResult::VARIANTS
+                .iter()
+                .filter(|&&r| r != CacheResult::Stale)
+                .map(|&r| (r, lookups.with_label_values(&[r.as_str()])))
+                .collect(),
+            stale_answers: families.counter(
+                "cache_stale_answers_total",
+                "Expired answers served (--stale-if-error) because the upstream failed or \
+                 could not be reached in time; each lookup is also counted once in \
+                 cache_lookups_total.",
+            ),
             entries: families.gauge("cache_entries", "Entries in the cache."),
             evictions: per_value(&families.counter_vec(
                 "cache_evictions_total",
@@ -33,11 +50,24 @@ impl CacheMetrics {
 }
 
 impl Metrics {
+    /// How the cache resolved a valid lookup: once per lookup, `Hit`, `Miss` or `Coalesced`
+    /// (a stale answer is [`Metrics::stale_answer`]).
     pub(crate) fn cache_lookup(&self, result: CacheResult) {
         if !self.enabled {
             return;
         }
-        self.cache.lookups[&result].inc();
+        debug_assert!(result != CacheResult::Stale, "stale answers have a counter");
+        if let Some(c) = self.cache.lookups.get(&result) {
+            c.inc();
+        }
+    }
+
+    /// A lookup already counted by [`Metrics::cache_lookup`] was answered with an expired entry.
+    pub(crate) fn stale_answer(&self) {
+        if !self.enabled {
+            return;
+        }
+        self.cache.stale_answers.inc();
     }
 
     pub(crate) fn cache_evicted(&self, cause: Eviction) {

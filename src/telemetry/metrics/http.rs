@@ -54,10 +54,10 @@ fn outcomes(route: Route) -> Vec<&'static str> {
 }
 
 /// Buckets for HTTP request durations: cache hits are sub-millisecond, queued lookups take
-/// tens of seconds.
+/// tens of seconds by default and minutes under a long `--queue-timeout`.
 const HTTP_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
-    30.0, 45.0, 60.0,
+    30.0, 45.0, 60.0, 120.0, 300.0,
 ];
 
 pub(super) struct HttpMetrics {

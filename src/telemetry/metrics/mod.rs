@@ -15,6 +15,16 @@
 //! - `connections`: per listener, open, refused and failed;
 //! - `validation`, `cache`, `queue`, `pacing` (with the pacing mode), `upstream`, `breaker`;
 //! - `shared`: shared mode's Redis operations, shared cache tier and cross-replica flights.
+//!
+//! States (the breaker's, the pacing mode) are one series per state, 1 for the current one
+//! (kube-state-metrics' convention), and the `/metrics` handler sets them from the live state
+//! just before rendering, so that they are true at scrape time even on an idle proxy.
+//! Histogram buckets are constants: a bucket that moved with the configuration would make
+//! two replicas' (or two deploys') histograms impossible to add up.
+//!
+//! Besides the `score_proxy_` families, the registry holds the standard, unprefixed
+//! `process_*` metrics (CPU, memory, file descriptors, start time) that every Prometheus
+//! exporter offers, so that the usual dashboards and alerts find them under their usual names.
 
 mod breaker;
 mod cache;
@@ -43,7 +53,7 @@ pub(crate) use self::http::{
 
 const NAMESPACE: &str = "score_proxy";
 
-/// Settings that shape the metrics (gauges of configuration, bucket ranges).
+/// Settings that the metrics report as gauges of configuration.
 pub(crate) struct MetricsConfig {
     /// `false` skips per-request recording (HTTP, validation and cache families), the only
     /// recording on the cache-hit path. It exists to measure what telemetry costs.
@@ -52,6 +62,8 @@ pub(crate) struct MetricsConfig {
     pub(crate) interval: Duration,
     pub(crate) queue_capacity: usize,
     pub(crate) queue_timeout: Duration,
+    /// `--expected-replicas` in shared mode; 1 for a proxy that paces alone.
+    pub(crate) expected_replicas: u32,
 }
 
 pub struct Metrics {
@@ -81,13 +93,11 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // The standard names (`process_cpu_seconds_total`, ...), with no namespace.
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(
-                prometheus::process_collector::ProcessCollector::new(
-                    std::process::id() as i32,
-                    NAMESPACE,
-                ),
+                prometheus::process_collector::ProcessCollector::new(std::process::id() as i32, ""),
             ))
             .expect("process metrics register once");
 
@@ -235,7 +245,9 @@ impl Drop for GaugeGuard<'_> {
 mod tests {
     use super::*;
     use crate::http::route::Route;
+    use crate::lookup::breaker::BreakerState;
     use crate::lookup::cache::CacheResult;
+    use crate::lookup::pacing::PacingMode;
     use crate::lookup::upstream::UpstreamOutcome;
 
     fn metrics() -> Metrics {
@@ -245,6 +257,7 @@ mod tests {
             interval: Duration::from_millis(1010),
             queue_capacity: 20,
             queue_timeout: Duration::from_secs(120),
+            expected_replicas: 1,
         })
     }
 
@@ -254,13 +267,21 @@ mod tests {
         for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
             let mut parts = line.split_whitespace().skip(2);
             let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
-            assert!(name.starts_with("score_proxy_"), "{name}");
+            assert!(
+                name.starts_with("score_proxy_") || name.starts_with("process_"),
+                "{name}"
+            );
+            assert!(!name.starts_with("score_proxy_process_"), "{name}");
             if kind == "counter" {
                 assert!(name.ends_with("_total"), "{name}");
             }
         }
         assert!(text.contains("score_proxy_build_info{version=\""));
         assert!(text.contains("score_proxy_queue_capacity 20"));
+        assert!(text.contains("score_proxy_queue_timeout_seconds 120"));
+        assert!(text.contains("score_proxy_expected_replicas 1"));
+        #[cfg(target_os = "linux")]
+        assert!(text.contains("\nprocess_resident_memory_bytes "), "{text}");
     }
 
     #[test]
@@ -270,13 +291,67 @@ mod tests {
         }
     }
 
+    /// The bucket boundaries of every histogram, by family.
+    fn buckets(text: &str) -> Vec<String> {
+        text.lines()
+            .filter(|l| l.contains("_bucket{"))
+            .map(|l| l.rsplit_once(' ').unwrap().0.to_owned())
+            .collect()
+    }
+
     #[test]
-    fn queue_buckets_reach_past_the_queue_timeout() {
-        let text = metrics().render();
-        assert!(
-            text.contains("score_proxy_queue_wait_seconds_bucket{le=\"240\"}"),
-            "{text}"
-        );
+    fn buckets_do_not_move_with_the_configuration() {
+        let other = Metrics::new(&MetricsConfig {
+            enabled: true,
+            rate_per_second: 4.0,
+            interval: Duration::from_millis(260),
+            queue_capacity: 500,
+            queue_timeout: Duration::from_secs(3600),
+            expected_replicas: 3,
+        });
+        assert_eq!(buckets(&metrics().render()), buckets(&other.render()));
+        // Queue waits reach minutes; upstream calls, milliseconds to their timeout.
+        let text = other.render();
+        for series in [
+            "score_proxy_queue_wait_seconds_bucket{le=\"300\"}",
+            "score_proxy_pacing_permit_wait_seconds_bucket{le=\"300\"}",
+            "score_proxy_upstream_call_duration_seconds_bucket{outcome=\"ok\",le=\"0.001\"}",
+            "score_proxy_upstream_call_duration_seconds_bucket{outcome=\"ok\",le=\"30\"}",
+        ] {
+            assert!(text.contains(series), "{series} in {text}");
+        }
+    }
+
+    #[test]
+    fn states_are_one_series_each_with_the_current_one_at_1() {
+        let m = metrics();
+        m.set_breaker_state(BreakerState::HalfOpen);
+        m.set_pacing_mode(PacingMode::Fallback);
+        let text = m.render();
+        for (series, value) in [
+            ("score_proxy_breaker_state{state=\"closed\"}", 0),
+            ("score_proxy_breaker_state{state=\"half_open\"}", 1),
+            ("score_proxy_breaker_state{state=\"open\"}", 0),
+            ("score_proxy_pacing_mode{mode=\"local\"}", 0),
+            ("score_proxy_pacing_mode{mode=\"shared\"}", 0),
+            ("score_proxy_pacing_mode{mode=\"fallback\"}", 1),
+        ] {
+            assert!(
+                text.contains(&format!("{series} {value}\n")),
+                "{series}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_stale_answer_is_not_a_second_lookup() {
+        let m = metrics();
+        m.cache_lookup(CacheResult::Miss);
+        m.stale_answer();
+        let text = m.render();
+        assert!(text.contains("score_proxy_cache_lookups_total{result=\"miss\"} 1"));
+        assert!(!text.contains("result=\"stale\""), "{text}");
+        assert!(text.contains("score_proxy_cache_stale_answers_total 1"));
     }
 
     #[test]

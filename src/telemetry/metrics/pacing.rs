@@ -23,7 +23,8 @@ pub(super) struct PacingMetrics {
     penalty_active: IntGauge,
     unused_slots: HashMap<SlotUnused, IntCounter>,
     book_duration: Histogram,
-    mode: IntGauge,
+    /// One series per mode, 1 for the mode in force.
+    mode: HashMap<PacingMode, IntGauge>,
     guard: Gauge,
     guard_max: Gauge,
     /// One series per reason, 1 for the reason in force.
@@ -44,12 +45,19 @@ impl PacingMetrics {
                 "Minimum spacing between upstream call starts (1/rate + guard).",
             )
             .set(config.interval.as_secs_f64());
+        families
+            .gauge(
+                "expected_replicas",
+                "Replicas expected to share the upstream's budget (--expected-replicas in \
+                 shared mode, 1 alone); in fallback each paces at rate / expected_replicas.",
+            )
+            .set(i64::from(config.expected_replicas));
         PacingMetrics {
             permit_wait: families.histogram(
                 "pacing_permit_wait_seconds",
                 "How long the pacer's schedule makes an admitted lookup wait for its start \
                  (predicted at admission): the wait the upstream's rate imposes.",
-                &queue::wait_buckets(config),
+                queue::WAIT_BUCKETS,
             ),
             penalties: families.counter(
                 "pacing_penalties_total",
@@ -101,11 +109,13 @@ impl PacingMetrics {
                     .map(|&r| (r, family.with_label_values(&[r.as_str()])))
                     .collect()
             },
-            mode: families.gauge(
+            mode: per_value(&families.gauge_vec(
                 "pacing_mode",
-                "How this replica paces: 0 local (no Redis configured), 1 shared (one schedule \
-                 in Redis), 2 fallback (Redis out of reach: a local share of the rate).",
-            ),
+                "How this replica paces, 1 for the mode in force: local (no Redis \
+                 configured), shared (one schedule in Redis), fallback (Redis out of reach: \
+                 a local share of the rate).",
+                &["mode"],
+            )),
         }
     }
 }
@@ -145,8 +155,11 @@ impl Metrics {
         }
     }
 
-    /// The gauge's value is the mode's discriminant (0 local, 1 shared, 2 fallback).
+    /// The mode in force: its series reads 1, the others 0. Called on every change, and by
+    /// the `/metrics` handler before rendering.
     pub(crate) fn set_pacing_mode(&self, mode: PacingMode) {
-        self.pacing.mode.set(mode as i64);
+        for (&m, gauge) in &self.pacing.mode {
+            gauge.set(i64::from(m == mode));
+        }
     }
 }

@@ -9,25 +9,14 @@ use prometheus::{Histogram, IntCounter, IntGauge};
 use super::{Families, Metrics, MetricsConfig, per_value};
 use crate::lookup::queue::QueueRefusal;
 
-/// Queue waits: a position costs about one second at the default rate.
-const QUEUE_BUCKETS: &[f64] = &[
-    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 25.0, 30.0, 45.0, 60.0,
-    90.0,
+/// Waits for a start: a queue position costs about one second at the default rate, and
+/// `--queue-timeout` may be up to an hour, so the buckets run from 10 ms to ten minutes. Fixed,
+/// not derived from the timeout: replicas and deploys with different settings still add up
+/// (the timeout itself is the `queue_timeout_seconds` gauge).
+pub(super) const WAIT_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0,
+    120.0, 180.0, 240.0, 300.0, 600.0,
 ];
-
-/// Buckets for waits the queue timeout bounds: `QUEUE_BUCKETS`, extended with the timeout and
-/// twice the timeout when they lie beyond it, so that the longest waits still land in a
-/// finite bucket.
-pub(super) fn wait_buckets(config: &MetricsConfig) -> Vec<f64> {
-    let timeout = config.queue_timeout.as_secs_f64();
-    let mut buckets = QUEUE_BUCKETS.to_vec();
-    for edge in [timeout, timeout * 2.0] {
-        if edge > *buckets.last().expect("non-empty") {
-            buckets.push(edge);
-        }
-    }
-    buckets
-}
 
 pub(super) struct QueueMetrics {
     depth: IntGauge,
@@ -44,6 +33,12 @@ impl QueueMetrics {
             "Most distinct lookups that may wait (queue-capacity).",
         );
         capacity.set(config.queue_capacity as i64);
+        families
+            .float_gauge(
+                "queue_timeout_seconds",
+                "Longest a lookup may wait for its upstream call to start (queue-timeout).",
+            )
+            .set(config.queue_timeout.as_secs_f64());
         QueueMetrics {
             depth: families.gauge(
                 "queue_depth",
@@ -56,7 +51,7 @@ impl QueueMetrics {
             wait: families.histogram(
                 "queue_wait_seconds",
                 "Time a lookup waited in the queue before its upstream call started.",
-                &wait_buckets(config),
+                WAIT_BUCKETS,
             ),
             refusals: per_value(&families.counter_vec(
                 "queue_refusals_total",

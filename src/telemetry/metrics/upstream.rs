@@ -1,5 +1,6 @@
-//! Upstream calls: how they ended (by status class and outcome), how long they and their
-//! connections took, how many are under way, and the retries after a penalty.
+//! Upstream calls: how many started (what spends the upstream's budget), how they ended (by
+//! status class and outcome), how long they and their connections took, how many are under
+//! way, and the retries after a penalty.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -35,8 +36,10 @@ fn usual_class(outcome: UpstreamOutcome) -> &'static str {
     }
 }
 
+/// An upstream call: a millisecond on a local network to the 10 s default timeout and
+/// beyond (a timed-out call lands in the bucket above its timeout).
 const UPSTREAM_BUCKETS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0,
 ];
 
 /// Opening a connection: DNS, TCP and TLS.
@@ -45,6 +48,7 @@ const CONNECT_BUCKETS: &[f64] = &[
 ];
 
 pub(super) struct UpstreamMetrics {
+    starts: IntCounter,
     calls: HashMap<(&'static str, UpstreamOutcome), IntCounter>,
     calls_vec: IntCounterVec,
     duration: HashMap<UpstreamOutcome, Histogram>,
@@ -57,7 +61,7 @@ impl UpstreamMetrics {
     pub(super) fn new(families: &Families) -> Self {
         let calls_vec = families.counter_vec(
             "upstream_calls_total",
-            "Upstream calls made, by status code class and outcome.",
+            "Upstream calls ended, by status code class and outcome.",
             &["class", "outcome"],
         );
         let calls = UpstreamOutcome::VARIANTS
@@ -71,6 +75,11 @@ impl UpstreamMetrics {
             })
             .collect();
         UpstreamMetrics {
+            starts: families.counter(
+                "upstream_call_starts_total",
+                "Upstream calls started, retries included, counted the moment each starts: \
+                 the upstream's budget spent (upstream_calls_total counts them when they end).",
+            ),
             calls,
             calls_vec,
             duration: per_value(&families.histogram_vec(
@@ -95,6 +104,11 @@ impl UpstreamMetrics {
 }
 
 impl Metrics {
+    /// An upstream call (a first attempt or a retry) starts now.
+    pub(crate) fn upstream_call_started(&self) {
+        self.upstream.starts.inc();
+    }
+
     /// A new connection to the upstream, opened in `took`.
     pub(crate) fn upstream_connect(&self, took: Duration) {
         self.upstream.connect.observe(took.as_secs_f64());

@@ -203,7 +203,7 @@ pub(crate) async fn run(suite: &mut Suite) -> Result<()> {
             &[("op", "book")],
         );
         fallbacks += m.sum("score_proxy_shared_fallbacks_total", &[]);
-        modes.push(m.sum("score_proxy_pacing_mode", &[]));
+        modes.push(m.sum("score_proxy_pacing_mode", &[("mode", "shared")]));
         scrapes.push(m);
     }
     let book_p99 = bucket_quantile(

@@ -243,6 +243,7 @@ fn harness(capacity: usize, timeout: Duration, interval: Duration) -> Harness {
         interval,
         queue_capacity: capacity,
         queue_timeout: timeout,
+        expected_replicas: 1,
     }));
     let scheduler = Scheduler::new(
         capacity,
