@@ -569,6 +569,41 @@ async fn without_redis_the_replicas_take_turns_on_one_grid() {
     f.all_in(PacingMode::Shared).await;
     drop(redis);
     f.all_in(PacingMode::Fallback).await;
+    // Each kept the place it leased: three distinct places of three, as /status says too.
+    let mut places = Vec::new();
+    for (i, r) in f.replicas.iter().enumerate() {
+        let body = f
+            .client
+            .get(format!("http://{}/status", r.addr))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(status["fallback_seconds"].as_f64().is_some(), "{status}");
+        let place = status["replica_place"].as_u64().expect("a place");
+        // The gauges are set at scrape time: scrape.
+        let m = f
+            .client
+            .get(format!("http://{}/metrics?format=prometheus", r.addr))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(
+            common::metric_value(&m, "score_proxy_shared_place"),
+            place as f64,
+            "replica {i}"
+        );
+        assert_eq!(common::metric_value(&m, "score_proxy_shared_places"), 3.0);
+        places.push(place);
+    }
+    places.sort();
+    assert_eq!(places, [0, 1, 2]);
 
     let since = f.sim.elapsed();
     assert_eq!(spread_burst(&f, 0, 30).await, 30);

@@ -380,6 +380,11 @@ pub(crate) struct Status {
     /// `penalty` or `fleet`.
     pub(crate) guard_seconds: f64,
     pub(crate) guard_reason: &'static str,
+    /// Shared mode: this replica's place for time division while Redis is gone (`null`
+    /// alone, or before one was leased: fallback then paces at a share of the rate).
+    pub(crate) replica_place: Option<u32>,
+    /// Shared mode in fallback: how long Redis has been gone (`null` otherwise).
+    pub(crate) fallback_seconds: Option<f64>,
     pub(crate) penalty_active: bool,
     pub(crate) penalty_remaining_seconds: f64,
     pub(crate) breaker: &'static str,
@@ -396,6 +401,7 @@ fn current_status(app: &App) -> Status {
     let lifecycle = app.lifecycle();
     let breaker = app.breaker.state();
     let (guard, guard_reason) = app.dispatcher.guard.snapshot();
+    let division = app.shared.as_ref().map(|s| s.division_report());
     let system_status = if lifecycle != Lifecycle::Running {
         "draining"
     } else if breaker != BreakerState::Closed || app.pacer.mode() == PacingMode::Fallback {
@@ -419,6 +425,14 @@ fn current_status(app: &App) -> Status {
         interval_seconds: app.pacer.interval().as_secs_f64(),
         guard_seconds: guard.as_secs_f64(),
         guard_reason: guard_reason.as_str(),
+        replica_place: division
+            .as_ref()
+            .and_then(|d| d.place)
+            .map(|(place, _)| place),
+        fallback_seconds: division
+            .as_ref()
+            .and_then(|d| d.fallback_for)
+            .map(|d| d.as_secs_f64()),
         penalty_active: penalty.is_some(),
         penalty_remaining_seconds: penalty.map_or(0.0, |t| {
             t.saturating_duration_since(Instant::now()).as_secs_f64()
@@ -473,6 +487,9 @@ async fn metrics_prometheus(State(app): State<Arc<App>>) -> Response {
         .set_penalty_active(app.pacer.penalty_until().is_some());
     app.metrics.set_breaker_state(app.breaker.state());
     app.metrics.set_pacing_mode(app.pacer.mode());
+    if let Some(shared) = &app.shared {
+        app.metrics.set_division(&shared.division_report());
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -68,7 +68,7 @@ use tokio::task::JoinHandle;
 
 use crate::lookup::pacing::{Guard, LocalPacer, PacingMode};
 use crate::lookup::validation::LookupKey;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{DivisionReport, Metrics};
 use clock::RedisClock;
 use division::{Division, Member};
 use flights::Word;
@@ -196,6 +196,17 @@ impl Shared {
 
     pub(crate) fn mode(&self) -> PacingMode {
         *self.mode.borrow()
+    }
+
+    /// Time division's state: this replica's place, the clock reading it would lay the
+    /// grid with, and how long Redis has been gone.
+    pub(crate) fn division_report(&self) -> DivisionReport {
+        let now = tokio::time::Instant::now();
+        DivisionReport {
+            place: self.division.member().map(|m| (m.index, m.count)),
+            clock: self.clock.offset(now),
+            fallback_for: self.division.fallback_for(now),
+        }
     }
 
     /// Watches the mode (shared or fallback).

@@ -50,6 +50,7 @@ use strum::VariantArray;
 pub(crate) use self::http::{
     CODE_CLIENT_CLOSED, OUTCOME_CLIENT_CLOSED, OUTCOME_ERROR, OUTCOME_NOT_FOUND, OUTCOME_OK,
 };
+pub(crate) use self::shared::DivisionReport;
 
 const NAMESPACE: &str = "score_proxy";
 

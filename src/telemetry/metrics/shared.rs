@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use prometheus::{Histogram, IntCounter};
+use prometheus::{Gauge, Histogram, IntCounter, IntGauge};
 use strum::VariantArray;
 
 use super::{Families, Metrics};
@@ -24,6 +24,21 @@ pub(super) struct SharedMetrics {
     cache_misses: IntCounter,
     leaders: IntCounter,
     followers: IntCounter,
+    place: IntGauge,
+    places: IntGauge,
+    clock_offset: Gauge,
+    clock_reading_age: Gauge,
+    fallback_for: Gauge,
+}
+
+/// What shared mode says of time division at a scrape (see `shared/division.rs`).
+pub(crate) struct DivisionReport {
+    /// This replica's place and how many there are; `None` before one was leased.
+    pub(crate) place: Option<(u32, u32)>,
+    /// Redis's clock minus this host's at the best reading, and that reading's age.
+    pub(crate) clock: Option<(f64, Duration)>,
+    /// How long the current fallback spell has lasted; `None` in shared mode.
+    pub(crate) fallback_for: Option<Duration>,
 }
 
 impl SharedMetrics {
@@ -71,6 +86,29 @@ impl SharedMetrics {
             cache_misses: cache.with_label_values(&["miss"]),
             leaders: flights.with_label_values(&["leader"]),
             followers: flights.with_label_values(&["follower"]),
+            place: families.gauge(
+                "shared_place",
+                "This replica's place for time division while Redis is gone (leased while it \
+                 is healthy, or --replica-index); -1: none, so fallback paces at a share.",
+            ),
+            places: families.gauge(
+                "shared_places",
+                "How many places time division has (--expected-replicas).",
+            ),
+            clock_offset: families.float_gauge(
+                "shared_clock_offset_seconds",
+                "Redis's clock minus this host's, at the best recent reading: what places \
+                 the fleet's schedule and the fallback grid on this replica's clock.",
+            ),
+            clock_reading_age: families.float_gauge(
+                "shared_clock_reading_age_seconds",
+                "Age of that reading: without Redis it grows, and so does the error the \
+                 fallback grid allows for (100 µs per second of drift).",
+            ),
+            fallback_for: families.float_gauge(
+                "shared_fallback_seconds",
+                "How long the current fallback spell has lasted; 0 in shared mode.",
+            ),
         }
     }
 }
@@ -78,6 +116,22 @@ impl SharedMetrics {
 impl Metrics {
     pub(crate) fn shared_fallback(&self) {
         self.shared.fallbacks.inc();
+    }
+
+    /// Time division's state, set at each scrape.
+    pub(crate) fn set_division(&self, report: &DivisionReport) {
+        let shared = &self.shared;
+        let (place, places) = report
+            .place
+            .map_or((-1, 0), |(p, n)| (i64::from(p), i64::from(n)));
+        shared.place.set(place);
+        shared.places.set(places);
+        let (offset, age) = report.clock.unwrap_or((0.0, Duration::ZERO));
+        shared.clock_offset.set(offset);
+        shared.clock_reading_age.set(age.as_secs_f64());
+        shared
+            .fallback_for
+            .set(report.fallback_for.unwrap_or_default().as_secs_f64());
     }
 
     pub(crate) fn redis_op(&self, op: &'static str, outcome: RedisOutcome, took: Duration) {
