@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # score-proxy against nginx (limit_req + proxy_cache) on this machine; see BENCHMARKS.md.
 #
-#   scripts/bench.sh                    the full suite (about 15 minutes): rewrites
+#   scripts/bench.sh                    the full suite (about 20 minutes): rewrites
 #                                       BENCHMARKS.md (keeping its hand-written part) and
 #                                       bench/nginx-*.generated.conf
 #   scripts/bench.sh --quick            the CI smoke test (under 3 minutes, no timing
 #                                       thresholds): report under target/bench-report/
 #   scripts/bench.sh --only hits,memory some scenarios: burst, identical, hits, overload,
-#                                       telemetry, memory, replicas (report under
-#                                       target/bench-report/)
+#                                       telemetry, memory, replicas, network (report
+#                                       under target/bench-report/)
+#   scripts/bench.sh --only network     scenario 8 alone (about 8 minutes): the strict
+#                                       simulator behind a seeded network delay
 #   scripts/bench.sh ... --out PATH     write the report elsewhere
 #
 # Installs nothing. nginx, wrk and redis-server (the replicas scenario) must be installed
@@ -46,5 +48,8 @@ fi
 
 cargo build --release --locked --workspace --bins
 # Run the binary the workspace build made: `cargo run -p score-bench` alone would resolve the
-# proxy library's features for that one package and build it a second time.
-exec target/release/score-bench "$@"
+# proxy library's features for that one package and build it a second time. A
+# CARGO_TARGET_DIR elsewhere holds that build, the proxy's binary included.
+release="${CARGO_TARGET_DIR:-target}/release"
+export SCORE_PROXY_BIN="${SCORE_PROXY_BIN:-$release/score-proxy}"
+exec "$release/score-bench" "$@"

@@ -128,6 +128,24 @@ pub(crate) async fn fire_spread(
     )
 }
 
+/// One lookup on its own connection, sent now: the steady streams of scenario 8 send one
+/// after another from a few clients.
+pub(crate) async fn lookup(base: &str, cpf: &str, timeout: Duration) -> Sample {
+    let addr = base.trim_start_matches("http://");
+    let start = now_s();
+    let (sent, outcome, head) = raw_lookup(addr, &lookup_path(cpf), timeout).await;
+    Sample {
+        cpf: cpf.to_owned(),
+        start,
+        sent,
+        end: now_s(),
+        outcome,
+        x_cache: head.x_cache,
+        retry_after: head.retry_after,
+        target: 0,
+    }
+}
+
 /// The answer headers the harness looks at.
 #[derive(Default)]
 struct Head {

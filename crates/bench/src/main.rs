@@ -18,10 +18,12 @@
 //!
 //! Scenarios (`--only` takes these names): `burst`, `identical`, `hits`, `overload`,
 //! `telemetry`, `memory`, `replicas` (three proxies sharing one budget through a
-//! `redis-server` started here, against one process). The full run writes `BENCHMARKS.md`
-//! (keeping its hand-written part, everything after the `HAND-WRITTEN` marker) and the
-//! nginx configurations it used to `bench/nginx-*.generated.conf`; `--quick` (the CI smoke test) and `--only` write under
-//! `target/bench-report/` instead. Missed targets are reported, never a failure: timings on
+//! `redis-server` started here, against one process), `network` (the strict simulator
+//! behind a seeded one-way network delay, one simulator per contender: the learned guard
+//! against a fixed one and nginx). The full run writes `BENCHMARKS.md` (keeping its
+//! hand-written part, everything after the `HAND-WRITTEN` marker) and the nginx
+//! configurations it used to `bench/nginx-*.generated.conf`; `--quick` (the CI smoke test)
+//! and `--only` write under `target/bench-report/` instead. Missed targets are reported, never a failure: timings on
 //! shared machines are noisy. A step that fails (a process that does not start, a status
 //! code that is deterministic and wrong) makes the run exit non-zero. Every child process
 //! and the temporary directory are cleaned up however the run ends.
@@ -62,7 +64,7 @@ use crate::suite::Suite;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 8] = [
     "burst",
     "identical",
     "hits",
@@ -70,6 +72,7 @@ const SCENARIOS: [&str; 7] = [
     "telemetry",
     "memory",
     "replicas",
+    "network",
 ];
 
 /// The workspace's root (this crate is `crates/bench`): where `target/`, `bench/` and
@@ -99,7 +102,7 @@ struct Args {
 
 const USAGE: &str =
     "usage: cargo run --release -p score-bench -- [--quick] [--only SCENARIO[,SCENARIO...]] [--out PATH]
-scenarios: burst, identical, hits, overload, telemetry, memory, replicas
+scenarios: burst, identical, hits, overload, telemetry, memory, replicas, network
 the proxy binary is target/release/score-proxy (build it with `cargo build --release`)
 or $SCORE_PROXY_BIN; nginx and wrk must be on PATH (apt-get install -y nginx wrk), and
 redis-server for the replicas scenario (apt-get install -y redis-server)";
@@ -179,6 +182,14 @@ struct Plan {
     replica_bursts: Vec<(usize, u64)>,
     /// Lookups of one new key sent to each replica at once (cross-replica coalescing).
     coalesce_per_replica: usize,
+    /// Scenario 8: the burst of distinct lookups across the 0..30 ms and loopback networks,
+    /// and across the spiky one (where the target is per 100 calls).
+    network_burst: usize,
+    network_spikes_burst: usize,
+    /// Scenario 8's steady stream across the 0..30 ms network (none in `--quick`), and its
+    /// clients.
+    network_steady: Option<Duration>,
+    network_steady_clients: usize,
 }
 
 impl Plan {
@@ -199,6 +210,10 @@ impl Plan {
                 memory_entries: 100_000,
                 replica_bursts: vec![(6, 0)],
                 coalesce_per_replica: 3,
+                network_burst: 10,
+                network_spikes_burst: 10,
+                network_steady: None,
+                network_steady_clients: 3,
             }
         } else {
             Plan {
@@ -216,6 +231,10 @@ impl Plan {
                 memory_entries: 1_000_000,
                 replica_bursts: vec![(20, 0), (20, 500), (60, 0)],
                 coalesce_per_replica: 20,
+                network_burst: 60,
+                network_spikes_burst: 100,
+                network_steady: Some(Duration::from_secs(180)),
+                network_steady_clients: 3,
             }
         }
     }
@@ -282,7 +301,13 @@ async fn run(args: Args) -> Result<()> {
 
     let ws = Workspace::new()?;
     let client = client::client()?;
-    let sim = Sim::start(&bin.with_file_name("score-sim"), &ws, &client).await?;
+    let sim = Sim::start(
+        &bin.with_file_name("score-sim"),
+        &ws,
+        &client,
+        "simulator.log",
+    )
+    .await?;
     println!(
         "compare: simulator on port {} (clock offset measured to ±{:.2} ms)",
         sim.port,
@@ -300,6 +325,7 @@ async fn run(args: Args) -> Result<()> {
             "telemetry" => scenario::telemetry::run(&mut suite).await,
             "memory" => scenario::memory::run(&mut suite).await,
             "replicas" => scenario::replicas::run(&mut suite).await,
+            "network" => scenario::network::run(&mut suite).await,
             _ => unreachable!("scenario names are checked when parsed"),
         }
         .with_context(|| format!("scenario {s}"))?;

@@ -25,18 +25,20 @@ pub(crate) struct Sim {
 }
 
 impl Sim {
-    pub(crate) async fn start(bin: &Path, ws: &Workspace, client: &reqwest::Client) -> Result<Sim> {
+    /// Starts `score-sim` on a free port, logging to `log` in the run's directory (one file
+    /// per simulator: scenario 8 runs one per contender).
+    pub(crate) async fn start(
+        bin: &Path,
+        ws: &Workspace,
+        client: &reqwest::Client,
+        log: &str,
+    ) -> Result<Sim> {
         let port = free_port()?;
         let mut cmd = Command::new(bin);
         cmd.env_clear()
             .env("RUST_LOG", "off")
             .args(["--listen", &format!("127.0.0.1:{port}")]);
-        let mut proc = Proc::spawn(
-            "the upstream simulator",
-            cmd,
-            ws.dir.join("simulator.log"),
-            false,
-        )?;
+        let mut proc = Proc::spawn("the upstream simulator", cmd, ws.dir.join(log), false)?;
         let base = format!("http://127.0.0.1:{port}");
         wait_ready(client, &format!("{base}/health"), &mut proc).await?;
         let mut sim = Sim {
@@ -86,12 +88,29 @@ impl Sim {
         self.reset().await
     }
 
+    /// The strict contract on loopback: no network delay, whatever an earlier run set.
     pub(crate) async fn configure(&self, latency_ms: u64, min_interval_ms: u64) -> Result<()> {
+        self.configure_network(latency_ms, min_interval_ms, "none", 0)
+            .await
+    }
+
+    /// As [`Sim::configure`], with a one-way `arrival_delay` before the simulator counts an
+    /// arrival (`score-sim`'s syntax: `uniform:0ms..30ms`, `spikes:0ms..3ms,5%,150ms`), drawn
+    /// from `seed`. The sequence restarts from the seed at every [`Sim::reset`].
+    pub(crate) async fn configure_network(
+        &self,
+        latency_ms: u64,
+        min_interval_ms: u64,
+        arrival_delay: &str,
+        seed: u64,
+    ) -> Result<()> {
         let body = serde_json::json!({
             "latency_ms": latency_ms,
             "min_interval_ms": min_interval_ms,
             "penalty_ms": 2000,
             "fault": "none",
+            "arrival_delay": arrival_delay,
+            "seed": seed,
         });
         let resp = self
             .client

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 
 use crate::Plan;
 use crate::client::wait_ready;
@@ -56,6 +56,23 @@ pub(crate) fn paced_contenders() -> Vec<Contender> {
             rate: 59.0 / 60.0,
         },
     ]
+}
+
+/// How to render nginx's configuration beyond the template's defaults.
+pub(crate) struct NginxSpec<'a> {
+    /// `limit_req_zone`'s rate, as nginx writes it (`59r/m`).
+    pub(crate) rate: &'a str,
+    /// `limit_req`'s delay queue.
+    pub(crate) burst: u32,
+    /// The simulator it forwards to.
+    pub(crate) sim_port: u16,
+    /// Replaces the template's 60 s `proxy_read_timeout`: a request may wait in
+    /// `limit_req`'s queue for `burst / rate`, and the outer server's read timeout counts
+    /// that wait, so a queue longer than a minute needs a longer one.
+    pub(crate) read_timeout_s: Option<u32>,
+    /// Names the kept copy of the configuration (`nginx-59r-per-m-VARIANT.generated.conf`)
+    /// when it differs from the template's defaults.
+    pub(crate) variant: Option<&'a str>,
 }
 
 /// A running contender; its processes stop when this is dropped.
@@ -172,6 +189,22 @@ impl Suite {
         }
     }
 
+    /// Another simulator beside the suite's own, logging in its own directory: scenario 8
+    /// gives each contender one, so that they run at the same time, each against the same
+    /// seeded network, instead of one after the other. Stopped when dropped.
+    pub(crate) async fn start_sim(&self) -> Result<Sim> {
+        let dir = self.instance_dir("sim")?;
+        let log = dir.join("simulator.log");
+        let log = log.strip_prefix(&self.ws.dir).unwrap_or(&log);
+        Sim::start(
+            &self.bin.with_file_name("score-sim"),
+            &self.ws,
+            &self.client,
+            &log.to_string_lossy(),
+        )
+        .await
+    }
+
     /// The release binary, on a free port, in front of the simulator. `extra` flags come
     /// after the defaults; the environment is cleared and then set from `telemetry`.
     pub(crate) async fn start_proxy(
@@ -179,6 +212,18 @@ impl Suite {
         label: &str,
         extra: &[&str],
         telemetry: Telemetry,
+    ) -> Result<Running> {
+        self.start_proxy_to(label, extra, telemetry, self.sim.port)
+            .await
+    }
+
+    /// As [`Suite::start_proxy`], in front of the simulator on `sim_port`.
+    pub(crate) async fn start_proxy_to(
+        &self,
+        label: &str,
+        extra: &[&str],
+        telemetry: Telemetry,
+        sim_port: u16,
     ) -> Result<Running> {
         let dir = self.instance_dir("proxy")?;
         let port = free_port()?;
@@ -191,7 +236,7 @@ impl Suite {
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--upstream-url",
-            &format!("http://127.0.0.1:{}/api/score", self.sim.port),
+            &format!("http://127.0.0.1:{sim_port}/api/score"),
         ])
         .args(extra);
         let mut proc = Proc::spawn(label, cmd, dir.join("proxy.log"), false)?;
@@ -204,14 +249,29 @@ impl Suite {
         })
     }
 
-    fn nginx_conf(&self, prefix: &Path, outer: u16, inner: u16, rate: &str, burst: u32) -> String {
-        NGINX_TEMPLATE
+    fn nginx_conf(
+        &self,
+        prefix: &Path,
+        outer: u16,
+        inner: u16,
+        spec: &NginxSpec,
+    ) -> Result<String> {
+        let conf = NGINX_TEMPLATE
             .replace("{{PREFIX}}", &prefix.display().to_string())
             .replace("{{OUTER_PORT}}", &outer.to_string())
             .replace("{{INNER_PORT}}", &inner.to_string())
-            .replace("{{SIM_PORT}}", &self.sim.port.to_string())
-            .replace("{{RATE}}", rate)
-            .replace("{{BURST}}", &burst.to_string())
+            .replace("{{SIM_PORT}}", &spec.sim_port.to_string())
+            .replace("{{RATE}}", spec.rate)
+            .replace("{{BURST}}", &spec.burst.to_string());
+        let Some(s) = spec.read_timeout_s else {
+            return Ok(conf);
+        };
+        const DEFAULT: &str = "proxy_read_timeout 60s;";
+        ensure!(
+            conf.contains(DEFAULT),
+            "bench/nginx.conf.template no longer says `{DEFAULT}`: the read timeout cannot be raised"
+        );
+        Ok(conf.replace(DEFAULT, &format!("proxy_read_timeout {s}s;")))
     }
 
     pub(crate) async fn start_nginx(
@@ -220,17 +280,34 @@ impl Suite {
         rate: &str,
         burst: u32,
     ) -> Result<Running> {
+        let spec = NginxSpec {
+            rate,
+            burst,
+            sim_port: self.sim.port,
+            read_timeout_s: None,
+            variant: None,
+        };
+        self.start_nginx_with(label, &spec).await
+    }
+
+    /// nginx as [`Suite::start_nginx`] starts it, with the changes `spec` makes.
+    pub(crate) async fn start_nginx_with(
+        &mut self,
+        label: &str,
+        spec: &NginxSpec<'_>,
+    ) -> Result<Running> {
         let nginx =
             on_path("nginx").context("nginx is not installed (apt-get install -y nginx)")?;
         let dir = self.instance_dir("nginx")?;
         let (outer, inner) = (free_port()?, free_port()?);
-        let conf = self.nginx_conf(&dir, outer, inner, rate, burst);
+        let conf = self.nginx_conf(&dir, outer, inner, spec)?;
         let conf_path = dir.join("nginx.conf");
         fs::write(&conf_path, &conf)?;
-        // The exact configuration used, next to the report (once per rate).
+        // The exact configuration used, next to the report (once per rate and variant).
         let kept = self.conf_dir.join(format!(
-            "nginx-{}.generated.conf",
-            rate.replace('/', "-per-")
+            "nginx-{}{}.generated.conf",
+            spec.rate.replace('/', "-per-"),
+            spec.variant.map_or(String::new(), |v| format!("-{v}"))
         ));
         if !self.written_confs.contains(&kept) {
             fs::create_dir_all(&self.conf_dir)?;

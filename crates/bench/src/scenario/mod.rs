@@ -1,6 +1,7 @@
 //! The scenarios, one module each, in the order a full run takes them (`--only` names):
 //! `burst` (1), `identical` (2), `hits` (3), `overload` (4), `telemetry` (5), `memory` (6)
-//! and `replicas` (7, with `replica_burst`, its bursts through a fleet). Each one drives
+//! `replicas` (7, with `replica_burst`, its bursts through a fleet) and `network` (8, the
+//! strict simulator behind a seeded network delay). Each one drives
 //! the contenders, checks what is deterministic (a wrong status code fails the run), records
 //! its targets as met or missed, and adds its section to the report.
 
@@ -8,6 +9,7 @@ pub(crate) mod burst;
 pub(crate) mod hits;
 pub(crate) mod identical;
 pub(crate) mod memory;
+pub(crate) mod network;
 pub(crate) mod overload;
 mod replica_burst;
 pub(crate) mod replicas;
