@@ -14,6 +14,12 @@
   Grafana's home dashboard and dashboard provider path) land on mounted repository files;
 - the Prometheus config's rule files exist, and so do the rule files of every unit test;
 - every Grafana data source has a fixed uid, and points at a compose service;
+- the stack is safe by default and its alerting holds together (scripts/stack/check_safety.py:
+  ports on 127.0.0.1 only, Grafana's anonymous role Viewer and no default admin password,
+  no Prometheus lifecycle API, a stop_grace_period longer than the proxy's drain and span
+  flush, Jaeger v2, named volumes, rotated logs; every alert with a severity, summary,
+  description and runbook section; rule tests at Prometheus's evaluation interval;
+  Alertmanager wired, grouping by job and alertname, inhibiting only alerts that exist);
 - every dashboard in dashboards/ is well-formed Grafana JSON: unique uid, unique panel ids,
   grid positions inside the 24-column grid and not overlapping, every template variable it
   uses defined, a description on every panel; every panel, query, annotation and variable
@@ -43,6 +49,8 @@ try:
 except ImportError as e:  # pragma: no cover - environment problem
     sys.exit(f"check_static.py: missing Python module ({e}); run: pip install pyyaml jsonschema")
 
+import check_safety
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 SCHEMA = ROOT / "deploy" / "compose-spec.json"
@@ -53,8 +61,8 @@ DASHBOARD_PROVIDERS = ROOT / "deploy" / "grafana" / "provisioning" / "dashboards
 DASHBOARDS = ROOT / "dashboards"
 
 # What the issue promises: these services, and these ports published on the host.
-REQUIRED_SERVICES = {"proxy", "upstream", "prometheus", "grafana", "jaeger", "loadgen"}
-REQUIRED_PORTS = {"proxy": 8000, "grafana": 3000, "prometheus": 9090, "jaeger": 16686}
+REQUIRED_SERVICES = {"proxy", "upstream", "prometheus", "alertmanager", "grafana", "jaeger", "loadgen"}
+REQUIRED_PORTS = {"proxy": 8000, "grafana": 3000, "prometheus": 9090, "alertmanager": 9093, "jaeger": 16686}
 REQUIRED_DASHBOARDS = {"score-proxy-overview.json": "score-proxy", "upstream-budget.json": None}
 
 # The `replicas` profile: these services, and the scrape jobs the rules and dashboards use.
@@ -884,10 +892,12 @@ def main() -> int:
     if isinstance(compose, dict):
         check_compose_schema(compose)
         check_compose(compose)
+        check_safety.check_compose_safety(ROOT, compose, problem)
     else:
         problem(f"{rel(COMPOSE)}: not a YAML mapping")
         compose = {}
     check_prometheus()
+    check_safety.check_alerting(ROOT, compose, problem)
     datasources = provisioned_datasources()
     check_datasource_urls(datasources, compose)
     check_dashboards(datasources)
@@ -899,8 +909,9 @@ def main() -> int:
         return 1
     dashboards = sorted(p.name for p in DASHBOARDS.glob("*.json"))
     print(
-        "check_static: OK (compose validates against the Compose Specification; mounts exist; "
-        f"prometheus config and rule tests consistent; dashboards OK: {', '.join(dashboards)})"
+        "check_static: OK (compose validates against the Compose Specification; mounts exist; ports on "
+        "127.0.0.1 only, Grafana anonymous Viewer, stop grace over the drain; prometheus config, rule tests, "
+        f"runbook and alertmanager consistent; dashboards OK: {', '.join(dashboards)})"
     )
     return 0
 

@@ -13,9 +13,19 @@ On loopback, with temporary storage and free ports, it starts:
     opens after 2 failures, and one special each: proxy-1 allows 64 connections and cuts
     idle ones after 2 s, proxy-3 serves stale answers (--stale-if-error 5m, --cache-ttl 2s);
   - the real `prometheus`, with the repository's deploy/prometheus/prometheus.yml (scrape
-    jobs, params, relabelling, alert rules) pointed at them and scraping every second: job
-    score-proxy the proxy, job score-proxy-replicas the replicas (static targets standing in
-    for the compose DNS names, so they get the same instance labels, proxy-N:port).
+    jobs, params, relabelling, rules, alerting) pointed at them and scraping every second:
+    job score-proxy the proxy (its static target's host and port swapped), job
+    score-proxy-replicas the replicas found by the compose file's own DNS discovery block,
+    unchanged but for the port: the replicas listen on three loopback addresses with one
+    port, a small DNS server on loopback (scripts/stack/loopback_dns.py) answers `proxy-1`,
+    `proxy-2`, `proxy-3` with them, and Prometheus runs in a mount namespace whose
+    /etc/resolv.conf names that server (so the check runs as root). Rules are the
+    repository's, with every `for:` divided by FOR_SCALE so that alerts fire within the run
+    in the order they would in production;
+  - the real Alertmanager (Debian's `prometheus-alertmanager`) with the repository's
+    deploy/alertmanager/alertmanager.yml (grouping, routes, inhibitions), its receivers
+    pointed at a webhook receiver in this script and its timers shortened, receiving from
+    that Prometheus.
 Then it drives traffic that exercises every outcome: on the proxy, `score-proxy loadgen
 --mode once`, a short `continuous` run with the simulator failing on purpose, `once`
 again; on the fleet, step by step while it is quiet: the fleet's simulator failing until
@@ -36,14 +46,23 @@ sleeping. Then it checks through that API:
      without error, and the same expression without its threshold comparisons (each side
      of every `and`/`or`/`unless`) returns series;
   4. the alerts the run provokes are seen: ScoreProxyCircuitOpen, ScoreProxyConnectionLimit
-     and ScoreProxyUpstreamPenalty firing, ScoreProxyRedisFallback pending while Redis is
-     down, and, after the proxy and a replica are stopped, ScoreProxyDown's condition true
-     for both (and the alert pending).
+     and ScoreProxyUpstreamPenalty firing, ScoreProxyRedisFallback while Redis is down,
+     and, after the proxy and a replica are stopped, ScoreProxyDown's condition true for
+     both (and the alert pending or firing); every recording rule records series;
+  5. Alertmanager groups and inhibits, judged by what reaches the webhook: while the
+     fleet's breakers are open, ScoreProxyCircuitOpen reaches the pager's receiver as one
+     notification listing the three replicas, and the symptoms it explains
+     (ScoreProxyHigh5xx, ScoreProxyUpstreamFailing, ScoreProxyRefusingLookups) fire in
+     Prometheus, reach Alertmanager, are held as inhibited by it, and never reach the
+     webhook; with a replica stopped, ScoreProxyDown reaches the pager and the fleet's
+     ScoreProxyFleetTooSmall is inhibited by it; the stopped replica then leaves DNS and
+     Prometheus drops its target (the discovery path is live).
 Exceptions are listed in ALLOWLIST below, each with its reason.
 
 Environment: SCORE_PROXY_BIN (default target/release/score-proxy), SCORE_PROXY_LOADGEN
-(default "$SCORE_PROXY_BIN loadgen"), PROMETHEUS (default: prometheus on PATH), REDIS_SERVER
-(default: redis-server on PATH), E2E_KEEP=1 keeps the temporary directory (logs, TSDB) for
+(default "$SCORE_PROXY_BIN loadgen"), PROMETHEUS (default: prometheus on PATH), ALERTMANAGER
+(default: prometheus-alertmanager, else alertmanager, on PATH), REDIS_SERVER (default:
+redis-server on PATH), E2E_KEEP=1 keeps the temporary directory (logs, TSDB) for
 inspection. Exit status 0 when every check passes; 1 otherwise, with one line per failure.
 """
 
@@ -72,9 +91,19 @@ try:
 except ImportError:  # pragma: no cover - environment problem
     sys.exit("e2e.py: missing Python module yaml; run: pip install pyyaml")
 
+import random
+
+from alerting_e2e import GROUP_WAIT_S, AlertmanagerApi, WebhookReceiver, alertmanager_config, fast_rules
+from loopback_dns import LoopbackDns, with_resolver
+
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = ROOT / "dashboards"
 PROM_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+AM_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
+# Every rule's `for:` is divided by this in the run (5m -> 10s, 2m -> 4s, 1m -> 2s).
+FOR_SCALE = 30
+# The alerts an open breaker explains, which Alertmanager must hold back while it fires.
+BREAKER_SYMPTOMS = {"ScoreProxyHigh5xx", "ScoreProxyUpstreamFailing", "ScoreProxyRefusingLookups"}
 
 JOB = "score-proxy"
 REPLICAS_JOB = "score-proxy-replicas"
@@ -162,6 +191,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def fleet_addresses(n: int) -> tuple[list[str], int]:
+    """n loopback addresses, 127.x.y.1 to n (x and y random, so that runs side by side do
+    not collide), and one port free on all of them: the replicas listen as compose's do,
+    one port, an address each."""
+    for _ in range(50):
+        base = f"127.{random.randint(1, 52)}.{random.randint(0, 255)}."
+        ips = [f"{base}{i + 1}" for i in range(n)]
+        port = free_port()
+        try:
+            for ip in ips:
+                with socket.socket() as s:
+                    s.bind((ip, port))
+        except OSError:
+            continue
+        return ips, port
+    die("no loopback addresses with a common free port for the replicas")
 
 
 class Processes:
@@ -481,6 +528,10 @@ def unwrap(expr: str) -> str:
 
 
 SET_OPS = re.compile(r"\b(and|or|unless)\b")
+# What may follow a binary operator: its matching and grouping modifiers.
+MODIFIERS = re.compile(r"^\s*(?:(?:on|ignoring|group_left|group_right)\s*\([^)]*\)\s*)+")
+# absent(...) returns a series only when nothing matches: empty is its normal state.
+ABSENT = re.compile(r"^\s*absent\s*\(")
 COMPARISONS = ("==", "!=", ">=", "<=", ">", "<")
 NUMBER = re.compile(r"^\s*(bool\s+)?[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*$")
 
@@ -518,6 +569,7 @@ def without_thresholds(expr: str) -> list[str]:
             parts.append(e[last:s])
             last = t
         parts.append(e[last:])
+        parts = [MODIFIERS.sub("", part) for part in parts]
         out = []
         for part in parts:
             out.extend(without_thresholds(part))
@@ -525,7 +577,7 @@ def without_thresholds(expr: str) -> list[str]:
     comps = split_top(e, COMPARISONS)
     if comps:
         s, t = comps[-1]
-        left, right = e[:s], e[t:]
+        left, right = e[:s], MODIFIERS.sub("", e[t:])
         out = without_thresholds(left)
         if not NUMBER.match(right):
             right = re.sub(r"^\s*bool\s+", "", right)
@@ -616,6 +668,21 @@ def main() -> int:
     redis_bin = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
     if not redis_bin:
         die("redis-server not found on PATH: install Debian's package (apt-get install -y redis-server) or set REDIS_SERVER")
+    alertmanager_bin = (
+        os.environ.get("ALERTMANAGER") or shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+    )
+    if not alertmanager_bin:
+        die(
+            "prometheus-alertmanager not found on PATH: install Debian's package "
+            "(apt-get install -y prometheus-alertmanager) or set ALERTMANAGER"
+        )
+    # The replicas' DNS discovery runs for real: a DNS server on port 53 of a loopback
+    # address, and a mount namespace for Prometheus's /etc/resolv.conf. Both need root.
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        die(
+            "the end-to-end check runs as root (with util-linux's unshare): it gives Prometheus a "
+            "resolver of its own to drive the replicas' DNS discovery (see scripts/stack/loopback_dns.py)"
+        )
     loadgen = shlex.split(os.environ.get("SCORE_PROXY_LOADGEN", "")) or [str(bin_path.with_name("score-loadgen"))]
     probe = subprocess.run(loadgen + ["--help"], capture_output=True, text=True)
     if probe.returncode != 0:
@@ -628,7 +695,7 @@ def main() -> int:
     procs = Processes(tmp)
     keep = os.environ.get("E2E_KEEP") == "1"
     try:
-        return run(tmp, procs, bin_path, prometheus_bin, redis_bin, loadgen, t0)
+        return run(tmp, procs, bin_path, prometheus_bin, alertmanager_bin, redis_bin, loadgen, t0)
     finally:
         procs.stop_all()
         if keep or failures:
@@ -680,18 +747,22 @@ def run(
     procs: Processes,
     bin_path: Path,
     prometheus_bin: str,
+    alertmanager_bin: str,
     redis_bin: str,
     loadgen: list[str],
     t0: float,
 ) -> int:
-    sim_port, proxy_port, prom_port = free_port(), free_port(), free_port()
+    sim_port, proxy_port, prom_port, am_port = free_port(), free_port(), free_port(), free_port()
     fleet_sim_port, redis_port = free_port(), free_port()
-    replica_ports = {name: free_port() for name in REPLICAS}
+    # The replicas as compose runs them: one port, one address each, found by name.
+    replica_ips, replica_port = fleet_addresses(len(REPLICAS))
+    replica_addresses = dict(zip(REPLICAS, replica_ips))
     sim_url = f"http://127.0.0.1:{sim_port}"
     fleet_sim_url = f"http://127.0.0.1:{fleet_sim_port}"
     proxy_url = f"http://127.0.0.1:{proxy_port}"
-    replica_urls = {name: f"http://127.0.0.1:{port}" for name, port in replica_ports.items()}
+    replica_urls = {name: f"http://{ip}:{replica_port}" for name, ip in replica_addresses.items()}
     prom_url = f"http://127.0.0.1:{prom_port}"
+    am_url = f"http://127.0.0.1:{am_port}"
     quiet = {"OTEL_SDK_DISABLED": "true", "RUST_LOG": "warn"}
 
     print(f"== starting simulator ({sim_url}), proxy ({proxy_url}), prometheus ({prom_url})")
@@ -712,21 +783,48 @@ def run(
     )
     wait_until("redis to answer PING", lambda: redis_ping(redis_port), 20, procs=procs)
     replicas = {}
-    for name, port in replica_ports.items():
+    for name, ip in replica_addresses.items():
         replicas[name] = procs.start(
             name,
             [
-                str(bin_path), "--listen", f"127.0.0.1:{port}", "--upstream-url", f"{fleet_sim_url}/api/score",
+                str(bin_path), "--listen", f"{ip}:{replica_port}", "--upstream-url", f"{fleet_sim_url}/api/score",
                 "--redis-url", f"redis://127.0.0.1:{redis_port}", "--redaction-key", REDACTION_KEY,
                 *FLEET_ARGS, *REPLICA_ARGS[name],
             ],
             quiet,
         )
 
+    # Compose's DNS, on loopback: the replicas' names resolve to their addresses.
+    dns = LoopbackDns()
+    for name, ip in replica_addresses.items():
+        dns.set(name, ip)
+    resolv_conf = tmp / "resolv.conf"
+    resolv_conf.write_text(dns.resolv_conf())
+
+    # The real Alertmanager with the repository's config: its receivers point at this
+    # script's webhook receiver, its timers are shorter.
+    hook = WebhookReceiver()
+    am_config = tmp / "alertmanager.yml"
+    am_config.write_text(yaml.safe_dump(alertmanager_config(AM_CONFIG, hook), sort_keys=False))
+    print(f"== starting alertmanager ({am_url}), webhook receiver (:{hook.port}), DNS ({dns.address}:53)")
+    procs.start(
+        "alertmanager",
+        [
+            alertmanager_bin,
+            f"--config.file={am_config}",
+            f"--storage.path={tmp / 'alertmanager'}",
+            f"--web.listen-address=127.0.0.1:{am_port}",
+            # Alone: no gossip port.
+            "--cluster.listen-address=",
+            "--log.level=warn",
+        ],
+    )
+
     # The repository's Prometheus config, pointed at these processes: same job names,
-    # metrics path, params, relabelling and rule files; faster intervals. The replicas'
-    # static targets carry the label DNS discovery gives them in compose, so the
-    # relabelling names them proxy-N:port.
+    # metrics path, params, discovery, relabelling and rule files; faster intervals. The
+    # single proxy's static target and the Alertmanager's get this run's host and port; the
+    # replicas' DNS discovery block is the compose one with this run's port, and Prometheus
+    # resolves the names through the loopback DNS server.
     config = yaml.safe_load(PROM_CONFIG.read_text())
     config["global"] = {
         **config.get("global", {}),
@@ -734,36 +832,43 @@ def run(
         "scrape_timeout": "900ms",
         "evaluation_interval": f"{SCRAPE_INTERVAL_S}s",
     }
-    config["rule_files"] = [str((PROM_CONFIG.parent / rf).resolve()) for rf in config.get("rule_files") or []]
+    rule_files = [Path(p) for rf in config.get("rule_files") or [] for p in sorted(glob.glob(str(PROM_CONFIG.parent / rf)))]
+    if not rule_files:
+        die("the Prometheus config's rule_files match no file")
+    # Same expressions, every `for:` divided by FOR_SCALE; the checks below read the
+    # repository's files.
+    config["rule_files"] = [str(p) for p in fast_rules(rule_files, tmp / "rules", FOR_SCALE)]
     jobs = {sc["job_name"]: sc for sc in config["scrape_configs"]}
     for job in (JOB, REPLICAS_JOB):
         if job not in jobs:
             die(f"{PROM_CONFIG} has no scrape job {job!r}")
-    for sc in jobs.values():
-        for key in [k for k in sc if k.endswith("_sd_configs")]:
-            del sc[key]
     jobs[JOB]["static_configs"] = [{"targets": [f"127.0.0.1:{proxy_port}"]}]
-    jobs[REPLICAS_JOB]["static_configs"] = [
-        {"targets": [f"127.0.0.1:{port}"], "labels": {"__meta_dns_name": name}} for name, port in replica_ports.items()
-    ]
+    dns_sd = jobs[REPLICAS_JOB].get("dns_sd_configs") or []
+    if len(dns_sd) != 1 or dns_sd[0].get("type") != "A" or sorted(dns_sd[0].get("names") or []) != REPLICAS:
+        die(f"{PROM_CONFIG}: job {REPLICAS_JOB} must find {REPLICAS} through one dns_sd_configs block of type A")
+    dns_sd[0]["port"] = replica_port
     for name, sc in jobs.items():
         if name not in (JOB, REPLICAS_JOB):
             sc["static_configs"] = [{"targets": [f"127.0.0.1:{prom_port}"]}]
+    managers = (config.get("alerting") or {}).get("alertmanagers") or []
+    if len(managers) != 1:
+        die(f"{PROM_CONFIG}: expected one alertmanagers entry, found {len(managers)}")
+    managers[0]["static_configs"] = [{"targets": [f"127.0.0.1:{am_port}"]}]
     config_path = tmp / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    rule_files = [Path(p) for rf in config["rule_files"] for p in sorted(glob.glob(rf))]
-    if not rule_files:
-        die("the Prometheus config's rule_files match no file")
 
     procs.start(
         "prometheus",
-        [
-            prometheus_bin,
-            f"--config.file={config_path}",
-            f"--storage.tsdb.path={tmp / 'data'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}",
-            "--log.level=warn",
-        ],
+        with_resolver(
+            str(resolv_conf),
+            [
+                prometheus_bin,
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={tmp / 'data'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+                "--log.level=warn",
+            ],
+        ),
     )
     prom = Prometheus(prom_url)
 
@@ -774,6 +879,14 @@ def run(
     wait_until("every replica in shared mode", lambda: all(
         status_of(u).get("pacing_mode") == "shared" for u in replica_urls.values()), 20, procs=procs)
     wait_until("prometheus to be ready", lambda: http_get(f"{prom_url}/-/ready")[0] == 200, 60, procs=procs)
+    wait_until("alertmanager to be ready", lambda: http_get(f"{am_url}/-/ready")[0] == 200, 30, procs=procs)
+    wait_until(
+        "prometheus to find the alertmanager",
+        lambda: prom.get("alertmanagers")["data"]["activeAlertmanagers"],
+        30,
+        procs=procs,
+    )
+    am = AlertmanagerApi(am_url)
     everyone = f'up{{job=~"{JOB}|{REPLICAS_JOB}"}}'
     wait_until(
         f"prometheus to scrape the proxy and the {len(REPLICAS)} replicas",
@@ -784,7 +897,10 @@ def run(
     instances = sorted(s["metric"]["instance"] for s in prom.instant(f'up{{job="{REPLICAS_JOB}"}}'))
     if [i.split(":")[0] for i in instances] != REPLICAS:
         fail(f"the replicas' instance labels are {instances}, expected {REPLICAS} (relabelling)")
-    ok(f"prometheus scrapes the proxy and the replicas {', '.join(instances)} ({time.monotonic() - t0:.1f}s after start)")
+    ok(
+        f"prometheus scrapes the proxy and the replicas {', '.join(instances)}, found through DNS "
+        f"({time.monotonic() - t0:.1f}s after start)"
+    )
     # An answer proxy-3 will serve stale: fetched now, long expired (2 s TTL) by then.
     status, outcome = lookup(replica_urls["proxy-3"], STALE_CPF)
     if (status, outcome) != (200, "miss"):
@@ -805,7 +921,7 @@ def run(
 
     # ---------------------------------------------------------------- traffic: the fleet
     # The incidents first, one at a time on a quiet fleet; then the load generator.
-    fleet_incidents(procs, prom, replica_urls, fleet_sim_url, redis, redis_argv, redis_port)
+    fleet_incidents(procs, prom, am, hook, replica_urls, fleet_sim_url, redis, redis_argv, redis_port)
     fleet_traffic(tmp, procs, prom, loadgen, replica_urls)
     end = time.time()
 
@@ -881,23 +997,44 @@ def run(
         print(f"  note allowlist entry not needed this run: {key}")
 
     # ---------------------------------------------------------------- alert rules
-    print("== alert rules")
-    rules = []
+    print("== alert and recording rules")
+    rules, records = [], []
     for rf in rule_files:
         doc = yaml.safe_load(rf.read_text()) or {}
         for group in doc.get("groups") or []:
             for rule in group.get("rules") or []:
                 if rule.get("alert"):
                     rules.append(rule)
+                elif rule.get("record"):
+                    records.append(rule)
     body = prom.get("rules")
-    loaded = {r["name"]: r for g in body["data"]["groups"] for r in g["rules"]}
+    loaded: dict[str, list[dict]] = {}
+    for g in body["data"]["groups"]:
+        for r in g["rules"]:
+            loaded.setdefault(r["name"], []).append(r)
+    for rule in records:
+        name = rule["record"]
+        unhealthy = [r for r in loaded.get(name, []) if r.get("health") != "ok"]
+        if not loaded.get(name):
+            fail(f"{name}: not loaded by prometheus")
+        elif unhealthy:
+            fail(f"{name}: prometheus evaluates it with health {unhealthy[0].get('health')!r}: {unhealthy[0].get('lastError')}")
+        try:
+            recorded = finite_values(prom.range(name, q_start, q_end, STEP_S))
+        except PromError as e:
+            fail(f"{name}: error: {e}")
+            continue
+        if recorded:
+            ok(f"{name}: recorded, max {max(recorded):.4g}")
+        else:
+            fail(f"{name}: recorded no series with a finite value over the run")
     for rule in rules:
         name, expr = rule["alert"], rule["expr"]
-        live = loaded.get(name)
-        if not live:
+        unhealthy = [r for r in loaded.get(name, []) if r.get("health") != "ok"]
+        if not loaded.get(name):
             fail(f"{name}: not loaded by prometheus")
-        elif live.get("health") != "ok":
-            fail(f"{name}: prometheus evaluates it with health {live.get('health')!r}: {live.get('lastError')}")
+        elif unhealthy:
+            fail(f"{name}: prometheus evaluates it with health {unhealthy[0].get('health')!r}: {unhealthy[0].get('lastError')}")
         try:
             result = prom.range(expr, q_start, q_end, STEP_S)
             ok(f"{name}: expression evaluates ({len(result)} series over the run)")
@@ -911,7 +1048,9 @@ def run(
             except PromError as e:
                 fail(f"{name}: without threshold, error: {e}\n       query: {short}")
                 continue
-            if not finite_values(result):
+            if not finite_values(result) and ABSENT.match(part):
+                ok(f"{name}: {short}: no series, as expected while targets exist (it evaluates without error)")
+            elif not finite_values(result):
                 fail(f"{name}: without threshold, no series with a finite value\n       query: {short}")
             else:
                 ok(f"{name}: without threshold: {len(result)} series  [{short[:90]}{'...' if len(short) > 90 else ''}]")
@@ -941,6 +1080,30 @@ def run(
             expect_alert(prom, "ScoreProxyDown", "pending|firing", "the proxy was stopped (it fires after its `for`)", 10)
         except SystemExit:
             fail("ScoreProxyDown did not react to the proxy and a replica being stopped")
+    prove_down_inhibition(prom, am, hook, "proxy-2")
+
+    # The stopped replica leaves DNS, as a stopped container leaves compose's: Prometheus's
+    # discovery drops its target (no `up` series: ScoreProxyDown resolves for it).
+    print("== proxy-2 leaves DNS")
+    dns.remove("proxy-2")
+    try:
+        wait_until(
+            "prometheus to drop proxy-2's target",
+            lambda: not [
+                t for t in prom.get("targets", {"state": "active"})["data"]["activeTargets"]
+                if t["labels"].get("job") == REPLICAS_JOB and t["labels"].get("instance", "").startswith("proxy-2:")
+            ],
+            30,
+        )
+        left = sorted(
+            t["labels"]["instance"] for t in prom.get("targets", {"state": "active"})["data"]["activeTargets"]
+            if t["labels"].get("job") == REPLICAS_JOB
+        )
+        ok(f"DNS discovery dropped proxy-2; the replicas' targets are now {left}")
+    except SystemExit:
+        fail("prometheus kept scraping proxy-2 after its name left DNS: the discovery path is not live")
+    dns.stop()
+    hook.stop()
 
     print(
         f"== {n_queries} dashboard queries and {len(rules)} alert rules checked in "
@@ -958,6 +1121,8 @@ def run(
 def fleet_incidents(
     procs: Processes,
     prom: Prometheus,
+    am: AlertmanagerApi,
+    hook: WebhookReceiver,
     replica_urls: dict[str, str],
     sim_url: str,
     redis: subprocess.Popen,
@@ -966,8 +1131,8 @@ def fleet_incidents(
 ) -> None:
     """The fleet's incidents, one step at a time, each awaited through Prometheus (what the
     dashboards and alerts will be judged on): the upstream failing until every breaker
-    opens, then healing; Redis stopped, then restarted; more connections than proxy-1
-    allows."""
+    opens (and Alertmanager holding back the symptoms), then healing; Redis stopped, then
+    restarted; more connections than proxy-1 allows."""
     sel = f'job="{REPLICAS_JOB}"'
     n = len(replica_urls)
     urls = list(replica_urls.values())
@@ -997,13 +1162,17 @@ def fleet_incidents(
     try:
         wait_until(
             "prometheus to see every breaker open",
-            lambda: len(prom.instant(f"max_over_time(score_proxy_breaker_state{{{sel}}}[1m]) == 2")) == n,
+            lambda: len(prom.instant(f'max_over_time(score_proxy_breaker_state{{{sel}, state="open"}}[1m]) == 1')) == n,
             10,
         )
         ok("every replica's breaker opened")
     except SystemExit:
         fail("prometheus did not see every replica's breaker open")
-    expect_alert(prom, "ScoreProxyCircuitOpen", "firing", "every breaker opened", 10)
+    expect_alert(prom, "ScoreProxyCircuitOpen", "firing", "every breaker opened", 15)
+    if alert_state(prom, "ScoreProxyCircuitOpen", "firing"):
+        prove_breaker_inhibition(prom, am, hook, n)
+    else:
+        fail("Alertmanager's grouping and inhibition not judged: ScoreProxyCircuitOpen did not fire")
     sim_fault(sim_url, "none")
     # After the 2 s cool-down the next lookup is the probe that closes the breaker.
     for name, url in replica_urls.items():
@@ -1023,7 +1192,7 @@ def fleet_incidents(
             "prometheus to see every breaker closed again",
             lambda: len(prom.instant(
                 f'increase(score_proxy_breaker_transitions_total{{{sel}, to="closed"}}[1m]) > 0')) == n
-            and len(prom.instant(f"score_proxy_breaker_state{{{sel}}} == 0")) == n,
+            and len(prom.instant(f'score_proxy_breaker_state{{{sel}, state="closed"}} == 1')) == n,
             10,
         )
         ok("every breaker went half-open and closed again")
@@ -1036,7 +1205,7 @@ def fleet_incidents(
     try:
         wait_until(
             "every replica in fallback",
-            lambda: len(prom.instant(f"score_proxy_pacing_mode{{{sel}}} == 2")) == n,
+            lambda: len(prom.instant(f'score_proxy_pacing_mode{{{sel}, mode="fallback"}} == 1')) == n,
             15,
         )
         ok("every replica fell back to pacing alone")
@@ -1050,13 +1219,13 @@ def fleet_incidents(
         ok(f"proxy-2 answered a lookup in fallback ({outcome})")
     else:
         fail(f"proxy-2 answered {status} {outcome} in fallback, expected 200")
-    expect_alert(prom, "ScoreProxyRedisFallback", "pending", "every replica is in fallback (it fires after its `for`)")
+    expect_alert(prom, "ScoreProxyRedisFallback", "pending|firing", "every replica is in fallback")
     procs.start("redis-restarted", redis_argv)
     wait_until("redis to answer PING again", lambda: redis_ping(redis_port), 20, procs=procs)
     try:
         wait_until(
             "every replica back in shared mode",
-            lambda: len(prom.instant(f"score_proxy_pacing_mode{{{sel}}} == 1")) == n,
+            lambda: len(prom.instant(f'score_proxy_pacing_mode{{{sel}, mode="shared"}} == 1')) == n,
             15,
         )
         ok("every replica returned to shared mode")
@@ -1107,6 +1276,115 @@ def fleet_incidents(
         ok("proxy-1 counted a connection that did not speak HTTP")
     except SystemExit:
         fail("prometheus did not see proxy-1 count a parse error")
+
+
+def delivered(hook: WebhookReceiver, job: str, names: set[str]) -> list[str]:
+    """The alert names of `names` that reached the webhook for the job."""
+    return sorted({p.get("groupLabels", {}).get("alertname") for _, _, p in hook.received(job=job)} & names)
+
+
+def prove_breaker_inhibition(prom: Prometheus, am: AlertmanagerApi, hook: WebhookReceiver, n: int) -> None:
+    """With every replica's breaker open: the cause reaches the pager's receiver as one
+    notification for the fleet (grouping), and the symptoms it explains fire in Prometheus,
+    reach Alertmanager and stay there, inhibited (inhibition)."""
+    print("== alertmanager: the breakers are the cause; the fleet's 5xx and failures are held back")
+    try:
+        note = wait_until(
+            "one notification of ScoreProxyCircuitOpen listing every replica",
+            lambda: next(
+                (
+                    (path, payload)
+                    for _, path, payload in hook.received(REPLICAS_JOB, "ScoreProxyCircuitOpen")
+                    if len({a["labels"].get("instance") for a in payload["alerts"] if a["status"] == "firing"}) == n
+                ),
+                None,
+            ),
+            30,
+        )
+        path, payload = note
+        ok(
+            f"ScoreProxyCircuitOpen reached {path} once for the {n} replicas (grouped by "
+            f"{sorted(payload['groupLabels'])}: {len(payload['alerts'])} alerts in one notification)"
+        )
+        if path != "/on-call-pager":
+            fail(f"ScoreProxyCircuitOpen (critical) reached {path}, expected the pager's receiver /on-call-pager")
+    except SystemExit:
+        fail("ScoreProxyCircuitOpen never reached the webhook as one notification for every replica")
+    try:
+        held = wait_until(
+            "a symptom of the open breakers to fire and be inhibited by Alertmanager",
+            lambda: am.find(REPLICAS_JOB, BREAKER_SYMPTOMS, "suppressed"),
+            40,
+        )
+    except SystemExit:
+        fail(f"none of {sorted(BREAKER_SYMPTOMS)} was held as inhibited by Alertmanager while the breakers were open")
+        return
+    firing = sorted({s["metric"]["alertname"] for s in prom.instant(
+        f'ALERTS{{job="{REPLICAS_JOB}", alertstate="firing", alertname=~"{"|".join(sorted(BREAKER_SYMPTOMS))}"}}')})
+    causes = {c for a in held for c in a["status"]["inhibitedBy"]}
+    cause_fps = {a["fingerprint"] for a in am.find(REPLICAS_JOB, {"ScoreProxyCircuitOpen"})}
+    if not causes or not causes <= cause_fps:
+        fail(f"the symptoms are inhibited by {sorted(causes)}, not by the ScoreProxyCircuitOpen alerts {sorted(cause_fps)}")
+    names = sorted({a["labels"]["alertname"] for a in held})
+    # Give Alertmanager the time it would take to notify them (its group wait, and more),
+    # then check that nothing of theirs reached the webhook while the cause fires.
+    deadline = time.monotonic() + GROUP_WAIT_S + 3
+    while time.monotonic() < deadline and not delivered(hook, REPLICAS_JOB, BREAKER_SYMPTOMS):
+        time.sleep(0.5)
+    leaked = delivered(hook, REPLICAS_JOB, BREAKER_SYMPTOMS)
+    still = am.find(REPLICAS_JOB, {"ScoreProxyCircuitOpen"}, "active")
+    if leaked:
+        fail(f"symptoms of the open breakers reached the webhook although ScoreProxyCircuitOpen fired: {leaked}")
+    elif not still:
+        fail("ScoreProxyCircuitOpen stopped firing before the inhibition could be judged")
+    else:
+        ok(
+            f"firing in Prometheus: {firing}; in Alertmanager, inhibited by ScoreProxyCircuitOpen: {names}; "
+            f"reached the webhook: none of them, only the cause"
+        )
+
+
+def prove_down_inhibition(prom: Prometheus, am: AlertmanagerApi, hook: WebhookReceiver, replica: str) -> None:
+    """With a replica stopped but still in DNS: ScoreProxyDown reaches the pager, and the
+    fleet's ScoreProxyFleetTooSmall (the same fact seen from the job) is inhibited."""
+    print(f"== alertmanager: {replica} is down; the fleet being too small is held back")
+    try:
+        path = wait_until(
+            f"ScoreProxyDown for {replica} at the webhook",
+            lambda: next(
+                (
+                    path
+                    for _, path, payload in hook.received(REPLICAS_JOB, "ScoreProxyDown")
+                    if any(a["labels"].get("instance", "").startswith(f"{replica}:") for a in payload["alerts"])
+                ),
+                None,
+            ),
+            30,
+        )
+        ok(f"ScoreProxyDown for {replica} reached {path}")
+        if path != "/on-call-pager":
+            fail(f"ScoreProxyDown (critical) reached {path}, expected the pager's receiver /on-call-pager")
+    except SystemExit:
+        fail(f"ScoreProxyDown for {replica} never reached the webhook")
+    try:
+        held = wait_until(
+            "ScoreProxyFleetTooSmall to fire and be inhibited by ScoreProxyDown",
+            lambda: am.find(REPLICAS_JOB, {"ScoreProxyFleetTooSmall"}, "suppressed"),
+            40,
+        )
+    except SystemExit:
+        fail("ScoreProxyFleetTooSmall was not held as inhibited by Alertmanager while a replica was down")
+        return
+    down = {a["fingerprint"] for a in am.find(REPLICAS_JOB, {"ScoreProxyDown"})}
+    if not {c for a in held for c in a["status"]["inhibitedBy"]} <= down:
+        fail("ScoreProxyFleetTooSmall is inhibited by something other than ScoreProxyDown")
+    deadline = time.monotonic() + GROUP_WAIT_S + 3
+    while time.monotonic() < deadline and not delivered(hook, REPLICAS_JOB, {"ScoreProxyFleetTooSmall"}):
+        time.sleep(0.5)
+    if delivered(hook, REPLICAS_JOB, {"ScoreProxyFleetTooSmall"}):
+        fail("ScoreProxyFleetTooSmall reached the webhook although ScoreProxyDown fired for the missing replica")
+    else:
+        ok("ScoreProxyFleetTooSmall: firing, inhibited by ScoreProxyDown, not at the webhook")
 
 
 def fleet_traffic(tmp: Path, procs: Processes, prom: Prometheus, loadgen: list[str], replica_urls: dict[str, str]) -> None:

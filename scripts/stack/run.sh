@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Every check of the observability stack, in one command:
-#   promtool check config / check rules / test rules, static checks, end-to-end check.
+#   promtool check config / check rules / test rules, amtool check-config and routing,
+#   static checks, end-to-end check.
 #
 #   bash scripts/stack/run.sh
 #
-# Needs: promtool and prometheus (Debian: apt-get install -y prometheus), redis-server (for
+# Needs: promtool and prometheus (Debian: apt-get install -y prometheus), amtool and
+# prometheus-alertmanager (apt-get install -y prometheus-alertmanager), redis-server (for
 # the replicas; apt-get install -y redis-server), python3 with pyyaml and jsonschema (pip
 # install pyyaml jsonschema), and a built score-proxy binary ($SCORE_PROXY_BIN, default
-# target/release/score-proxy). It builds and installs nothing.
+# target/release/score-proxy). The end-to-end check runs as root (it gives Prometheus a
+# resolver of its own to exercise the replicas' DNS discovery; see scripts/stack/e2e.py).
+# It builds and installs nothing.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -24,6 +28,10 @@ command -v promtool >/dev/null 2>&1 \
     || missing "promtool not found on PATH. Install Debian's prometheus package (apt-get install -y prometheus), which provides promtool and prometheus."
 command -v prometheus >/dev/null 2>&1 \
     || missing "prometheus not found on PATH. Install Debian's prometheus package (apt-get install -y prometheus)."
+command -v amtool >/dev/null 2>&1 \
+    || missing "amtool not found on PATH. Install Debian's prometheus-alertmanager package (apt-get install -y prometheus-alertmanager), which provides amtool and prometheus-alertmanager."
+command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/dev/null 2>&1 \
+    || missing "prometheus-alertmanager not found on PATH. Install Debian's prometheus-alertmanager package (apt-get install -y prometheus-alertmanager)."
 command -v redis-server >/dev/null 2>&1 \
     || missing "redis-server not found on PATH (the end-to-end check runs the replicas against it). Install Debian's redis-server package (apt-get install -y redis-server)."
 command -v python3 >/dev/null 2>&1 || missing "python3 not found on PATH."
@@ -55,7 +63,17 @@ step() {
 step "promtool check config" promtool check config deploy/prometheus/prometheus.yml
 step "promtool check rules" promtool check rules "${rules[@]}"
 step "promtool test rules" promtool test rules "${tests[@]}"
-step "static checks (compose schema, mounts, dashboards)" python3 scripts/stack/check_static.py
+step "amtool check-config" amtool check-config deploy/alertmanager/alertmanager.yml
+# Severity is urgency: critical alerts reach the pager's receiver, warnings the team's.
+alert_routes() {
+    local config=deploy/alertmanager/alertmanager.yml
+    amtool config routes test --config.file="$config" --verify.receivers=on-call-pager \
+        severity=critical alertname=ScoreProxyDown job=score-proxy 2>/dev/null \
+        && amtool config routes test --config.file="$config" --verify.receivers=team-chat \
+        severity=warning alertname=ScoreProxyUpstreamPenalty job=score-proxy 2>/dev/null
+}
+step "amtool: critical alerts page, warnings do not" alert_routes
+step "static checks (compose schema and safety, mounts, alerting, runbook, dashboards)" python3 scripts/stack/check_static.py
 step "end-to-end (prometheus + proxy + replicas + redis + simulators on loopback)" python3 scripts/stack/e2e.py
 
 echo
