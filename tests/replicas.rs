@@ -559,8 +559,9 @@ fn judged(f: &Fleet, since: Duration) -> (u64, Duration, f64) {
 /// the middle of a third: no switch runs two schedules at once.
 ///
 /// Timing noise: the replicas share this host's clock and sample Redis's over loopback (a
-/// round trip well under a millisecond), so the grid's error is the timer's: a millisecond
-/// or two against the 40 ms between the upstream's interval and the grid's period.
+/// round trip well under a millisecond), so the grid's error is the timer's, and a start may
+/// be up to the late tolerance (20 ms) behind its slot: 22 ms at worst against the 40 ms
+/// between the grid's period and the upstream's interval.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_the_replicas_take_turns_on_one_grid() {
     let port = common::free_port();
@@ -609,7 +610,9 @@ async fn without_redis_the_replicas_take_turns_on_one_grid() {
     assert_eq!(spread_burst(&f, 0, 30).await, 30);
     let (penalised, closest, use_of_grid) = judged(&f, since);
     assert_eq!(penalised, 0);
-    assert!(closest >= Duration::from_millis(125), "closest {closest:?}");
+    // Positions 140 ms apart, a start up to the late tolerance (20 ms) behind its slot,
+    // a millisecond or two of loopback: never under the upstream's 100 ms.
+    assert!(closest >= common::SIM_INTERVAL, "closest {closest:?}");
     assert!(
         use_of_grid >= 0.9,
         "the fleet used {use_of_grid:.2} of the grid"
@@ -660,7 +663,9 @@ async fn replicas_started_without_redis_take_turns_by_their_index() {
     assert_eq!(spread_burst(&f, 0, 30).await, 30);
     let (penalised, closest, use_of_grid) = judged(&f, since);
     assert_eq!(penalised, 0);
-    assert!(closest >= Duration::from_millis(125), "closest {closest:?}");
+    // Positions 140 ms apart, a start up to the late tolerance (20 ms) behind its slot,
+    // a millisecond or two of loopback: never under the upstream's 100 ms.
+    assert!(closest >= common::SIM_INTERVAL, "closest {closest:?}");
     assert!(
         use_of_grid >= 0.9,
         "the fleet used {use_of_grid:.2} of the grid"

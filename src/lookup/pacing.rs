@@ -303,6 +303,9 @@ struct Causal {
     /// The latest start's call came back at this instant with no other call open: it has
     /// certainly arrived, and so has every call before it.
     settled: Option<(Instant, Instant)>,
+    /// No start before this: an answered call took longer than the quickest recent round
+    /// trips, so its arrival may have been that much late (see [`StartGate::call_ended`]).
+    pushed: Option<Instant>,
 }
 
 impl StartGate {
@@ -364,6 +367,13 @@ impl StartGate {
     /// clock, not the network) instead of from its start plus the whole learned guard.
     /// Returns that earliest next start when the rule applies and it is earlier than the
     /// usual floor; a learning gate only (a fixed one keeps its spacing).
+    ///
+    /// The same answer also bounds how late the call may have arrived, overlap or not: by
+    /// no more than its round trip exceeded the quickest recent ones (the rest of a round
+    /// trip is the same path and the same work). A one-off delay that the guard does not
+    /// cover (a 150 ms spike against a guard learned from a quiet network, or one that has
+    /// reached its ceiling) then pushes the next start by that excess, instead of letting
+    /// it arrive less than an interval after this one.
     pub(crate) fn call_ended(
         &self,
         started: Instant,
@@ -374,6 +384,11 @@ impl StartGate {
         let mut causal = self.causal();
         causal.open = causal.open.saturating_sub(1);
         let guard = self.guard.as_ref()?;
+        if !self.fleet && answered {
+            let excess = guard.excess(at - started);
+            let pushed = started + self.interval + guard.floor() + excess;
+            causal.pushed = causal.pushed.max(Some(pushed));
+        }
         if self.fleet || !answered || causal.open > 0 || last != Some(started) {
             return None;
         }
@@ -400,8 +415,11 @@ impl StartGate {
     /// was itself late (or the guard rose since the slot was booked).
     pub(crate) fn earliest(&self, slot: Instant) -> Instant {
         let last = *self.last_start.lock().unwrap_or_else(|e| e.into_inner());
-        let settled = self.causal().settled;
-        last.map_or(slot, |l| {
+        let (settled, pushed) = {
+            let causal = self.causal();
+            (causal.settled, causal.pushed)
+        };
+        let earliest = last.map_or(slot, |l| {
             let floor = match settled {
                 // The latest start's call came back with nothing else open (and it left
                 // when it started: a late departure moves `last` past it).
@@ -409,7 +427,8 @@ impl StartGate {
                 _ => l + self.spacing(),
             };
             slot.max(floor)
-        })
+        });
+        earliest.max(pushed.unwrap_or(earliest))
     }
 
     /// A call that started at the last recorded start actually left at `at` (it had to
@@ -439,7 +458,15 @@ impl StartGate {
         penalty_until: impl Fn() -> Option<Instant>,
         hold_until: impl Fn() -> Option<Instant>,
     ) -> Result<Instant, GateRefusal> {
-        tokio::time::sleep_until(self.earliest(slot)).await;
+        // The earliest start can move while this waits (an answer pushes it, the guard
+        // rises): wait again until it holds still.
+        loop {
+            let earliest = self.earliest(slot);
+            if Instant::now() >= earliest {
+                break;
+            }
+            tokio::time::sleep_until(earliest).await;
+        }
         let now = Instant::now();
         if penalty_until().is_some_and(|until| now < until) {
             return Err(GateRefusal::Penalty);

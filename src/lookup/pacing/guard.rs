@@ -24,6 +24,10 @@
 //! its own spacing and start gate, but keeps reporting what it learned itself, so the fleet's
 //! guard falls again when the replica that raised it sees its raise decay.
 //!
+//! One-off delays that the spread does not cover (a spike in one call in twenty) are the
+//! start gate's: an answered call's round trip less the quickest recent ones bounds how late
+//! it arrived, and the next start waits that much more (`StartGate::call_ended`).
+//!
 //! The result is clamped between `--rate-guard` (the floor) and `--rate-guard-max` (the
 //! ceiling). With no spread and no penalty it stays at the floor: it never grows without a
 //! cause. The pacer books slots with the guard in force at booking; the start gate keeps
@@ -47,6 +51,11 @@ const HIGH_QUANTILE: f64 = 0.95;
 
 /// Each clean call takes this fraction off the penalty raise: it halves in about 22 calls.
 const DECAY_PER_CLEAN_CALL: f64 = 1.0 / 32.0;
+
+/// Spread below this is our own timer's and scheduler's noise, which the floor is there for
+/// (loopback round trips differ by a few tenths of a millisecond): the guard does not grow
+/// for it.
+const SPREAD_NOISE: Duration = Duration::from_millis(1);
 
 /// Why the guard in force is what it is (the `reason` label: the name in snake case).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
@@ -132,6 +141,14 @@ impl Guard {
         (state.in_force, state.reason)
     }
 
+    /// How much later than the quickest recent round trips (the window's low quantile) a
+    /// call that took `rtt` may have arrived, beyond the noise the floor is there for.
+    pub(crate) fn excess(&self, rtt: Duration) -> Duration {
+        let state = self.lock();
+        let quickest = quantile(&state.rtts, LOW_QUANTILE).unwrap_or_default();
+        rtt.saturating_sub(quickest).saturating_sub(SPREAD_NOISE)
+    }
+
     /// What this process learned by itself, whatever the fleet's guard: what a replica
     /// reports with its bookings.
     pub(crate) fn own(&self) -> Duration {
@@ -181,7 +198,7 @@ impl Guard {
 
     /// Recomputes the guard in force from the observations.
     fn settle(&self, state: &mut GuardState) {
-        let by_rtt = self.floor + spread(&state.rtts);
+        let by_rtt = self.floor + spread(&state.rtts).saturating_sub(SPREAD_NOISE);
         let (own, own_reason) = if state.raised > by_rtt {
             (state.raised, GuardReason::Penalty)
         } else if by_rtt > self.floor {
@@ -217,10 +234,16 @@ fn spread(rtts: &VecDeque<Duration>) -> Duration {
     if rtts.len() < 2 {
         return Duration::ZERO;
     }
+    let high = quantile(rtts, HIGH_QUANTILE).unwrap_or_default();
+    high.saturating_sub(quantile(rtts, LOW_QUANTILE).unwrap_or_default())
+}
+
+/// The `q` quantile of the window (nearest rank); `None` when it is empty.
+fn quantile(rtts: &VecDeque<Duration>, q: f64) -> Option<Duration> {
     let mut sorted: Vec<Duration> = rtts.iter().copied().collect();
     sorted.sort_unstable();
-    let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
-    at(HIGH_QUANTILE).saturating_sub(at(LOW_QUANTILE))
+    let last = sorted.len().checked_sub(1)?;
+    Some(sorted[(last as f64 * q).round() as usize])
 }
 
 #[cfg(test)]

@@ -291,3 +291,37 @@ async fn a_replicas_gate_follows_the_fleets_guard_less_the_late_tolerance() {
         last = next;
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_slower_than_the_quickest_pushes_the_next_start_by_the_excess() {
+    let guard = std::sync::Arc::new(Guard::new(10 * MS, 100 * MS));
+    for _ in 0..20 {
+        guard.clean_call(3 * MS);
+    }
+    let gate = StartGate::adaptive(1000 * MS, guard.clone());
+    let first = gate
+        .pass(Instant::now(), None, || None, || None)
+        .await
+        .unwrap();
+    // It comes back after 154 ms: 151 ms more than the quickest round trips, 150 beyond
+    // the noise the floor absorbs. Its arrival may have been that late, so the next start
+    // keeps 1/rate plus the floor from there, not from its start plus the 10 ms guard.
+    assert_eq!(gate.call_ended(first, first + 154 * MS, true), None);
+    assert_eq!(gate.earliest(first), first + 1160 * MS);
+    // An ordinary answer pushes nothing beyond the usual spacing.
+    let quiet = StartGate::adaptive(1000 * MS, guard.clone());
+    let start = quiet
+        .pass(Instant::now(), None, || None, || None)
+        .await
+        .unwrap();
+    quiet.call_ended(start, start + 4 * MS, true);
+    assert!(quiet.earliest(start) <= start + 1010 * MS);
+    // An unanswered call says nothing about its arrival.
+    let lost = StartGate::adaptive(1000 * MS, guard);
+    let start = lost
+        .pass(Instant::now(), None, || None, || None)
+        .await
+        .unwrap();
+    lost.call_ended(start, start + 900 * MS, false);
+    assert_eq!(lost.earliest(start), start + 1010 * MS);
+}
