@@ -1,6 +1,9 @@
 //! Three replicas, one upstream budget, through a real Redis (Debian's `redis-server`, started
 //! here on a loopback port; `scripts/install-deps.sh` installs it). One simulator plays the
 //! upstream and judges every arrival by its own clock, whichever replica sent it.
+//!
+//! Size: one harness (three replicas on one Redis) and every scenario that needs it, shared
+//! schedule and time division without Redis alike; a second file would copy the harness.
 
 mod common;
 
