@@ -325,3 +325,23 @@ async fn an_answer_slower_than_the_quickest_pushes_the_next_start_by_the_excess(
     lost.call_ended(start, start + 900 * MS, false);
     assert_eq!(lost.earliest(start), start + 1010 * MS);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_start_the_timer_woke_late_gives_back_up_to_the_slack() {
+    let guard = std::sync::Arc::new(Guard::new(10 * MS, 100 * MS));
+    let gate = StartGate::adaptive(1000 * MS, guard);
+    let t0 = Instant::now();
+    // Woken 1.5 ms behind its slot: the next slot keeps its place on the grid.
+    tokio::time::advance(MS + MS / 2).await;
+    let first = gate.pass(t0, None, || None, || None).await.unwrap();
+    assert_eq!(gate.earliest(t0 + 1010 * MS), t0 + 1010 * MS);
+    // Woken 5 ms behind: only 2 ms of it is the timer's to give back.
+    let slot = t0 + 1010 * MS;
+    tokio::time::advance(1010 * MS - (first - t0) + 5 * MS).await;
+    let second = gate.pass(slot, None, || None, || None).await.unwrap();
+    assert_eq!(second, slot + 5 * MS);
+    assert_eq!(gate.earliest(slot + 1010 * MS), second + 1008 * MS);
+    // A real departure later than the start gives nothing back.
+    gate.note_departure(second + 3 * MS);
+    assert_eq!(gate.earliest(slot + 1010 * MS), second + 1013 * MS);
+}
