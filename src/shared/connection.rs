@@ -31,9 +31,13 @@ const HEALTH_EVERY: Duration = Duration::from_millis(500);
 /// place within seconds but a slow check or two does not lose it.
 const PLACE_LEASE: Duration = Duration::from_secs(3);
 
-/// The fence a replica back from fallback puts before the shared schedule: the others
-/// notice Redis's return within a health check of it, and leave their grids then.
-const REJOIN_FENCE: Duration = Duration::from_secs(1);
+/// The fence a replica back from fallback puts before the shared schedule, for grid
+/// positions `period` apart: the others notice Redis's return within a health check of it
+/// (two, with a slow ping), and may call at a grid position until they do; the first shared
+/// slot must come a position after that.
+fn rejoin_fence(period: Duration) -> Duration {
+    HEALTH_EVERY * 2 + period
+}
 
 /// How long a replica entering fallback waits before its first grid slot: every other
 /// replica notices the loss within a health check plus a Redis timeout (its next ping
@@ -209,7 +213,7 @@ impl Shared {
         }
     }
 
-    /// Back from fallback: no shared slot before the fence (see [`REJOIN_FENCE`]).
+    /// Back from fallback: no shared slot before the fence (see [`rejoin_fence`]).
     async fn fence(&self) -> bool {
         let key = self.pace_key();
         let script = &self.fence;
@@ -218,7 +222,7 @@ impl Shared {
             .op("fence", |mut c| async move {
                 script
                     .key(&key)
-                    .arg(REJOIN_FENCE.as_micros() as u64)
+                    .arg(rejoin_fence(self.division.period()).as_micros() as u64)
                     .invoke_async::<i64>(&mut c)
                     .await
             })
