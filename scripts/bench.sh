@@ -7,13 +7,15 @@
 #   scripts/bench.sh --quick            the CI smoke test (under 3 minutes, no timing
 #                                       thresholds): report under target/bench-report/
 #   scripts/bench.sh --only hits,memory some scenarios: burst, identical, hits, overload,
-#                                       telemetry, memory, replicas, network (report
-#                                       under target/bench-report/)
+#                                       telemetry, memory, replicas, network, redis-down
+#                                       (report under target/bench-report/)
 #   scripts/bench.sh --only network     scenario 8 alone (about 8 minutes): the strict
 #                                       simulator behind a seeded network delay
+#   scripts/bench.sh --only redis-down  scenario 9 alone (about 4 minutes): three replicas
+#                                       while their Redis is stopped and restarted
 #   scripts/bench.sh ... --out PATH     write the report elsewhere
 #
-# Installs nothing. nginx, wrk and redis-server (the replicas scenario) must be installed
+# Installs nothing. nginx, wrk and redis-server (the replicas scenarios) must be installed
 # (`apt-get install -y nginx wrk redis-server`, which scripts/install-deps.sh does); this
 # script checks, builds the release binary the benchmark drives, and runs
 # `score-bench` (crates/bench).

@@ -20,8 +20,10 @@
 //! `telemetry`, `memory`, `replicas` (three proxies sharing one budget through a
 //! `redis-server` started here, against one process), `network` (the strict simulator
 //! behind a seeded one-way network delay, one simulator per contender: the learned guard
-//! against a fixed one and nginx). The full run writes `BENCHMARKS.md` (keeping its
-//! hand-written part, everything after the `HAND-WRITTEN` marker) and the nginx
+//! against a fixed one and nginx), `redis-down` (three replicas in shared mode while their
+//! `redis-server` is stopped and restarted, against the fallback before time division).
+//! The full run writes `BENCHMARKS.md` (keeping its hand-written part, everything after
+//! the `HAND-WRITTEN` marker) and the nginx
 //! configurations it used to `bench/nginx-*.generated.conf`; `--quick` (the CI smoke test)
 //! and `--only` write under `target/bench-report/` instead. Missed targets are reported, never a failure: timings on
 //! shared machines are noisy. A step that fails (a process that does not start, a status
@@ -64,7 +66,7 @@ use crate::suite::Suite;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 9] = [
     "burst",
     "identical",
     "hits",
@@ -73,6 +75,7 @@ const SCENARIOS: [&str; 8] = [
     "memory",
     "replicas",
     "network",
+    "redis-down",
 ];
 
 /// The workspace's root (this crate is `crates/bench`): where `target/`, `bench/` and
@@ -102,10 +105,11 @@ struct Args {
 
 const USAGE: &str =
     "usage: cargo run --release -p score-bench -- [--quick] [--only SCENARIO[,SCENARIO...]] [--out PATH]
-scenarios: burst, identical, hits, overload, telemetry, memory, replicas, network
+scenarios: burst, identical, hits, overload, telemetry, memory, replicas, network,
+redis-down
 the proxy binary is target/release/score-proxy (build it with `cargo build --release`)
 or $SCORE_PROXY_BIN; nginx and wrk must be on PATH (apt-get install -y nginx wrk), and
-redis-server for the replicas scenario (apt-get install -y redis-server)";
+redis-server for the replicas and redis-down scenarios (apt-get install -y redis-server)";
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
@@ -190,6 +194,9 @@ struct Plan {
     /// clients.
     network_steady: Option<Duration>,
     network_steady_clients: usize,
+    /// Scenario 9: distinct lookups in each burst over the three replicas (`--quick` runs
+    /// case (a) only).
+    redis_down_burst: usize,
 }
 
 impl Plan {
@@ -214,6 +221,7 @@ impl Plan {
                 network_spikes_burst: 10,
                 network_steady: None,
                 network_steady_clients: 3,
+                redis_down_burst: 9,
             }
         } else {
             Plan {
@@ -235,6 +243,7 @@ impl Plan {
                 network_spikes_burst: 100,
                 network_steady: Some(Duration::from_secs(180)),
                 network_steady_clients: 3,
+                redis_down_burst: 30,
             }
         }
     }
@@ -276,14 +285,20 @@ async fn run(args: Args) -> Result<()> {
     };
 
     let bin = proxy_bin()?;
-    if scenarios.iter().any(|s| *s != "memory") {
+    if scenarios
+        .iter()
+        .any(|s| !matches!(*s, "memory" | "redis-down"))
+    {
         on_path("nginx").context(
             "nginx is not on PATH: install it with `apt-get install -y nginx` (CI does)",
         )?;
     }
-    if scenarios.contains(&"replicas") {
+    if scenarios
+        .iter()
+        .any(|s| matches!(*s, "replicas" | "redis-down"))
+    {
         on_path("redis-server").context(
-            "redis-server is not on PATH: the replicas scenario needs it \
+            "redis-server is not on PATH: the replicas scenarios need it \
              (`apt-get install -y redis-server`; scripts/install-deps.sh installs it)",
         )?;
     }
@@ -326,6 +341,7 @@ async fn run(args: Args) -> Result<()> {
             "memory" => scenario::memory::run(&mut suite).await,
             "replicas" => scenario::replicas::run(&mut suite).await,
             "network" => scenario::network::run(&mut suite).await,
+            "redis-down" => scenario::redis_down::run(&mut suite).await,
             _ => unreachable!("scenario names are checked when parsed"),
         }
         .with_context(|| format!("scenario {s}"))?;

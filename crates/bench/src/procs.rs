@@ -8,6 +8,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -316,12 +317,19 @@ pub(crate) struct Redis {
 
 impl Redis {
     pub(crate) async fn start(ws: &Workspace) -> Result<Redis> {
+        Redis::start_on(ws, free_port()?).await
+    }
+
+    /// As [`Redis::start`], on `port`: scenario 9 stops Redis (drops it: SIGKILL, as a
+    /// crash) and starts it again where the replicas look for it. Each start logs in its
+    /// own directory.
+    pub(crate) async fn start_on(ws: &Workspace, port: u16) -> Result<Redis> {
+        static STARTS: AtomicU32 = AtomicU32::new(0);
         let bin = on_path("redis-server").context(
-            "redis-server is not installed: the replicas scenario needs it \
+            "redis-server is not installed: the replicas scenarios need it \
              (apt-get install -y redis-server; scripts/install-deps.sh installs it)",
         )?;
-        let port = free_port()?;
-        let dir = ws.subdir("redis")?;
+        let dir = ws.subdir(&format!("redis-{}", STARTS.fetch_add(1, Ordering::Relaxed)))?;
         let mut cmd = Command::new(bin);
         cmd.current_dir(&dir).args([
             "--port",

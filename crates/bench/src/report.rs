@@ -211,13 +211,15 @@ pub(crate) fn render(
          scripts/bench.sh --quick                    # the CI smoke test: small sizes, no thresholds\n\
          scripts/bench.sh --only hits,memory         # some scenarios (report under target/bench-report/)\n\
          scripts/bench.sh --only network             # scenario 8 alone: pacing across a seeded network delay\n\
+         scripts/bench.sh --only redis-down          # scenario 9 alone: three replicas while Redis is down\n\
          # or, by hand:\n\
          cargo build --release --workspace && cargo run --release -p score-bench -- [--quick] [--only S] [--out PATH]\n\
          ```\n\n\
          Each run starts its own processes on free loopback ports: `target/release/score-sim`, \
          the proxy (`target/release/score-proxy --listen ... --upstream-url \
          ...`), `nginx -p TMP -e TMP/error.log -c TMP/nginx.conf -g 'daemon off;'`, and for \
-         scenario 7 `redis-server --port PORT --bind 127.0.0.1 --save '' --appendonly no`; \
+         scenarios 7 and 9 `redis-server --port PORT --bind 127.0.0.1 --save '' --appendonly \
+         no` (scenario 9 kills it and starts another on the same port); \
          scenario 8 starts one more `score-sim` per contender and sets its network through \
          `PUT /__sim/config` (`arrival_delay`, `seed`, as `score-sim --arrival-delay ... \
          --seed ...` would); the cache hits run `wrk {} -s bench/wrk.lua URL` with `BENCH_KEYS` \

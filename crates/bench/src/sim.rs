@@ -152,6 +152,20 @@ impl Sim {
         serde_json::from_slice(&body).context("parsing /__sim/stats")
     }
 
+    /// Arrivals since the last reset, without the list of them: cheap enough to poll while
+    /// a burst runs (scenario 9 stops Redis after the first few calls).
+    pub(crate) async fn calls(&self) -> Result<u64> {
+        let resp = self
+            .client
+            .get(format!("{}/__sim/stats?arrivals=false", self.base))
+            .send()
+            .await?;
+        ensure!(resp.status() == 200, "simulator stats: {}", resp.status());
+        let body = resp.bytes().await?;
+        let stats: SimStats = serde_json::from_slice(&body).context("parsing /__sim/stats")?;
+        Ok(stats.calls)
+    }
+
     /// An arrival's time on the harness clock.
     pub(crate) fn to_harness(&self, at: Duration) -> f64 {
         at.as_secs_f64() - self.offset
