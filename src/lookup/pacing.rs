@@ -394,9 +394,12 @@ impl StartGate {
         causal.open = causal.open.saturating_sub(1);
         let guard = self.guard.as_ref()?;
         if !self.fleet && answered {
+            // No excess, no news: the usual spacing (with the timer's slack) holds.
             let excess = guard.excess(at - started);
-            let pushed = started + self.interval + guard.floor() + excess;
-            causal.pushed = causal.pushed.max(Some(pushed));
+            if !excess.is_zero() {
+                let pushed = started + self.interval + guard.floor() + excess;
+                causal.pushed = causal.pushed.max(Some(pushed));
+            }
         }
         if self.fleet || !answered || causal.open > 0 || last != Some(started) {
             return None;

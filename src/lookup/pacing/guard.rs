@@ -49,6 +49,10 @@ const WINDOW: usize = 32;
 const LOW_QUANTILE: f64 = 0.05;
 const HIGH_QUANTILE: f64 = 0.95;
 
+/// Round trips to know before their quickest is trusted as the network's (see
+/// [`Guard::excess`]).
+const WARM_UP: usize = 8;
+
 /// Each clean call takes this fraction off the penalty raise: it halves in about 22 calls.
 const DECAY_PER_CLEAN_CALL: f64 = 1.0 / 32.0;
 
@@ -142,10 +146,16 @@ impl Guard {
     }
 
     /// How much later than the quickest recent round trips (the window's low quantile) a
-    /// call that took `rtt` may have arrived, beyond the noise the floor is there for.
+    /// call that took `rtt` may have arrived, beyond the noise the floor is there for. While
+    /// fewer than [`WARM_UP`] round trips are known, the quickest of them may be far above
+    /// the network's quickest, so the whole round trip counts.
     pub(crate) fn excess(&self, rtt: Duration) -> Duration {
         let state = self.lock();
-        let quickest = quantile(&state.rtts, LOW_QUANTILE).unwrap_or_default();
+        let quickest = if state.rtts.len() < WARM_UP {
+            Duration::ZERO
+        } else {
+            quantile(&state.rtts, LOW_QUANTILE).unwrap_or_default()
+        };
         rtt.saturating_sub(quickest).saturating_sub(SPREAD_NOISE)
     }
 
@@ -365,5 +375,18 @@ mod tests {
         assert_eq!(guard.snapshot(), (100 * MS, GuardReason::Fleet));
         guard.note_fleet(10 * MS);
         assert_eq!(guard.snapshot(), (80 * MS, GuardReason::Penalty));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_excess_counts_the_whole_round_trip_until_the_quickest_is_known() {
+        let guard = Guard::new(10 * MS, 100 * MS);
+        guard.clean_call(20 * MS);
+        // One round trip known: 20 ms may be the network's quickest or a slow one.
+        assert_eq!(guard.excess(25 * MS), 24 * MS);
+        for _ in 0..WARM_UP {
+            guard.clean_call(3 * MS);
+        }
+        assert_eq!(guard.excess(25 * MS), 21 * MS);
+        assert_eq!(guard.excess(3 * MS), Duration::ZERO);
     }
 }
