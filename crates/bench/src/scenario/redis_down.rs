@@ -483,7 +483,7 @@ fn body(n: usize, quick: bool, rows: &[Vec<String>], notes: &[String]) -> String
          rate, penalised arrivals included; in case (b) over both bursts (back to back, so \
          lookups wait the whole time) and per burst, where each switch costs a settle (a \
          health check plus the Redis timeout, about 0.7 s, before the first grid slot) and, \
-         on Redis's return, a 1 s fence before the shared schedule. A place's positions are its \
+         on Redis's return, a fence of two health checks plus a position (2.1 s) before the shared schedule. A place's positions are its \
          own: those of a replica with nothing waiting pass unused, so the fleet reaches the \
          grid's best only while every replica has lookups waiting (in case (b) the shared \
          schedule serves a burst in booking order, so when Redis goes the replicas are left \
