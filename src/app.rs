@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
-use tracing::{Instrument, field};
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::lookup::breaker::Breaker;
@@ -25,7 +25,7 @@ use crate::shared::{Shared, SharedConfig};
 use crate::shutdown::Lifecycle;
 use crate::telemetry::metrics::{Metrics, MetricsConfig};
 use crate::telemetry::redact;
-use crate::telemetry::{self, FlightOrigin, TraceIds};
+use crate::telemetry::{self, FlightOrigin, HeadStages, TraceIds};
 
 /// A score, and how it was obtained.
 #[derive(Debug)]
@@ -178,49 +178,63 @@ impl App {
     /// One `/proxy/score` lookup, from the raw query string to an answer or an error.
     ///
     /// `queue_timeout` is the raw `X-Queue-Timeout` header, if the client sent one: it can
-    /// only shorten the configured queue timeout, for this lookup.
+    /// only shorten the configured queue timeout, for this lookup. `request_span` is the
+    /// request's server span (`Span::none()` when it is not traced); it is entered only
+    /// around the fetch, where the stages that follow are its children: a hit never enters
+    /// it.
     pub(crate) async fn lookup(
         &self,
         raw_query: Option<&str>,
         queue_timeout: Option<&[u8]>,
         trace: &TraceIds,
+        request_span: &tracing::Span,
         report: &mut LookupReport,
     ) -> Result<Answer, ProxyError> {
-        let request_span = tracing::Span::current();
+        // A traced lookup's first two stages are timed, not spanned: a hit is one span.
+        let mut stages = HeadStages::start(trace);
 
         // 1. Validation: a bad CPF or client id is refused here and costs no upstream budget.
-        let (key, max_wait) = {
-            let _span = tracing::info_span!("validation").entered();
+        let validated = {
             let rejected = |e: validation::QueryError| {
                 self.metrics.validation_rejected(e.reason());
                 ProxyError::InvalidQuery(e)
             };
-            let key =
-                validation::parse_lookup(raw_query, self.default_client_id()).map_err(rejected)?;
-            let max_wait = queue_timeout
-                .map(validation::parse_queue_timeout)
-                .transpose()
-                .map_err(rejected)?;
-            (key, max_wait)
+            validation::parse_lookup(raw_query, self.default_client_id())
+                .and_then(|key| {
+                    let max_wait = queue_timeout
+                        .map(validation::parse_queue_timeout)
+                        .transpose()?;
+                    Ok((key, max_wait))
+                })
+                .map_err(rejected)
         };
-        if !request_span.is_disabled() {
+        if let Some(stages) = &mut stages {
+            stages.validated();
+        }
+        let (key, max_wait) = match validated {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some(stages) = &stages {
+                    stages.spans(request_span);
+                }
+                return Err(e);
+            }
+        };
+        if !request_span.is_none() {
             // Keyed-hash tags, never the values; computed only when a span records them.
             request_span.record("score_proxy.cpf", redact::cpf(key.cpf));
             request_span.record("score_proxy.client", redact::client(&key.client_id));
         }
 
         // 2. Cache, keyed by client id and CPF: a hit never leaves this process.
-        let cached = {
-            let span = tracing::info_span!("cache.lookup", score_proxy.cache.result = field::Empty);
-            let _entered = span.enter();
-            let cached = self.cache.get(&key);
-            let result = match cached {
-                CacheLookup::Fresh(_) => "hit",
-                CacheLookup::Stale(_) | CacheLookup::Miss => "miss",
-            };
-            span.record("score_proxy.cache.result", result);
-            cached
-        };
+        let cached = self.cache.get(&key);
+        if let Some(stages) = &mut stages {
+            stages.looked_up();
+            match cached {
+                CacheLookup::Fresh(_) => stages.hit(request_span),
+                CacheLookup::Stale(_) | CacheLookup::Miss => stages.spans(request_span),
+            }
+        }
         let stale = match cached {
             CacheLookup::Fresh(hit) => return Ok(self.hit(hit, report)),
             CacheLookup::Stale(old) => Some(old),
@@ -229,7 +243,8 @@ impl App {
 
         // 3-4. Fetch through the queue, the pacer and the upstream.
         match self
-            .fetch(&key, max_wait, trace, &request_span, report)
+            .fetch(&key, max_wait, trace, request_span, report)
+            .instrument(request_span.clone())
             .await
         {
             // Stale-if-error: an expired answer beats an error the caller can do nothing
@@ -283,19 +298,18 @@ impl App {
             if let Some(position) = waiter.queued().await {
                 waiter
                     .started()
-                    .instrument(tracing::info_span!(
-                        "queue.wait",
-                        score_proxy.queue.position = position
-                    ))
+                    .instrument(telemetry::stage_span(trace, || {
+                        tracing::info_span!("queue.wait", score_proxy.queue.position = position)
+                    }))
                     .await;
             }
         }
 
         let mut closed = self.lifecycle.subscribe();
-        let wait_span = match cache_result {
+        let wait_span = telemetry::stage_span(trace, || match cache_result {
             CacheResult::Coalesced => tracing::info_span!("coalesce.wait"),
             _ => tracing::info_span!("upstream.wait"),
-        };
+        });
         let result = tokio::select! {
             result = waiter.wait().instrument(wait_span.clone()) => result,
             _ = closed.wait_for(|l| *l == Lifecycle::Closed) => Err(ProxyError::ShuttingDown),

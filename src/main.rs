@@ -38,9 +38,19 @@ fn serve(args: &ServeArgs, demo: Option<&DemoArgs>) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let log = match telemetry::LogSettings::from_env(config.log_format, |name| {
+        std::env::var(name).ok()
+    }) {
+        Ok(log) => log,
+        Err(problem) => {
+            eprintln!("score-proxy: invalid configuration:\n  {problem}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     // Telemetry is set up outside the runtime: the OTLP exporter's blocking HTTP client
-    // must not be created or dropped inside it.
-    let _telemetry = match telemetry::init(config.log_format, &config.otel) {
+    // must not be created or dropped inside it. The guard lives to the end of `serve`, after
+    // the drain: dropping it exports the last spans, then writes out the buffered log lines.
+    let _telemetry = match telemetry::init(&log, &config.otel) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("score-proxy: cannot set up telemetry: {e:#}");

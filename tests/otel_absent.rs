@@ -4,7 +4,7 @@
 mod common;
 
 use common::{Setup, cpf, spawn};
-use score_proxy::telemetry::{self, LogFormat, OtelSettings};
+use score_proxy::telemetry::{self, LogFormat, LogSettings, OtelSettings};
 use score_test_support::logs::LogCapture;
 
 #[tokio::test]
@@ -14,7 +14,13 @@ async fn no_endpoint_means_no_exporter_and_no_noise() {
     let logs = LogCapture::new();
     let writer = logs.make_writer();
     let guard = std::thread::spawn(move || {
-        telemetry::init_with(LogFormat::Json, &settings, Some("debug"), writer).unwrap()
+        telemetry::init_with(
+            &LogSettings::new(LogFormat::Json),
+            &settings,
+            Some("debug"),
+            writer,
+        )
+        .unwrap()
     })
     .join()
     .unwrap();

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Setup, cpf, spawn};
-use score_proxy::telemetry::{self, LogFormat, OtelSettings, OtlpProtocol};
+use score_proxy::telemetry::{self, LogFormat, LogSettings, OtelSettings, OtlpProtocol};
 use score_test_support::logs::LogCapture;
 
 #[tokio::test]
@@ -21,11 +21,12 @@ async fn an_unreachable_collector_costs_lookups_nothing() {
     let writer = LogCapture::new().make_writer();
     let guard = std::thread::spawn(move || {
         telemetry::init_with(
-            LogFormat::Json,
+            &LogSettings::new(LogFormat::Json),
             &OtelSettings {
                 traces_endpoint: Some(format!("http://127.0.0.1:{port}/v1/traces")),
                 protocol: OtlpProtocol::HttpProtobuf,
                 service_name: "score-proxy".into(),
+                ..OtelSettings::default()
             },
             Some("info"),
             writer,

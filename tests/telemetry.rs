@@ -6,184 +6,26 @@
 //! [`telemetry`]) and tells its spans apart by trace id.
 
 mod common;
+mod otlp;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{Setup, cpf, spawn};
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
-use prost::Message;
-use score_proxy::telemetry::{self, LogFormat, OtelSettings, OtlpProtocol, TelemetryGuard};
-use score_test_support::logs::LogCapture;
+use otlp::{Otel, assert_private, one, parse_traceparent};
+use score_proxy::telemetry::TraceSampler;
 
-/// One span as received, flattened.
-#[derive(Clone, Debug)]
-struct Span {
-    name: String,
-    trace_id: String,
-    span_id: String,
-    parent_span_id: String,
-    kind: i32,
-    attributes: HashMap<String, String>,
-    links: Vec<(String, String)>,
+/// The process-wide set-up: receiver, exporter with the default sampler
+/// (`parentbased_always_on`), and log capture at trace level.
+fn telemetry() -> &'static Otel {
+    static OTEL: OnceLock<Otel> = OnceLock::new();
+    OTEL.get_or_init(|| otlp::install(TraceSampler::default()))
 }
 
-struct Shared {
-    guard: TelemetryGuard,
-    spans: Arc<Mutex<Vec<Span>>>,
-    received: Arc<tokio::sync::Notify>,
-    logs: LogCapture,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn value(v: &Option<AnyValue>) -> String {
-    match v.as_ref().and_then(|v| v.value.as_ref()) {
-        Some(any_value::Value::StringValue(s)) => s.clone(),
-        Some(any_value::Value::IntValue(i)) => i.to_string(),
-        Some(any_value::Value::BoolValue(b)) => b.to_string(),
-        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
-        other => format!("{other:?}"),
-    }
-}
-
-/// The OTLP receiver: `POST /v1/traces` with a protobuf `ExportTraceServiceRequest`.
-fn start_receiver(spans: Arc<Mutex<Vec<Span>>>, received: Arc<tokio::sync::Notify>) -> String {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let app = axum::Router::new().route(
-                "/v1/traces",
-                axum::routing::post(move |body: axum::body::Bytes| {
-                    let spans = spans.clone();
-                    let received = received.clone();
-                    async move {
-                        let request = ExportTraceServiceRequest::decode(body)
-                            .expect("a valid ExportTraceServiceRequest");
-                        let mut out = spans.lock().unwrap();
-                        for rs in request.resource_spans {
-                            let service = rs
-                                .resource
-                                .iter()
-                                .flat_map(|r| &r.attributes)
-                                .find(|kv| kv.key == "service.name")
-                                .map(|kv| value(&kv.value));
-                            assert_eq!(service.as_deref(), Some("score-proxy-test"));
-                            for ss in rs.scope_spans {
-                                for s in ss.spans {
-                                    out.push(Span {
-                                        name: s.name,
-                                        trace_id: hex(&s.trace_id),
-                                        span_id: hex(&s.span_id),
-                                        parent_span_id: hex(&s.parent_span_id),
-                                        kind: s.kind,
-                                        attributes: s
-                                            .attributes
-                                            .iter()
-                                            .map(|kv| (kv.key.clone(), value(&kv.value)))
-                                            .collect(),
-                                        links: s
-                                            .links
-                                            .iter()
-                                            .map(|l| (hex(&l.trace_id), hex(&l.span_id)))
-                                            .collect(),
-                                    });
-                                }
-                            }
-                        }
-                        drop(out);
-                        received.notify_waiters();
-                        ""
-                    }
-                }),
-            );
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            axum::serve(listener, app).await.unwrap();
-        });
-    });
-    format!("http://{}/v1/traces", rx.recv().unwrap())
-}
-
-/// The process-wide set-up: receiver, exporter, and log capture at trace level. Done on a
-/// plain thread: the exporter's blocking HTTP client must not be built inside a runtime.
-fn telemetry() -> &'static Shared {
-    static SHARED: OnceLock<Shared> = OnceLock::new();
-    SHARED.get_or_init(|| {
-        std::thread::spawn(|| {
-            let spans = Arc::new(Mutex::new(Vec::new()));
-            let received = Arc::new(tokio::sync::Notify::new());
-            let endpoint = start_receiver(spans.clone(), received.clone());
-            let logs = LogCapture::new();
-            let guard = telemetry::init_with(
-                LogFormat::Json,
-                &OtelSettings {
-                    traces_endpoint: Some(endpoint),
-                    protocol: OtlpProtocol::HttpProtobuf,
-                    service_name: "score-proxy-test".into(),
-                },
-                Some("trace"),
-                logs.make_writer(),
-            )
-            .expect("telemetry starts");
-            Shared {
-                guard,
-                spans,
-                received,
-                logs,
-            }
-        })
-        .join()
-        .unwrap()
-    })
-}
-
-/// Waits until the spans of `trace_id` include every name in `names`, flushing the exporter
-/// (spans end when their request is done, which can be just after the client has its answer).
-async fn spans_of(trace_id: &str, names: &[&str]) -> Vec<Span> {
-    let shared = telemetry();
-    let found = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            let notified = shared.received.notified();
-            tokio::task::spawn_blocking(|| telemetry().guard.flush())
-                .await
-                .unwrap();
-            let spans: Vec<Span> = shared
-                .spans
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|s| s.trace_id == trace_id)
-                .cloned()
-                .collect();
-            if names.iter().all(|n| spans.iter().any(|s| s.name == *n)) {
-                return spans;
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
-        }
-    })
-    .await;
-    found.unwrap_or_else(|_| {
-        panic!(
-            "spans {names:?} of trace {trace_id} never arrived; got {:#?}",
-            shared.spans.lock().unwrap()
-        )
-    })
-}
-
-fn one<'a>(spans: &'a [Span], name: &str) -> &'a Span {
-    let matching: Vec<_> = spans.iter().filter(|s| s.name == name).collect();
-    assert_eq!(matching.len(), 1, "one {name} span: {spans:#?}");
-    matching[0]
+/// Waits until the spans of `trace_id` include every name in `names`.
+async fn spans_of(trace_id: &str, names: &[&str]) -> Vec<otlp::Span> {
+    telemetry().spans_of(trace_id, names).await
 }
 
 const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -380,11 +222,18 @@ async fn no_cpf_or_client_id_in_any_span_log_line_or_metric_across_every_scenari
     t.queue_depth_reaches(1).await;
     assert_eq!(hung.await.unwrap().status, 504);
     assert_eq!(queued.await.unwrap().status, 200);
+    // Untraced (the caller did not sample): a miss and a hit, logged, with no span.
+    let untraced = [(
+        "traceparent",
+        "00-66666666666666666666666666666666-00f067aa0ba902b7-00",
+    )];
+    for _ in 0..2 {
+        let r = t.spawn_lookup_with(&secrets[8], SECRET_CLIENT, &untraced);
+        assert_eq!(r.await.unwrap().status, 200);
+    }
 
     // Everything the proxy emitted, now that the scenarios are over.
-    tokio::task::spawn_blocking(|| telemetry().guard.flush())
-        .await
-        .unwrap();
+    telemetry().flush().await;
     let metrics = t.metrics().await;
     let logs = telemetry().logs.text();
     assert!(
@@ -425,18 +274,7 @@ async fn the_access_log_has_one_json_line_per_request_with_its_trace_id() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    // The line is written just after the response: wait for it.
-    let line = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let logs = telemetry().logs.text();
-            if let Some(line) = logs.lines().find(|l| l.contains(trace)) {
-                return line.to_owned();
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("an access log line for the request");
+    let line = telemetry().log_line(trace).await;
     let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(entry["target"], "score_proxy::access");
     assert_eq!(entry["route"], "/proxy/score");
@@ -449,12 +287,109 @@ async fn the_access_log_has_one_json_line_per_request_with_its_trace_id() {
     assert!(entry["duration_ms"].is_number());
 }
 
-/// No attribute value, name or link of any span holds one of `secrets`.
-fn assert_private(spans: &[Span], secrets: &[&str]) {
-    for span in spans {
-        let text = format!("{span:?}");
-        for secret in secrets {
-            assert!(!text.contains(secret), "span holds {secret}: {span:#?}");
-        }
+#[tokio::test]
+async fn the_access_log_has_exactly_one_line_per_request_when_its_buffer_has_room() {
+    telemetry();
+    let t = spawn(Setup::default()).await;
+    // Each request under a trace id of its own, sharing a prefix no other test uses.
+    let prefix = "9999999999999999999999999999";
+    const REQUESTS: usize = 60;
+    let lookup_cpf = cpf(4747);
+    for i in 0..REQUESTS {
+        let traceparent = format!("00-{prefix}{i:04}-{CALLER_SPAN}-00");
+        let r = t.spawn_lookup_with(&lookup_cpf, "000", &[("traceparent", &traceparent)]);
+        assert_eq!(r.await.unwrap().status, 200);
     }
+    // Each line is buffered before its response is sent: flushing now writes them all.
+    telemetry().flush().await;
+    let logs = telemetry().logs.text();
+    let lines: Vec<&str> = logs.lines().filter(|l| l.contains(prefix)).collect();
+    assert_eq!(lines.len(), REQUESTS, "{lines:#?}");
+    for line in lines {
+        let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(entry["target"], "score_proxy::access");
+    }
+    assert_eq!(t.metric("score_proxy_log_lines_dropped_total").await, 0.0);
+}
+
+#[tokio::test]
+async fn a_traced_hit_is_one_span_with_its_stage_timings() {
+    telemetry();
+    let t = spawn(Setup::default()).await;
+    let lookup_cpf = cpf(4545);
+    assert_eq!(t.lookup(&lookup_cpf, SECRET_CLIENT).await.x_cache(), "MISS");
+    let trace = "44444444444444444444444444444444";
+    let traceparent = format!("00-{trace}-{CALLER_SPAN}-01");
+    let r = t
+        .spawn_lookup_with(&lookup_cpf, SECRET_CLIENT, &[("traceparent", &traceparent)])
+        .await
+        .unwrap();
+    assert_eq!(r.x_cache(), "HIT");
+
+    // A hit makes no span but its request's, so once that one is in, the trace is whole.
+    let spans = spans_of(trace, &["GET /proxy/score"]).await;
+    assert_eq!(spans.len(), 1, "a hit is one span: {spans:#?}");
+    let server = &spans[0];
+    assert_eq!(server.kind, SpanKind::Server as i32);
+    assert_eq!(server.parent_span_id, CALLER_SPAN);
+    assert_eq!(server.attributes["score_proxy.cache"], "hit");
+    assert_eq!(server.attributes["http.response.status_code"], "200");
+    for timing in [
+        "score_proxy.validation.duration_ns",
+        "score_proxy.cache.lookup.duration_ns",
+    ] {
+        let nanos: u64 = server.attributes[timing].parse().unwrap();
+        assert!(nanos < 60_000_000_000, "{timing} = {nanos}");
+    }
+    let (_, span_id, flags) = parse_traceparent(r.header("traceparent").unwrap());
+    assert_eq!(
+        (span_id.as_str(), flags.as_str()),
+        (server.span_id.as_str(), "01")
+    );
+    assert_private(&spans, &[&lookup_cpf, SECRET_CLIENT]);
+}
+
+#[tokio::test]
+async fn a_caller_that_did_not_sample_is_not_traced_and_its_trace_goes_on_upstream() {
+    telemetry();
+    let t = spawn(Setup::default()).await;
+    let trace = "77777777777777777777777777777777";
+    let traceparent = format!("00-{trace}-{CALLER_SPAN}-00");
+    let r = t
+        .spawn_lookup_with(&cpf(4646), SECRET_CLIENT, &[("traceparent", &traceparent)])
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.x_cache()), (200, "MISS"));
+    assert_eq!(r.header("x-trace-id"), Some(trace));
+    let (response_trace, response_span, flags) =
+        parse_traceparent(r.header("traceparent").unwrap());
+    assert_eq!((response_trace.as_str(), flags.as_str()), (trace, "00"));
+    assert_ne!(response_span, CALLER_SPAN);
+    // Upstream, the same trace, not sampled, under a span id of the call's own.
+    let sent = t.sim.stats().arrivals[0]
+        .traceparent
+        .clone()
+        .expect("a traceparent upstream");
+    let (sent_trace, sent_span, sent_flags) = parse_traceparent(&sent);
+    assert_eq!((sent_trace.as_str(), sent_flags.as_str()), (trace, "00"));
+    assert_ne!(sent_span, CALLER_SPAN);
+
+    // A traced lookup through the same stages afterwards: once its spans are in, any span
+    // of the untraced one would be too.
+    let traced = "78787878787878787878787878787878";
+    let traceparent = format!("00-{traced}-{CALLER_SPAN}-01");
+    let r = t
+        .spawn_lookup_with(&cpf(4647), SECRET_CLIENT, &[("traceparent", &traceparent)])
+        .await
+        .unwrap();
+    assert_eq!(r.x_cache(), "MISS");
+    spans_of(traced, &["GET /proxy/score", "GET", "upstream.wait"]).await;
+    assert!(
+        telemetry().spans_with(trace).is_empty(),
+        "the untraced lookup exported spans: {:#?}",
+        telemetry().spans_with(trace)
+    );
+    // Its access-log line is written all the same.
+    let line = telemetry().log_line(trace).await;
+    assert!(line.contains("score_proxy::access"), "{line}");
 }

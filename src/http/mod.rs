@@ -1,8 +1,8 @@
 //! The HTTP surface: routes, the per-request observation layer, and the handlers.
 //!
-//! Every request passes [`observe`], which opens the server span (continuing an incoming
-//! `traceparent`), counts and times the request, puts the trace id on the response and
-//! writes the one access-log line. Handlers only produce responses; only `error.rs` decides
+//! Every request passes [`observe`], which decides whether it is traced and opens its server
+//! span if so (continuing an incoming `traceparent`), counts and times the request, puts the
+//! trace id on the response and writes the one access-log line. Handlers only produce responses; only `error.rs` decides
 //! what a failure looks like.
 
 pub(crate) mod connection;
@@ -98,8 +98,8 @@ async fn observe(State(app): State<Arc<App>>, request: Request, next: Next) -> R
         .extensions()
         .get::<MatchedPath>()
         .map_or(Route::Unmatched, |m| Route::from_path(m.as_str()));
-    observed(&app, route, request, |request, ids| {
-        TRACE.scope(ids, next.run(request))
+    observed(&app, route, request, |request, ids, span| {
+        TRACE.scope(ids, next.run(request)).instrument(span)
     })
     .await
 }
@@ -109,13 +109,18 @@ async fn observe(State(app): State<Arc<App>>, request: Request, next: Next) -> R
 /// extensions, which cost a third of a cache hit.
 pub(crate) async fn score_direct<B>(app: Arc<App>, request: http::Request<B>) -> Response {
     let app_ref = &app;
-    observed(app_ref, Route::Score, request, |request, ids| async move {
-        let queue_timeout = request
-            .headers()
-            .get(validation::QUEUE_TIMEOUT_HEADER)
-            .map(HeaderValue::as_bytes);
-        score_response(app_ref, request.uri().query(), queue_timeout, &ids).await
-    })
+    observed(
+        app_ref,
+        Route::Score,
+        request,
+        |request, ids, span| async move {
+            let queue_timeout = request
+                .headers()
+                .get(validation::QUEUE_TIMEOUT_HEADER)
+                .map(HeaderValue::as_bytes);
+            score_response(app_ref, request.uri().query(), queue_timeout, &ids, &span).await
+        },
+    )
     .await
 }
 
@@ -124,8 +129,8 @@ pub(crate) fn is_lookup<B>(request: &http::Request<B>) -> bool {
     request.method() == http::Method::GET && request.uri().path() == Route::Score.as_str()
 }
 
-/// What happens around every request: the server span (continuing an incoming
-/// `traceparent`), the size limits, the in-flight gauge, the trace-id response headers, the
+/// What happens around every request: the sampling decision and the server span
+/// (continuing an incoming `traceparent`; none if the request is not traced), the size limits, the in-flight gauge, the trace-id response headers, the
 /// request counters and timings, and the access-log line, also when the client hangs up
 /// first.
 async fn observed<B, F, Fut>(
@@ -135,7 +140,7 @@ async fn observed<B, F, Fut>(
     handler: F,
 ) -> Response
 where
-    F: FnOnce(http::Request<B>, telemetry::TraceIds) -> Fut,
+    F: FnOnce(http::Request<B>, telemetry::TraceIds, tracing::Span) -> Fut,
     Fut: std::future::Future<Output = Response>,
 {
     let started = Instant::now();
@@ -161,7 +166,9 @@ where
     };
     let mut response = match oversized(&request) {
         Some(refusal) => refusal,
-        None => handler(request, ids).instrument(span.clone()).await,
+        // Not entered here: the handler enters it around the stages that have children of
+        // their own. A hit never does (entering and leaving a span costs more than a hit).
+        None => handler(request, ids, span.clone()).await,
     };
     unanswered.answered = true;
 
@@ -280,7 +287,7 @@ fn record(
     if route != Route::Metrics && route != Route::Health {
         tracing::info!(
             target: "score_proxy::access",
-            trace_id = %ids.trace_id,
+            trace_id = %ids.trace_id_hex(),
             route = route.as_str(),
             status,
             outcome,
@@ -314,7 +321,14 @@ async fn score(
     let queue_timeout = headers
         .get(validation::QUEUE_TIMEOUT_HEADER)
         .map(HeaderValue::as_bytes);
-    score_response(&app, query.as_deref(), queue_timeout, &ids).await
+    score_response(
+        &app,
+        query.as_deref(),
+        queue_timeout,
+        &ids,
+        &tracing::Span::current(),
+    )
+    .await
 }
 
 async fn score_response(
@@ -322,9 +336,13 @@ async fn score_response(
     query: Option<&str>,
     queue_timeout: Option<&[u8]>,
     ids: &telemetry::TraceIds,
+    span: &tracing::Span,
 ) -> Response {
     let mut report = LookupReport::default();
-    let (mut response, kind) = match app.lookup(query, queue_timeout, ids, &mut report).await {
+    let (mut response, kind) = match app
+        .lookup(query, queue_timeout, ids, span, &mut report)
+        .await
+    {
         Ok(answer) => {
             let kind = answer.cache.as_str();
             (answer_response(answer), kind)
@@ -490,6 +508,8 @@ async fn metrics_prometheus(State(app): State<Arc<App>>) -> Response {
     if let Some(shared) = &app.shared {
         app.metrics.set_division(&shared.division_report());
     }
+    app.metrics
+        .set_log_lines_dropped(telemetry::lines_dropped());
     (
         [(
             header::CONTENT_TYPE,

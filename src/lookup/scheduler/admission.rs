@@ -123,7 +123,11 @@ impl Scheduler {
     }
 
     fn spawn_admission(self: &Arc<Self>, flight: Arc<Flight>) {
-        let span = tracing::info_span!(parent: &flight.origin.span, "pacing.permit");
+        let span = if flight.origin.traced() {
+            tracing::info_span!(parent: &flight.origin.span, "pacing.permit")
+        } else {
+            tracing::Span::none()
+        };
         tokio::spawn(self.clone().admit(flight).instrument(span));
     }
 

@@ -84,11 +84,15 @@ impl Scheduler {
         flight: &Flight,
         now: Instant,
     ) -> Option<Result<Instant, BookError>> {
-        let booking_span = tracing::info_span!(
-            parent: &flight.origin.span,
-            "pacing.permit",
-            score_proxy.pacing.slot_in_seconds = tracing::field::Empty,
-        );
+        let booking_span = if flight.origin.traced() {
+            tracing::info_span!(
+                parent: &flight.origin.span,
+                "pacing.permit",
+                score_proxy.pacing.slot_in_seconds = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
         let booked = booking_span.in_scope(|| {
             self.pacer
                 .book_at_once(flight.deadline, self.queue_capacity)

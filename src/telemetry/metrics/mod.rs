@@ -14,7 +14,8 @@
 //! - `http`: requests by route and code, their durations, those in flight;
 //! - `connections`: per listener, open, refused and failed;
 //! - `validation`, `cache`, `queue`, `pacing` (with the pacing mode), `upstream`, `breaker`;
-//! - `shared`: shared mode's Redis operations, shared cache tier and cross-replica flights.
+//! - `shared`: shared mode's Redis operations, shared cache tier and cross-replica flights;
+//! - `logs`: log lines dropped because the log buffer was full.
 //!
 //! States (the breaker's, the pacing mode) are one series per state, 1 for the current one
 //! (kube-state-metrics' convention), and the `/metrics` handler sets them from the live state
@@ -30,6 +31,7 @@ mod breaker;
 mod cache;
 mod connections;
 mod http;
+mod logs;
 mod pacing;
 mod queue;
 mod shared;
@@ -79,6 +81,7 @@ pub struct Metrics {
     upstream: upstream::UpstreamMetrics,
     breaker: breaker::BreakerMetrics,
     shared: shared::SharedMetrics,
+    logs: logs::LogMetrics,
 }
 
 impl Metrics {
@@ -113,6 +116,7 @@ impl Metrics {
             upstream: upstream::UpstreamMetrics::new(&families),
             breaker: breaker::BreakerMetrics::new(&families),
             shared: shared::SharedMetrics::new(&families),
+            logs: logs::LogMetrics::new(&families),
             registry,
         }
     }

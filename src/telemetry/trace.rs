@@ -1,0 +1,523 @@
+//! Traces: the sampling decision at the request head, and the spans of a traced request.
+//!
+//! Whether a request is traced is decided **once, at its head**, by the standard sampler
+//! (`OTEL_TRACES_SAMPLER`, parent-based by default, so an incoming `traceparent`'s sampled
+//! flag is honoured both ways). An untraced request makes no span at all: its server span is
+//! [`Span::none`], its stage spans are not created, and the OpenTelemetry layer's filter
+//! ([`super::sampling::OtelFilter`]) refuses any span that would be its child; no OpenTelemetry span data is
+//! built and no attribute converted. It still has ids: the caller's trace id or a fresh one,
+//! a span id of its own, sent upstream in a `traceparent` with the sampled flag clear and
+//! returned to the caller.
+//!
+//! A traced request is one trace. A cache hit is one span (the server span) carrying the
+//! durations of validation and of the cache lookup as attributes; any other lookup gets the
+//! stage spans, made after the fact with the times measured (`validation`, `cache.lookup`),
+//! then `queue.wait`, `pacing.permit`, the upstream client span and `upstream.wait`, or
+//! `coalesce.wait` linked to the call it shared. Span attributes never hold a CPF or a
+//! client id: only [`crate::telemetry::redact`] tags.
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+use std::time::SystemTime;
+
+use http::{HeaderMap, HeaderValue};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{
+    Span as _, SpanContext, SpanId, SpanKind, TraceContextExt, TraceId, Tracer as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, SdkTracer, ShouldSample,
+};
+use tracing::{Span, field};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::sampling::TraceSampler;
+use crate::http::route::Route;
+use crate::lookup::upstream::UpstreamOutcome;
+
+/// What the request head needs when spans are exported: the sampler, and the tracer that
+/// makes the stage spans of a lookup after the fact.
+struct Head {
+    sampler: Sampler,
+    tracer: SdkTracer,
+}
+
+/// Set once, when the exporter is set up; unset means no span is ever made.
+static HEAD: OnceLock<Head> = OnceLock::new();
+
+pub(super) fn install(sampler: TraceSampler, tracer: SdkTracer) {
+    let _ = HEAD.set(Head {
+        sampler: sampler.sdk(),
+        tracer,
+    });
+}
+
+/// Whether spans are exported at all.
+fn tracing_on() -> bool {
+    HEAD.get().is_some()
+}
+
+thread_local! {
+    /// The trace id the head chose for a new trace, for the SDK to use when it starts the
+    /// server span on this same thread (a moment later, in [`server_span`]).
+    static NEXT_TRACE_ID: Cell<Option<TraceId>> = const { Cell::new(None) };
+}
+
+/// The provider's id generator: random ids, except a new trace's id, which the head has
+/// already drawn (the sampling decision depends on it).
+#[derive(Debug)]
+pub(super) struct HeadIds;
+
+impl IdGenerator for HeadIds {
+    fn new_trace_id(&self) -> TraceId {
+        NEXT_TRACE_ID
+            .take()
+            .unwrap_or_else(|| RandomIdGenerator::default().new_trace_id())
+    }
+
+    fn new_span_id(&self) -> SpanId {
+        RandomIdGenerator::default().new_span_id()
+    }
+}
+
+/// The W3C trace context of a request, as the response headers and the access log show it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TraceIds {
+    pub(crate) trace_id: TraceId,
+    pub(crate) span_id: SpanId,
+    /// The W3C sampled flag: the head's decision when spans are exported, otherwise the
+    /// caller's flag, passed on.
+    pub(crate) sampled: bool,
+}
+
+impl TraceIds {
+    /// Whether this request's spans exist (are made and exported).
+    pub(crate) fn traced(&self) -> bool {
+        self.sampled && tracing_on()
+    }
+
+    /// `00-<trace id>-<span id>-<flags>`.
+    pub(crate) fn traceparent(&self) -> String {
+        String::from_utf8_lossy(&self.traceparent_bytes()).into_owned()
+    }
+
+    /// The `traceparent` value, hex-encoded on the stack (this runs on every response).
+    pub(crate) fn traceparent_bytes(&self) -> [u8; 55] {
+        let mut out = [b'-'; 55];
+        out[..2].copy_from_slice(b"00");
+        hex_into(&mut out[3..35], &self.trace_id.to_bytes());
+        hex_into(&mut out[36..52], &self.span_id.to_bytes());
+        hex_into(&mut out[53..55], &[u8::from(self.sampled)]);
+        out
+    }
+
+    /// The trace id alone, 32 hex digits (the `x-trace-id` header and log field).
+    pub(crate) fn trace_id_bytes(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        hex_into(&mut out, &self.trace_id.to_bytes());
+        out
+    }
+
+    /// The trace id for the access log: displayed without the general formatting machinery
+    /// (`TraceId`'s own `Display` pads through `{:032x}`).
+    pub(crate) fn trace_id_hex(&self) -> TraceHex {
+        TraceHex(self.trace_id_bytes())
+    }
+}
+
+/// 32 hex digits, ready to be written.
+pub(crate) struct TraceHex([u8; 32]);
+
+impl std::fmt::Display for TraceHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(std::str::from_utf8(&self.0).map_err(|_| std::fmt::Error)?)
+    }
+}
+
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = crate::telemetry::redact::HEX[usize::from(b >> 4)];
+        pair[1] = crate::telemetry::redact::HEX[usize::from(b & 0xf)];
+    }
+}
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+struct OneHeader(Option<String>);
+
+impl Injector for OneHeader {
+    fn set(&mut self, key: &str, value: String) {
+        if key == "traceparent" {
+            self.0 = Some(value);
+        }
+    }
+}
+
+fn propagator() -> &'static TraceContextPropagator {
+    static P: OnceLock<TraceContextPropagator> = OnceLock::new();
+    P.get_or_init(TraceContextPropagator::new)
+}
+
+/// The caller's trace context, if it sent a valid `traceparent`.
+fn remote_parent(headers: &HeaderMap) -> Option<Context> {
+    if !headers.contains_key("traceparent") {
+        return None;
+    }
+    let cx = propagator().extract(&HeaderExtractor(headers));
+    cx.span().span_context().is_valid().then_some(cx)
+}
+
+/// The head of a request: decides whether it is traced and returns its server span
+/// (`Span::none()` when it is not; not yet entered) and the ids to put on the response.
+pub(crate) fn server_span(
+    route: Route,
+    method: &http::Method,
+    path: &str,
+    headers: &HeaderMap,
+) -> (Span, TraceIds) {
+    let ids = RandomIdGenerator::default();
+    let parent = remote_parent(headers);
+    let (trace_id, caller_sampled) = match &parent {
+        Some(cx) => {
+            let sc = cx.span().span_context().clone();
+            (sc.trace_id(), sc.is_sampled())
+        }
+        None => (ids.new_trace_id(), false),
+    };
+    let untraced = |sampled| {
+        let ids = TraceIds {
+            trace_id,
+            span_id: ids.new_span_id(),
+            sampled,
+        };
+        (Span::none(), ids)
+    };
+    let Some(head) = HEAD.get() else {
+        // No exporter: continue the caller's trace (flag included) or start one, so that
+        // logs and responses can still be correlated with the caller's own traces.
+        return untraced(caller_sampled);
+    };
+    let decision = head.sampler.should_sample(
+        parent.as_ref(),
+        trace_id,
+        "http.server",
+        &SpanKind::Server,
+        &[],
+        &[],
+    );
+    if decision.decision != SamplingDecision::RecordAndSample {
+        return untraced(false);
+    }
+
+    let span = tracing::info_span!(
+        "http.server",
+        otel.name = %SpanName(method, route),
+        otel.kind = "server",
+        otel.status_code = field::Empty,
+        http.request.method = %method,
+        http.route = route.as_str(),
+        url.path = %redacted_path(route, path),
+        url.scheme = "http",
+        http.response.status_code = field::Empty,
+        error.type = field::Empty,
+        score_proxy.outcome = field::Empty,
+        score_proxy.cache = field::Empty,
+        score_proxy.cpf = field::Empty,
+        score_proxy.client = field::Empty,
+        score_proxy.stale_after = field::Empty,
+        score_proxy.validation.duration_ns = field::Empty,
+        score_proxy.cache.lookup.duration_ns = field::Empty,
+    );
+    // Before the span is first started: it continues the caller's trace, or starts the one
+    // whose id was sampled. The SDK's own sampler is `always_on`: the decision is this one.
+    match parent {
+        Some(cx) => {
+            let _ = span.set_parent(cx);
+        }
+        None => NEXT_TRACE_ID.set(Some(trace_id)),
+    }
+    let sc = span.context().span().span_context().clone();
+    NEXT_TRACE_ID.set(None);
+    if !sc.is_valid() {
+        return untraced(false);
+    }
+    let ids = TraceIds {
+        trace_id: sc.trace_id(),
+        span_id: sc.span_id(),
+        sampled: sc.is_sampled(),
+    };
+    (span, ids)
+}
+
+/// `{method} {route}`, formatted only if a subscriber records it.
+struct SpanName<'a>(&'a http::Method, Route);
+
+impl std::fmt::Display for SpanName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.0, self.1.as_str())
+    }
+}
+
+/// Ids for a request that has none (a handler called outside `observe`).
+pub(crate) fn fresh_ids() -> TraceIds {
+    let ids = RandomIdGenerator::default();
+    TraceIds {
+        trace_id: ids.new_trace_id(),
+        span_id: ids.new_span_id(),
+        sampled: false,
+    }
+}
+
+/// Only the path, and only a known route's: an unmatched path is whatever a client typed,
+/// which may hold anything.
+fn redacted_path(route: Route, path: &str) -> &str {
+    if route == Route::Unmatched {
+        "unmatched"
+    } else {
+        path
+    }
+}
+
+/// When a traced lookup's first two stages ran. Those stages take microseconds and nearly
+/// always end in a hit, so no span is made while they run: a hit records their durations on
+/// the server span, and any other outcome gets their spans afterwards, with these times.
+pub(crate) struct HeadStages {
+    started: SystemTime,
+    validated: Option<SystemTime>,
+    looked_up: Option<SystemTime>,
+}
+
+impl HeadStages {
+    /// Starts the clock for a traced request; `None` (nothing measured) for the others.
+    pub(crate) fn start(trace: &TraceIds) -> Option<HeadStages> {
+        trace.traced().then(|| HeadStages {
+            started: SystemTime::now(),
+            validated: None,
+            looked_up: None,
+        })
+    }
+
+    pub(crate) fn validated(&mut self) {
+        self.validated = Some(SystemTime::now());
+    }
+
+    pub(crate) fn looked_up(&mut self) {
+        self.looked_up = Some(SystemTime::now());
+    }
+
+    /// A cache hit: the durations become attributes of the request's (only) span.
+    pub(crate) fn hit(&self, request: &Span) {
+        let nanos = |from: SystemTime, to: Option<SystemTime>| {
+            to.and_then(|to| to.duration_since(from).ok())
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        };
+        let validated = self.validated.unwrap_or(self.started);
+        request.record(
+            "score_proxy.validation.duration_ns",
+            nanos(self.started, self.validated),
+        );
+        request.record(
+            "score_proxy.cache.lookup.duration_ns",
+            nanos(validated, self.looked_up),
+        );
+    }
+
+    /// Anything but a hit: the stages that ran become child spans of the request's,
+    /// `cache.lookup` with its `result` (`miss`: stale counts as a miss here, it goes on to
+    /// fetch).
+    pub(crate) fn spans(&self, request: &Span) {
+        let Some(head) = HEAD.get() else {
+            return;
+        };
+        let parent = request.context();
+        let validated = self.validated.unwrap_or_else(SystemTime::now);
+        finished_span(
+            head,
+            &parent,
+            "validation",
+            self.started,
+            validated,
+            Vec::new(),
+        );
+        if let Some(looked_up) = self.looked_up {
+            finished_span(
+                head,
+                &parent,
+                "cache.lookup",
+                validated,
+                looked_up,
+                vec![KeyValue::new("score_proxy.cache.result", "miss")],
+            );
+        }
+    }
+}
+
+fn finished_span(
+    head: &Head,
+    parent: &Context,
+    name: &'static str,
+    start: SystemTime,
+    end: SystemTime,
+    attributes: Vec<KeyValue>,
+) {
+    let mut span = head
+        .tracer
+        .span_builder(name)
+        .with_start_time(start)
+        .with_attributes(attributes)
+        .start_with_context(&head.tracer, parent);
+    span.end_with_timestamp(end);
+}
+
+/// A stage span of a traced request (`make` builds it); nothing for the others.
+pub(crate) fn stage_span(trace: &TraceIds, make: impl FnOnce() -> Span) -> Span {
+    if trace.traced() { make() } else { Span::none() }
+}
+
+/// What the leader of a flight leaves for the dispatcher: its request span (the upstream
+/// call becomes its child) and, once the call starts, the call span's context (followers
+/// link to it).
+pub(crate) struct FlightOrigin {
+    pub(crate) span: Span,
+    pub(crate) trace: TraceIds,
+    call: OnceLock<SpanContext>,
+}
+
+impl FlightOrigin {
+    pub(crate) fn new(span: Span, trace: TraceIds) -> Self {
+        FlightOrigin {
+            span,
+            trace,
+            call: OnceLock::new(),
+        }
+    }
+
+    /// Whether the leader's request is traced (its spans, and the call's, exist).
+    pub(crate) fn traced(&self) -> bool {
+        self.trace.traced()
+    }
+
+    /// The first upstream call's span context, once it started.
+    pub(crate) fn call_context(&self) -> Option<&SpanContext> {
+        self.call.get()
+    }
+}
+
+/// The client span of one upstream attempt, a child of the leader's request span (none if
+/// that request is not traced). `url` is the upstream's address without the query (which
+/// holds the CPF).
+pub(crate) fn upstream_span(origin: &FlightOrigin, attempt: u64, url: &url::Url) -> Span {
+    if !origin.traced() {
+        return Span::none();
+    }
+    let span = tracing::info_span!(
+        parent: &origin.span,
+        "http.client",
+        otel.name = "GET",
+        otel.kind = "client",
+        otel.status_code = field::Empty,
+        http.request.method = "GET",
+        server.address = url.host_str().unwrap_or(""),
+        server.port = url.port_or_known_default().unwrap_or(0),
+        url.full = url.as_str(),
+        http.response.status_code = field::Empty,
+        error.type = field::Empty,
+        http.request.resend_count = attempt.saturating_sub(1),
+        score_proxy.upstream.outcome = field::Empty,
+    );
+    let sc = span.context().span().span_context().clone();
+    if sc.is_valid() {
+        let _ = origin.call.set(sc);
+    }
+    span
+}
+
+/// The `traceparent` to send upstream: the client span's own for a traced request,
+/// otherwise the request's trace id and flag with a fresh span id.
+pub(crate) fn traceparent_for(span: &Span, request: &TraceIds) -> Option<HeaderValue> {
+    let value = if request.traced() {
+        let mut out = OneHeader(None);
+        propagator().inject_context(&span.context(), &mut out);
+        out.0?
+    } else {
+        TraceIds {
+            span_id: RandomIdGenerator::default().new_span_id(),
+            ..*request
+        }
+        .traceparent()
+    };
+    HeaderValue::from_str(&value).ok()
+}
+
+pub(crate) fn record_upstream_result(span: &Span, status: Option<u16>, outcome: UpstreamOutcome) {
+    if let Some(code) = status {
+        span.record("http.response.status_code", code);
+    }
+    span.record("score_proxy.upstream.outcome", outcome.as_str());
+    if outcome != UpstreamOutcome::Ok {
+        span.record("error.type", outcome.as_str());
+        span.record("otel.status_code", "ERROR");
+    }
+}
+
+/// Links a follower's span to the upstream call it shared.
+pub(crate) fn link_to_call(span: &Span, origin: &FlightOrigin) {
+    if let Some(sc) = origin.call_context() {
+        span.add_link(sc.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_format() {
+        let ids = TraceIds {
+            trace_id: TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+            span_id: SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            sampled: true,
+        };
+        assert_eq!(
+            ids.traceparent(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+    }
+
+    #[test]
+    fn without_an_exporter_no_span_and_the_callers_flag_passes_on() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "traceparent",
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        let (span, ids) = server_span(Route::Score, &http::Method::GET, "/proxy/score", &headers);
+        assert!(span.is_none());
+        assert_eq!(
+            ids.trace_id,
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap()
+        );
+        assert!(ids.sampled && !ids.traced());
+        assert_ne!(ids.span_id, SpanId::INVALID);
+        let (span, ids) = server_span(
+            Route::Score,
+            &http::Method::GET,
+            "/proxy/score",
+            &HeaderMap::new(),
+        );
+        assert!(span.is_none());
+        assert!(!ids.sampled);
+        assert_ne!(ids.trace_id, TraceId::INVALID);
+    }
+}
