@@ -117,13 +117,14 @@ impl Fleet {
     }
 
     async fn ready(&self, replica: usize) -> serde_json::Value {
-        let r = self
-            .client
-            .get(format!("http://{}/ready", self.replicas[replica].addr))
-            .send()
-            .await
-            .unwrap();
-        serde_json::from_str(&r.text().await.unwrap()).unwrap()
+        serde_json::from_str(&self.text(replica, "/ready").await).unwrap()
+    }
+
+    /// The body of `path` on one replica.
+    async fn text(&self, replica: usize, path: &str) -> String {
+        let url = format!("http://{}{path}", self.replicas[replica].addr);
+        let r = self.client.get(url).send().await.unwrap();
+        r.text().await.unwrap()
     }
 }
 
@@ -555,6 +556,22 @@ fn judged(f: &Fleet, since: Duration) -> (u64, Duration, f64) {
     (penalised, closest, use_of_grid)
 }
 
+/// A burst of 30 distinct lookups over the three replicas while Redis is gone: all
+/// answered, none penalised, and the grid used.
+async fn takes_turns_on_the_grid(f: &Fleet) {
+    let since = f.sim.elapsed();
+    assert_eq!(spread_burst(f, 0, 30).await, 30);
+    let (penalised, closest, use_of_grid) = judged(f, since);
+    assert_eq!(penalised, 0);
+    // Positions 140 ms apart, a start up to the late tolerance (20 ms) behind its slot,
+    // a millisecond or two of loopback: never under the upstream's 100 ms.
+    assert!(closest >= common::SIM_INTERVAL, "closest {closest:?}");
+    assert!(
+        use_of_grid >= 0.9,
+        "the fleet used {use_of_grid:.2} of the grid"
+    );
+}
+
 /// Redis is gone before a burst of 30 distinct lookups over three replicas: each keeps the
 /// place it leased and calls only at its own positions of one grid on Redis's last known
 /// clock, so the fleet's calls stay a period apart without talking and the upstream never
@@ -575,29 +592,12 @@ async fn without_redis_the_replicas_take_turns_on_one_grid() {
     f.all_in(PacingMode::Fallback).await;
     // Each kept the place it leased: three distinct places of three, as /status says too.
     let mut places = Vec::new();
-    for (i, r) in f.replicas.iter().enumerate() {
-        let body = f
-            .client
-            .get(format!("http://{}/status", r.addr))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    for i in 0..f.replicas.len() {
+        let status: serde_json::Value = serde_json::from_str(&f.text(i, "/status").await).unwrap();
         assert!(status["fallback_seconds"].as_f64().is_some(), "{status}");
         let place = status["replica_place"].as_u64().expect("a place");
         // The gauges are set at scrape time: scrape.
-        let m = f
-            .client
-            .get(format!("http://{}/metrics?format=prometheus", r.addr))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = f.text(i, "/metrics?format=prometheus").await;
         assert_eq!(
             common::metric_value(&m, "score_proxy_shared_place"),
             place as f64,
@@ -609,17 +609,7 @@ async fn without_redis_the_replicas_take_turns_on_one_grid() {
     places.sort();
     assert_eq!(places, [0, 1, 2]);
 
-    let since = f.sim.elapsed();
-    assert_eq!(spread_burst(&f, 0, 30).await, 30);
-    let (penalised, closest, use_of_grid) = judged(&f, since);
-    assert_eq!(penalised, 0);
-    // Positions 140 ms apart, a start up to the late tolerance (20 ms) behind its slot,
-    // a millisecond or two of loopback: never under the upstream's 100 ms.
-    assert!(closest >= common::SIM_INTERVAL, "closest {closest:?}");
-    assert!(
-        use_of_grid >= 0.9,
-        "the fleet used {use_of_grid:.2} of the grid"
-    );
+    takes_turns_on_the_grid(&f).await;
 
     // Redis returns while a burst waits: the replicas leave their grids behind a fence.
     let since = f.sim.elapsed();
@@ -662,15 +652,5 @@ async fn replicas_started_without_redis_take_turns_by_their_index() {
     let nowhere = format!("redis://127.0.0.1:{}", common::free_port());
     let f = fleet_with(&nowhere, sim_config(), |i| divided(i, true)).await;
     assert_eq!(f.ready(0).await["pacing"], "fallback");
-    let since = f.sim.elapsed();
-    assert_eq!(spread_burst(&f, 0, 30).await, 30);
-    let (penalised, closest, use_of_grid) = judged(&f, since);
-    assert_eq!(penalised, 0);
-    // Positions 140 ms apart, a start up to the late tolerance (20 ms) behind its slot,
-    // a millisecond or two of loopback: never under the upstream's 100 ms.
-    assert!(closest >= common::SIM_INTERVAL, "closest {closest:?}");
-    assert!(
-        use_of_grid >= 0.9,
-        "the fleet used {use_of_grid:.2} of the grid"
-    );
+    takes_turns_on_the_grid(&f).await;
 }
