@@ -294,11 +294,10 @@ pub(crate) struct StartGate {
     /// calls are under way that this gate does not see).
     fleet: bool,
     bucket: leaky_bucket::RateLimiter,
-    last_start: Mutex<Option<Instant>>,
-    /// How much of the last start's lateness behind its slot the next start may give back:
-    /// at most [`TIMER_SLACK`], in a learning gate of one process only (see
+    /// The last start, and how much of its lateness behind its slot the next start may give
+    /// back: at most [`TIMER_SLACK`], in a learning gate of one process only (see
     /// [`StartGate::earliest`]).
-    credit: Mutex<Duration>,
+    last_start: Mutex<Option<(Instant, Duration)>>,
     /// Causality: see [`StartGate::call_ended`].
     causal: Mutex<Causal>,
 }
@@ -360,9 +359,12 @@ impl StartGate {
                 .interval(bucket_interval)
                 .build(),
             last_start: Mutex::new(None),
-            credit: Mutex::new(Duration::ZERO),
             causal: Mutex::new(Causal::default()),
         }
+    }
+
+    fn last_start(&self) -> Option<(Instant, Duration)> {
+        *self.last_start.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn causal(&self) -> std::sync::MutexGuard<'_, Causal> {
@@ -389,7 +391,7 @@ impl StartGate {
         at: Instant,
         answered: bool,
     ) -> Option<Instant> {
-        let last = *self.last_start.lock().unwrap_or_else(|e| e.into_inner());
+        let last = self.last_start().map(|(at, _)| at);
         let mut causal = self.causal();
         causal.open = causal.open.saturating_sub(1);
         let guard = self.guard.as_ref()?;
@@ -432,13 +434,12 @@ impl StartGate {
     /// process gives back up to [`TIMER_SLACK`] of it: starts stay at least the spacing less
     /// that apart, which the guard's floor is there to absorb (our timer, not the network).
     pub(crate) fn earliest(&self, slot: Instant) -> Instant {
-        let last = *self.last_start.lock().unwrap_or_else(|e| e.into_inner());
-        let credit = *self.credit.lock().unwrap_or_else(|e| e.into_inner());
+        let last = self.last_start();
         let (settled, pushed) = {
             let causal = self.causal();
             (causal.settled, causal.pushed)
         };
-        let earliest = last.map_or(slot, |l| {
+        let earliest = last.map_or(slot, |(l, credit)| {
             let floor = match settled {
                 // The latest start's call came back with nothing else open (and it left
                 // when it started: a late departure moves `last` past it).
@@ -455,11 +456,10 @@ impl StartGate {
     /// departure was later than the recorded start.
     pub(crate) fn note_departure(&self, at: Instant) -> Duration {
         let mut last = self.last_start.lock().unwrap_or_else(|e| e.into_inner());
-        let late = last.map_or(Duration::ZERO, |l| at.saturating_duration_since(l));
-        if last.is_none_or(|l| at > l) {
+        let late = last.map_or(Duration::ZERO, |(l, _)| at.saturating_duration_since(l));
+        if last.is_none_or(|(l, _)| at > l) {
             // A real departure: nothing of it is given back.
-            *self.credit.lock().unwrap_or_else(|e| e.into_inner()) = Duration::ZERO;
-            *last = Some(at);
+            *last = Some((at, Duration::ZERO));
         }
         late
     }
@@ -501,13 +501,12 @@ impl StartGate {
         if !self.bucket.try_acquire(1) {
             return Err(GateRefusal::Rate);
         }
-        *self.last_start.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
-        *self.credit.lock().unwrap_or_else(|e| e.into_inner()) =
-            if self.guard.is_some() && !self.fleet {
-                now.saturating_duration_since(slot).min(TIMER_SLACK)
-            } else {
-                Duration::ZERO
-            };
+        let credit = if self.guard.is_some() && !self.fleet {
+            now.saturating_duration_since(slot).min(TIMER_SLACK)
+        } else {
+            Duration::ZERO
+        };
+        *self.last_start.lock().unwrap_or_else(|e| e.into_inner()) = Some((now, credit));
         let mut causal = self.causal();
         causal.open += 1;
         causal.settled = None;
