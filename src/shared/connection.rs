@@ -4,7 +4,8 @@
 //! coalescing); a health check pings Redis every 500 ms (its `TIME`, which also samples
 //! Redis's clock), renews this replica's place for time division, and returns to shared mode
 //! after two good pings, behind a fence that keeps the shared schedule clear of the replicas
-//! still on their grid.
+//! still on their grid (each stays on its grid until a position before the fence, so the
+//! fleet does not idle through it).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -38,6 +39,11 @@ const PLACE_LEASE: Duration = Duration::from_secs(3);
 fn rejoin_fence(period: Duration) -> Duration {
     HEALTH_EVERY * 2 + period
 }
+
+/// How much earlier than a position before the fence a replica back from fallback leaves
+/// its grid. Grid slots due after the switch are booked again on the shared schedule; this
+/// covers a dispatcher that takes the last grid slot a little late.
+const REJOIN_MARGIN: Duration = Duration::from_millis(20);
 
 /// How long a replica entering fallback waits before its first grid slot: every other
 /// replica notices the loss within a health check plus a Redis timeout (its next ping
@@ -213,24 +219,48 @@ impl Shared {
         }
     }
 
-    /// Back from fallback: no shared slot before the fence (see [`rejoin_fence`]).
-    async fn fence(&self) -> bool {
+    /// Back from fallback: no shared slot before the fence (see [`rejoin_fence`]); returns
+    /// the fence on our clock, `None` if Redis failed us again.
+    async fn fence(&self) -> Option<Instant> {
         let key = self.pace_key();
         let script = &self.fence;
         let sent = Instant::now();
-        let now_us = self
+        let (now_us, fence_us) = self
             .op("fence", |mut c| async move {
                 script
                     .key(&key)
                     .arg(rejoin_fence(self.division.period()).as_micros() as u64)
-                    .invoke_async::<i64>(&mut c)
+                    .invoke_async::<(i64, i64)>(&mut c)
                     .await
             })
-            .await;
-        if let Some(now_us) = now_us {
-            self.clock.sample(sent, Instant::now(), now_us);
+            .await?;
+        self.clock.sample(sent, Instant::now(), now_us);
+        Some(self.clock.local_time_or_system(fence_us))
+    }
+
+    /// Back to the shared schedule once Redis has answered twice. Until a grid position
+    /// before the fence the replica stays on its grid, as the replicas that have not noticed
+    /// Redis's return yet do: the fleet keeps calling through the fence, its last grid call
+    /// is a position before the first shared slot, and only one schedule is ever in use.
+    async fn rejoin(&self) {
+        let Some(fence) = self.fence().await else {
+            return;
+        };
+        let switch = fence
+            .checked_sub(self.division.period() + REJOIN_MARGIN)
+            .unwrap_or(fence);
+        if switch > Instant::now() {
+            tracing::debug!(
+                in_ms = (switch - Instant::now()).as_secs_f64() * 1e3,
+                "Redis is back: on the grid until a position before the fence"
+            );
+            tokio::time::sleep_until(switch).await;
+            // Redis may have gone again meanwhile: ask once more before switching.
+            if !self.ping().await {
+                return;
+            }
         }
-        now_us.is_some()
+        self.enter(PacingMode::Shared);
     }
 
     /// Every 500 ms: reconnects if need be, pings, renews this replica's place, and returns
@@ -247,8 +277,8 @@ impl Shared {
             if self.ping().await {
                 self.renew_place().await;
                 let good = self.good_pings.fetch_add(1, Ordering::Relaxed) + 1;
-                if good >= 2 && (self.mode() == PacingMode::Shared || self.fence().await) {
-                    self.enter(PacingMode::Shared);
+                if good >= 2 && self.mode() == PacingMode::Fallback {
+                    self.rejoin().await;
                 }
             }
         }

@@ -36,6 +36,8 @@ impl Pacer for Shared {
         capacity: usize,
     ) -> BoxFuture<'_, Result<Instant, BookError>> {
         Box::pin(async move {
+            // One booking at a time (see `Shared::booking_turn`).
+            let _turn = self.booking_turn.lock().await;
             if self.mode() == PacingMode::Shared {
                 let key = self.pace_key();
                 let guards = self.guards_key();

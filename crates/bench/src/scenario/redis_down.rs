@@ -121,7 +121,7 @@ pub(crate) async fn run(suite: &mut Suite) -> Result<()> {
         for line in m.around_penalties() {
             println!("    around a penalty: {line}");
         }
-        for line in m.switch_gaps() {
+        for line in m.switch_gaps().into_iter().chain(m.sequences()) {
             println!("    {line}");
         }
         if quick {
@@ -147,7 +147,7 @@ pub(crate) async fn run(suite: &mut Suite) -> Result<()> {
                 penalties.join("; ")
             ));
         }
-        for line in m.switch_gaps() {
+        for line in m.switch_gaps().into_iter().chain(m.sequences()) {
             notes.push(format!("({}) {line}", case.key()));
         }
     }

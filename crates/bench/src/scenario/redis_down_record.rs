@@ -210,4 +210,30 @@ impl Measured {
             })
             .collect()
     }
+
+    /// For each burst of case (b): which replica made each call, in order (`1` to `3`, `?`
+    /// for a CPF sent by no burst), with `|` where Redis was stopped or answered again:
+    /// shows how evenly the shared schedule served the replicas before a switch, and which
+    /// places' positions passed unused after it.
+    pub(crate) fn sequences(&self) -> Vec<String> {
+        if self.events.is_empty() {
+            return Vec::new();
+        }
+        (0..self.bursts.len())
+            .map(|b| {
+                let mut text = String::new();
+                let mut events = self.events.iter().peekable();
+                for a in self.arrivals.iter().filter(|a| a.burst == Some(b)) {
+                    while let Some(&(what, _)) = events.next_if(|&&(_, t)| t <= a.at) {
+                        text.push_str(&format!(" | {what} |"));
+                    }
+                    match a.replica {
+                        Some(r) => text.push_str(&format!(" {}", r + 1)),
+                        None => text.push_str(" ?"),
+                    }
+                }
+                format!("burst {}:{text}", b + 1)
+            })
+            .collect()
+    }
 }
