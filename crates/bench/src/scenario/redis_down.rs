@@ -481,15 +481,17 @@ fn body(n: usize, quick: bool, rows: &[Vec<String>], notes: &[String]) -> String
          *Closest arrivals* is the smallest gap between two (under 1 s is a penalty). \
          *Budget use* is (arrivals − 1) over the span from the first to the last, against the \
          rate, penalised arrivals included; in case (b) over both bursts (back to back, so \
-         lookups wait the whole time) and per burst, where each switch costs a settle (a \
-         health check plus the Redis timeout, about 0.7 s, before the first grid slot) and, \
-         on Redis's return, a fence of two health checks plus a position (2.1 s) before the shared schedule. A place's positions are its \
-         own: those of a replica with nothing waiting pass unused, so the fleet reaches the \
-         grid's best only while every replica has lookups waiting (in case (b) the shared \
-         schedule serves a burst in booking order, so when Redis goes the replicas are left \
-         with unequal queues). *Wall* is from the first lookup sent to the last answer. The \
-         notes list the arrivals around the first penalties (each with the gap since the one \
-         before and the replica that made it) and, in case (b), around each switch.\n\n{}{notes}",
+         lookups wait the whole time) and per burst. The loss costs a settle (a health check \
+         plus the Redis timeout, about 0.7 s, before the first grid slot); on Redis's return \
+         the replicas stay on their grid until a position before the fence (two health checks \
+         plus a position after the first one back), so the return costs about one position. \
+         A place's positions are its own: those of a replica with nothing waiting pass unused, \
+         so the fleet reaches the grid's best only while every replica has lookups waiting (in \
+         case (b), how evenly the shared schedule served the three before the loss decides \
+         how even their queues are after it). *Wall* is from the first lookup sent to the last \
+         answer. The notes list the arrivals around the first penalties (each with the gap \
+         since the one before and the replica that made it) and, in case (b), around each \
+         switch, and which replica made each call of each burst.\n\n{}{notes}",
         QUEUE.join(" "),
         n / REPLICAS,
         if quick {
