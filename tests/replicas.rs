@@ -120,6 +120,14 @@ impl Fleet {
         serde_json::from_str(&self.text(replica, "/ready").await).unwrap()
     }
 
+    /// One series summed over the fleet's metrics.
+    fn metric_sum(&self, series: &str) -> f64 {
+        self.replicas
+            .iter()
+            .map(|r| common::metric_value(&r.app.metrics.render(), series))
+            .sum()
+    }
+
     /// The body of `path` on one replica.
     async fn text(&self, replica: usize, path: &str) -> String {
         let url = format!("http://{}{path}", self.replicas[replica].addr);
@@ -165,14 +173,8 @@ async fn three_replicas_share_one_budget_one_cache_and_one_flight_per_key() {
     // And one booked start per call: a slot booked in Redis and never used would be lost
     // to the whole fleet. The one excuse is a slot the replica reached too late to use
     // safely (a starved CPU: it is counted, and booked again), never a slot left behind.
-    let fleet_sum = |name: &str| -> f64 {
-        f.replicas
-            .iter()
-            .map(|r| common::metric_value(&r.app.metrics.render(), name))
-            .sum()
-    };
-    let booked = fleet_sum("score_proxy_redis_operations_total{op=\"book\",outcome=\"ok\"}");
-    let late = fleet_sum("score_proxy_pacing_unused_slots_total{reason=\"late\"}");
+    let booked = f.metric_sum("score_proxy_redis_operations_total{op=\"book\",outcome=\"ok\"}");
+    let late = f.metric_sum("score_proxy_pacing_unused_slots_total{reason=\"late\"}");
     assert_eq!(
         (booked - late) as usize,
         keys.len(),
@@ -332,16 +334,7 @@ async fn losing_redis_falls_back_to_a_share_of_the_rate_and_recovers() {
     for pair in after.windows(2) {
         assert!(pair[1].at - pair[0].at >= common::SIM_INTERVAL);
     }
-    let fallbacks: f64 = f
-        .replicas
-        .iter()
-        .map(|r| {
-            common::metric_value(
-                &r.app.metrics.render(),
-                "score_proxy_shared_fallbacks_total",
-            )
-        })
-        .sum();
+    let fallbacks: f64 = f.metric_sum("score_proxy_shared_fallbacks_total");
     assert!(fallbacks >= 3.0, "each replica counted its fallback");
     drop(redis);
 }
@@ -389,16 +382,7 @@ async fn a_penalty_seen_by_one_replica_stops_the_calls_the_others_had_booked() {
             .all(|a| a.at >= penalised + Duration::from_secs(1)),
         "no arrival inside the penalty: {stats:#?}"
     );
-    let given_up: f64 = f
-        .replicas
-        .iter()
-        .map(|r| {
-            common::metric_value(
-                &r.app.metrics.render(),
-                "score_proxy_pacing_unused_slots_total{reason=\"penalty\"}",
-            )
-        })
-        .sum();
+    let given_up: f64 = f.metric_sum("score_proxy_pacing_unused_slots_total{reason=\"penalty\"}");
     assert!(given_up >= 1.0, "slots inside the penalty were given up");
     drop(redis);
 }
@@ -439,16 +423,7 @@ async fn a_call_that_left_late_holds_the_other_replicas_off() {
             .all(|a| a.at <= held_from || a.at >= held_from + hold),
         "an arrival inside the hold: {stats:#?}"
     );
-    let held: f64 = f
-        .replicas
-        .iter()
-        .map(|r| {
-            common::metric_value(
-                &r.app.metrics.render(),
-                "score_proxy_pacing_unused_slots_total{reason=\"held\"}",
-            )
-        })
-        .sum();
+    let held: f64 = f.metric_sum("score_proxy_pacing_unused_slots_total{reason=\"held\"}");
     assert!(
         held >= 1.0,
         "the other replicas gave up their slots inside the hold"
