@@ -23,6 +23,7 @@ use crate::lookup::upstream::UpstreamClient;
 use crate::lookup::validation::{self, ClientId};
 use crate::shared::{Shared, SharedConfig};
 use crate::shutdown::Lifecycle;
+use crate::store::{Store, StoreConfig};
 use crate::telemetry::metrics::{Metrics, MetricsConfig};
 use crate::telemetry::redact;
 use crate::telemetry::{self, FlightOrigin, HeadStages, TraceIds};
@@ -47,6 +48,8 @@ pub struct App {
     pub(crate) config: Config,
     pub metrics: Arc<Metrics>,
     pub(crate) cache: Arc<LocalCache>,
+    /// The persistent tier behind the cache, when `--data-dir` is set and usable.
+    pub(crate) store: Option<Arc<Store>>,
     pub scheduler: Arc<Scheduler>,
     pub pacer: Arc<dyn Pacer>,
     /// Shared mode's Redis side, when `--redis-url` is set.
@@ -113,16 +116,48 @@ impl App {
                 move |state| metrics.breaker_transition(state),
             ))
         };
+        // The persistent tier first: what it kept warms the memory cache before anything
+        // is served, and every answer after that is written through to it.
+        let (store, warm) = match &config.persist {
+            Some(persist) => {
+                let started = Store::start(
+                    StoreConfig {
+                        dir: persist.dir.clone(),
+                        key: persist.key.clone(),
+                        ttl: config.cache_ttl,
+                        stale_for: config.stale_if_error,
+                        max_entries: config.cache_max_entries,
+                    },
+                    metrics.clone(),
+                );
+                (started.store, started.entries)
+            }
+            None => {
+                tracing::info!(
+                    "persistent cache off (no --data-dir): a restart starts with an empty cache"
+                );
+                (None, Vec::new())
+            }
+        };
         let cache = {
             let metrics = metrics.clone();
-            Arc::new(LocalCache::new(
+            let cache = LocalCache::new(
                 &CacheConfig {
                     ttl: config.cache_ttl,
                     stale_for: config.stale_if_error,
                     max_entries: config.cache_max_entries,
                 },
                 move |cause| metrics.cache_evicted(cause),
-            ))
+            );
+            let cache = match &store {
+                Some(store) => cache.with_write_through(store.clone()),
+                None => cache,
+            };
+            // Oldest first, so the newest are the last in (and the first kept).
+            for (key, score) in warm.into_iter().rev() {
+                cache.warm(key, score);
+            }
+            Arc::new(cache)
         };
         let scheduler = Scheduler::new(
             config.queue_capacity,
@@ -161,6 +196,7 @@ impl App {
             config,
             metrics,
             cache,
+            store,
             scheduler,
             pacer,
             shared,
@@ -356,6 +392,10 @@ impl App {
     pub(crate) fn close(&self) {
         self.scheduler.close();
         self.lifecycle.send_replace(Lifecycle::Closed);
+        // Nothing more will be answered: the store commits what it has queued and stops.
+        if let Some(store) = &self.store {
+            store.close();
+        }
     }
 
     /// Shared mode: a switch between the shared schedule and fallback voids every start

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::parse::{self, optional};
-use super::{Config, ConfigProblem, RedisSettings, ServeArgs};
+use super::{Config, ConfigProblem, PersistSettings, RedisSettings, ServeArgs};
 use crate::telemetry::OtelSettings;
 
 impl ServeArgs {
@@ -164,6 +164,17 @@ impl ServeArgs {
             );
         }
 
+        // The persistent cache. The key is checked even when persistence is off.
+        let data_dir = p.take(
+            "data_dir",
+            optional(self.data_dir.as_deref().map(str::trim), parse::data_dir),
+        );
+        let no_persist = p.take("no_persist", parse::boolean(&self.no_persist));
+        let data_key = p.take(
+            "data_key",
+            optional(self.data_key.as_deref().map(str::trim), parse::data_key),
+        );
+
         // Telemetry.
         let public_metrics = p.take("public_metrics", parse::boolean(&self.public_metrics));
         let metrics_enabled = p.take("metrics", parse::boolean(&self.metrics));
@@ -223,6 +234,13 @@ impl ServeArgs {
                 log_format: log_format?,
                 redaction_key,
                 otel: otel?,
+                persist: match (data_dir?, no_persist?) {
+                    (Some(dir), false) => Some(PersistSettings {
+                        dir,
+                        key: data_key?,
+                    }),
+                    _ => None,
+                },
             })
         })();
         p.finish(config)

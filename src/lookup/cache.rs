@@ -6,8 +6,12 @@
 //!
 //! The hit path is synchronous and takes no lock that the queue or the dispatcher takes
 //! (moka's reads are lock-free), and a hit costs one reference-count increment for the body.
-//! The [`ScoreCache`] trait is the seam the scheduler sees, and where a tier behind the
-//! memory one (the persistent store to come) plugs in. Shared mode's Redis tier is not
+//! The [`ScoreCache`] trait is the seam the scheduler sees. The persistent tier
+//! (`crate::store`) plugs in behind the memory one through [`WriteThrough`]: every insert is
+//! handed to it (a channel send that never waits), and on start it warms this cache with
+//! what it kept ([`LocalCache::warm`], which writes nothing back). An entry expires when its
+//! own fetch time says so, not a TTL after it was inserted: an answer loaded at start, or
+//! taken from the shared tier, is as old as where it was fetched. Shared mode's Redis tier is not
 //! behind this trait: it is asynchronous, so `crate::shared` consults it on the miss path,
 //! after this cache and before a flight is led (a Redis round trip never sits on a hit).
 
@@ -15,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use moka::Expiry;
 use moka::notification::RemovalCause;
 
 use crate::lookup::validation::LookupKey;
@@ -56,6 +61,13 @@ pub trait ScoreCache: Send + Sync + 'static {
     fn entry_count(&self) -> u64;
 }
 
+/// Where every inserted answer goes to outlive the process (the persistent store). Called on
+/// the path that fills the cache, so it must never wait: it hands the answer on, or drops
+/// and counts it.
+pub(crate) trait WriteThrough: Send + Sync + 'static {
+    fn write(&self, key: &LookupKey, value: &CachedScore);
+}
+
 #[derive(Clone, Debug)]
 pub struct CacheConfig {
     pub ttl: Duration,
@@ -68,6 +80,31 @@ pub struct CacheConfig {
 pub struct LocalCache {
     inner: moka::sync::Cache<LookupKey, CachedScore>,
     ttl: Duration,
+    write_through: Option<Arc<dyn WriteThrough>>,
+}
+
+/// An entry lives until its TTL and stale window have passed since it was *fetched*.
+struct UntilStaleEnds(Duration);
+
+impl Expiry<LookupKey, CachedScore> for UntilStaleEnds {
+    fn expire_after_create(
+        &self,
+        _key: &LookupKey,
+        value: &CachedScore,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(self.0.saturating_sub(value.fetched_at.elapsed()))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &LookupKey,
+        value: &CachedScore,
+        _updated_at: Instant,
+        _until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(self.0.saturating_sub(value.fetched_at.elapsed()))
+    }
 }
 
 impl LocalCache {
@@ -77,7 +114,7 @@ impl LocalCache {
         let on_evict = Arc::new(on_evict);
         let inner = moka::sync::Cache::builder()
             .max_capacity(config.max_entries)
-            .time_to_live(config.ttl + config.stale_for)
+            .expire_after(UntilStaleEnds(config.ttl + config.stale_for))
             .eviction_listener(move |_key, _value, cause| {
                 on_evict(match cause {
                     RemovalCause::Expired => Eviction::Expired,
@@ -90,7 +127,20 @@ impl LocalCache {
         LocalCache {
             inner,
             ttl: config.ttl,
+            write_through: None,
         }
+    }
+
+    /// Hands every later insert to `tier` as well (the persistent store).
+    pub(crate) fn with_write_through(mut self, tier: Arc<dyn WriteThrough>) -> Self {
+        self.write_through = Some(tier);
+        self
+    }
+
+    /// Puts an entry that a tier behind this one already holds (the persistent store's, at
+    /// start) into memory, without writing it back.
+    pub(crate) fn warm(&self, key: LookupKey, value: CachedScore) {
+        self.inner.insert(key, value);
     }
 
     /// Runs moka's pending housekeeping now, so counts and evictions are up to date (tests
@@ -110,6 +160,9 @@ impl ScoreCache for LocalCache {
     }
 
     fn insert(&self, key: LookupKey, value: CachedScore) {
+        if let Some(tier) = &self.write_through {
+            tier.write(&key, &value);
+        }
         self.inner.insert(key, value);
     }
 
@@ -217,6 +270,48 @@ mod tests {
         };
         cache.insert(k.clone(), old);
         assert!(matches!(cache.get(&k), CacheLookup::Stale(_)));
+    }
+
+    #[test]
+    fn an_entry_expires_by_its_fetch_time_and_inserts_write_through() {
+        struct Recorder(std::sync::Mutex<Vec<LookupKey>>);
+        impl WriteThrough for Recorder {
+            fn write(&self, key: &LookupKey, _: &CachedScore) {
+                self.0.lock().unwrap().push(key.clone());
+            }
+        }
+        let recorder = Arc::new(Recorder(Default::default()));
+        let cache = LocalCache::new(
+            &CacheConfig {
+                ttl: Duration::from_secs(60),
+                stale_for: Duration::from_secs(60),
+                max_entries: 10,
+            },
+            |_| {},
+        )
+        .with_write_through(recorder.clone());
+        let (fresh, stale, gone) = (
+            key("cpf=89336333089&client_id=a"),
+            key("cpf=89336333089&client_id=b"),
+            key("cpf=89336333089&client_id=c"),
+        );
+        let aged = |secs| CachedScore {
+            body: Bytes::from_static(b"{}"),
+            fetched_at: Instant::now() - Duration::from_secs(secs),
+        };
+        cache.warm(fresh.clone(), aged(30));
+        cache.warm(stale.clone(), aged(90));
+        // Fetched longer ago than TTL plus stale window: expired however recently inserted.
+        cache.warm(gone.clone(), aged(130));
+        assert!(matches!(cache.get(&fresh), CacheLookup::Fresh(_)));
+        assert!(matches!(cache.get(&stale), CacheLookup::Stale(_)));
+        assert!(matches!(cache.get(&gone), CacheLookup::Miss));
+        assert!(
+            recorder.0.lock().unwrap().is_empty(),
+            "warming writes nothing back"
+        );
+        cache.insert(gone.clone(), score("{}"));
+        assert_eq!(*recorder.0.lock().unwrap(), [gone]);
     }
 
     #[test]
