@@ -3,7 +3,7 @@
 //! [`App::lookup`] reads top to bottom as the pipeline: validation, cache, coalescing and
 //! admission, then waiting while the dispatcher paces and makes the call.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,7 +14,9 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::lookup::breaker::Breaker;
 use crate::lookup::cache::CacheResult;
-use crate::lookup::cache::{CacheConfig, CacheLookup, CachedScore, LocalCache, ScoreCache};
+use crate::lookup::cache::{
+    CacheConfig, CacheLookup, CachedScore, LocalCache, Revalidation, ScoreCache,
+};
 use crate::lookup::dispatch::Dispatcher;
 use crate::lookup::error::ProxyError;
 use crate::lookup::pacing::{Guard, GuardReason, LocalPacer, Pacer, PacingMode, StartGate};
@@ -58,6 +60,8 @@ pub struct App {
     pub(crate) dispatcher: Arc<Dispatcher>,
     lifecycle: watch::Sender<Lifecycle>,
     pub(crate) started_at: Instant,
+    /// Itself, for the background refreshes a lookup starts (stale-while-revalidate).
+    me: Weak<App>,
 }
 
 impl App {
@@ -125,7 +129,8 @@ impl App {
                         dir: persist.dir.clone(),
                         key: persist.key.clone(),
                         ttl: config.cache_ttl,
-                        stale_for: config.stale_if_error,
+                        // Kept as long as either stale window may still answer from it.
+                        stale_for: config.stale_if_error.max(config.stale_while_revalidate),
                         max_entries: config.cache_max_entries,
                     },
                     metrics.clone(),
@@ -141,12 +146,13 @@ impl App {
         };
         let cache = {
             let metrics = metrics.clone();
-            let cache = LocalCache::new(
+            let cache = LocalCache::revalidating(
                 &CacheConfig {
                     ttl: config.cache_ttl,
                     stale_for: config.stale_if_error,
                     max_entries: config.cache_max_entries,
                 },
+                config.stale_while_revalidate,
                 move |cause| metrics.cache_evicted(cause),
             );
             let cache = match &store {
@@ -192,7 +198,8 @@ impl App {
             guard,
             breaker_cooldown: config.breaker_cooldown,
         });
-        Ok(Arc::new(App {
+        Ok(Arc::new_cyclic(|me| App {
+            me: me.clone(),
             config,
             metrics,
             cache,
@@ -267,12 +274,19 @@ impl App {
         if let Some(stages) = &mut stages {
             stages.looked_up();
             match cached {
-                CacheLookup::Fresh(_) => stages.hit(request_span),
+                CacheLookup::Fresh(_) | CacheLookup::Revalidate(_) => stages.hit(request_span),
                 CacheLookup::Stale(_) | CacheLookup::Miss => stages.spans(request_span),
             }
         }
         let stale = match cached {
             CacheLookup::Fresh(hit) => return Ok(self.hit(hit, report)),
+            // Stale-while-revalidate: answered now, fetched again in the background.
+            CacheLookup::Revalidate(old) => {
+                self.metrics.cache_lookup(CacheResult::Hit);
+                self.metrics.revalidating_answer();
+                self.revalidate(&key);
+                return Ok(self.answer(old, CacheResult::Stale, report));
+            }
             CacheLookup::Stale(old) => Some(old),
             CacheLookup::Miss => None,
         };
@@ -361,6 +375,41 @@ impl App {
             _ => cache_result,
         };
         result.map(|score| self.answer(score, cache_result, report))
+    }
+
+    /// Starts one background refresh of `key` (stale-while-revalidate), unless callers are
+    /// waiting for budget: a refresh never goes ahead of or among them, and the next stale
+    /// answer tries again. Several stale answers of one key share one flight, and so one
+    /// upstream call, as any identical lookups do; a lookup of the key made meanwhile joins
+    /// it too. The refresh holds the flight's only waiter when no caller does, so the
+    /// dispatcher makes the call (and the answer fills the cache, and the store).
+    fn revalidate(&self, key: &validation::LookupKey) {
+        if *self.scheduler.depth().borrow() > 0 {
+            self.metrics.revalidation(Revalidation::Deferred);
+            return;
+        }
+        let Some(app) = self.me.upgrade() else {
+            return;
+        };
+        let key = key.clone();
+        tokio::spawn(async move {
+            let origin = || FlightOrigin::new(tracing::Span::none(), telemetry::fresh_ids());
+            let outcome = match app.scheduler.join(&key, None, origin) {
+                Err(_) => Revalidation::Refused,
+                Ok(Joined::Cached(_)) => Revalidation::Refreshed,
+                Ok(Joined::Leader(mut waiter) | Joined::Follower(mut waiter)) => {
+                    match waiter.wait().await {
+                        Ok(_) => Revalidation::Refreshed,
+                        Err(_) => Revalidation::Failed,
+                    }
+                }
+            };
+            tracing::debug!(
+                outcome = <&str>::from(outcome),
+                "stale-while-revalidate refresh"
+            );
+            app.metrics.revalidation(outcome);
+        });
     }
 
     /// An answer from the local cache (counted as a hit).

@@ -102,6 +102,10 @@ impl ServeArgs {
             "stale_if_error",
             parse::duration(&self.stale_if_error, ZERO..=days(30)),
         );
+        let stale_while_revalidate = p.take(
+            "stale_while_revalidate",
+            parse::duration(&self.stale_while_revalidate, ZERO..=days(30)),
+        );
         let breaker_failures = p.take(
             "breaker_failures",
             parse::whole(&self.breaker_failures, 0..=1_000_000),
@@ -214,6 +218,7 @@ impl ServeArgs {
                 client_id: client_id?,
                 shutdown_grace: shutdown_grace?,
                 stale_if_error: stale_if_error?,
+                stale_while_revalidate: stale_while_revalidate?,
                 breaker_failures: breaker_failures?,
                 breaker_cooldown: breaker_cooldown?,
                 max_connections: max_connections?,

@@ -42,6 +42,7 @@ pub(crate) mod defaults {
     pub(crate) const UPSTREAM_PENALTY: &str = "2s";
     pub(crate) const SHUTDOWN_GRACE: &str = "10s";
     pub(crate) const STALE_IF_ERROR: &str = "0s";
+    pub(crate) const STALE_WHILE_REVALIDATE: &str = "0s";
     pub(crate) const BREAKER_FAILURES: &str = "5";
     pub(crate) const BREAKER_COOLDOWN: &str = "30s";
     pub(crate) const MAX_CONNECTIONS: &str = "10000";
@@ -167,6 +168,10 @@ pub struct ServeArgs {
     /// (X-Cache: STALE); 0s turns stale-if-error off.
     #[arg(long, env = "SCORE_PROXY_STALE_IF_ERROR", default_value = defaults::STALE_IF_ERROR)]
     pub(crate) stale_if_error: String,
+    /// How long past the TTL an answer is still served at once (X-Cache: STALE) while one
+    /// background refresh fetches it again; 0s turns stale-while-revalidate off.
+    #[arg(long, env = "SCORE_PROXY_STALE_WHILE_REVALIDATE", default_value = defaults::STALE_WHILE_REVALIDATE)]
+    pub(crate) stale_while_revalidate: String,
     /// Consecutive upstream failures that open the circuit breaker (0 disables it).
     #[arg(long, env = "SCORE_PROXY_BREAKER_FAILURES", default_value = defaults::BREAKER_FAILURES)]
     pub(crate) breaker_failures: String,
@@ -277,6 +282,7 @@ pub struct Config {
     pub(crate) client_id: Option<ClientId>,
     pub(crate) shutdown_grace: Duration,
     pub(crate) stale_if_error: Duration,
+    pub(crate) stale_while_revalidate: Duration,
     pub(crate) breaker_failures: u32,
     pub(crate) breaker_cooldown: Duration,
     pub(crate) max_connections: usize,

@@ -37,6 +37,9 @@ pub struct CachedScore {
 #[derive(Clone, Debug)]
 pub enum CacheLookup {
     Fresh(CachedScore),
+    /// Past its TTL by less than `--stale-while-revalidate`: answered at once while one
+    /// background refresh fetches it again.
+    Revalidate(CachedScore),
     /// Past its TTL but within the stale-if-error window: only for when the upstream fails.
     Stale(CachedScore),
     Miss,
@@ -51,6 +54,21 @@ pub enum Eviction {
     Size,
     Replaced,
     Explicit,
+}
+
+/// How a stale-while-revalidate refresh ended (the `outcome` label of
+/// `score_proxy_cache_revalidations_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub(crate) enum Revalidation {
+    /// The entry was fetched again (by this refresh, or by a lookup it joined).
+    Refreshed,
+    /// The call failed; the stale entry stays until its window ends.
+    Failed,
+    /// Admission refused it (full queue, open breaker, shutdown).
+    Refused,
+    /// Callers were waiting for budget: no refresh was queued ahead of or among them.
+    Deferred,
 }
 
 /// The small interface the request path uses; see the module docs.
@@ -80,6 +98,8 @@ pub struct CacheConfig {
 pub struct LocalCache {
     inner: moka::sync::Cache<LookupKey, CachedScore>,
     ttl: Duration,
+    /// How long past the TTL an entry is still answered at once (and refreshed).
+    revalidate_for: Duration,
     write_through: Option<Arc<dyn WriteThrough>>,
 }
 
@@ -111,10 +131,23 @@ impl LocalCache {
     /// `on_evict` is called for every removal (from moka's housekeeping, on whichever thread
     /// runs it), so it must be cheap: the metrics counter increment it is meant for is.
     pub fn new(config: &CacheConfig, on_evict: impl Fn(Eviction) + Send + Sync + 'static) -> Self {
+        Self::revalidating(config, Duration::ZERO, on_evict)
+    }
+
+    /// [`LocalCache::new`] with a stale-while-revalidate window: an entry past its TTL by
+    /// less than `revalidate_for` is [`CacheLookup::Revalidate`]. Entries are kept until the
+    /// longer of the two stale windows has passed.
+    pub(crate) fn revalidating(
+        config: &CacheConfig,
+        revalidate_for: Duration,
+        on_evict: impl Fn(Eviction) + Send + Sync + 'static,
+    ) -> Self {
         let on_evict = Arc::new(on_evict);
         let inner = moka::sync::Cache::builder()
             .max_capacity(config.max_entries)
-            .expire_after(UntilStaleEnds(config.ttl + config.stale_for))
+            .expire_after(UntilStaleEnds(
+                config.ttl + config.stale_for.max(revalidate_for),
+            ))
             .eviction_listener(move |_key, _value, cause| {
                 on_evict(match cause {
                     RemovalCause::Expired => Eviction::Expired,
@@ -127,6 +160,7 @@ impl LocalCache {
         LocalCache {
             inner,
             ttl: config.ttl,
+            revalidate_for,
             write_through: None,
         }
     }
@@ -153,8 +187,16 @@ impl LocalCache {
 impl ScoreCache for LocalCache {
     fn get(&self, key: &LookupKey) -> CacheLookup {
         match self.inner.get(key) {
-            Some(v) if v.fetched_at.elapsed() < self.ttl => CacheLookup::Fresh(v),
-            Some(v) => CacheLookup::Stale(v),
+            Some(v) => {
+                let age = v.fetched_at.elapsed();
+                if age < self.ttl {
+                    CacheLookup::Fresh(v)
+                } else if age < self.ttl + self.revalidate_for {
+                    CacheLookup::Revalidate(v)
+                } else {
+                    CacheLookup::Stale(v)
+                }
+            }
             None => CacheLookup::Miss,
         }
     }
@@ -312,6 +354,31 @@ mod tests {
         );
         cache.insert(gone.clone(), score("{}"));
         assert_eq!(*recorder.0.lock().unwrap(), [gone]);
+    }
+
+    #[test]
+    fn within_the_revalidation_window_an_entry_is_answered_and_refreshed() {
+        let cache = LocalCache::revalidating(
+            &CacheConfig {
+                ttl: Duration::from_secs(60),
+                stale_for: Duration::from_secs(30),
+                max_entries: 10,
+            },
+            Duration::from_secs(120),
+            |_| {},
+        );
+        let k = key("cpf=89336333089&client_id=a");
+        let aged = |secs| CachedScore {
+            body: Bytes::from_static(b"{}"),
+            fetched_at: Instant::now() - Duration::from_secs(secs),
+        };
+        cache.warm(k.clone(), aged(30));
+        assert!(matches!(cache.get(&k), CacheLookup::Fresh(_)));
+        // Past the stale-if-error window, but kept for the longer revalidation window.
+        cache.warm(k.clone(), aged(150));
+        assert!(matches!(cache.get(&k), CacheLookup::Revalidate(_)));
+        cache.warm(k.clone(), aged(181));
+        assert!(matches!(cache.get(&k), CacheLookup::Miss));
     }
 
     #[test]
