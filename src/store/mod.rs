@@ -230,6 +230,8 @@ fn open(config: &StoreConfig, metrics: &Arc<Metrics>) -> Result<Started, file::U
              empty cache"
         );
     };
+    // Sealed records only, but nobody else needs to read them either.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     for (result, n) in [
         (LoadResult::Loaded, loaded.entries.len() as u64),
         (LoadResult::Expired, loaded.expired),
