@@ -28,11 +28,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && install -m 0755 target/release/score-sim target/release/score-loadgen /usr/local/bin/
 
 FROM debian:${DEBIAN_RELEASE}-slim AS base
-# CA certificates: the real score API is HTTPS.
+# CA certificates: the real score API is HTTPS. /var/lib/score-proxy: the persistent cache's
+# directory, owned by the proxy's user, so that a named volume mounted there starts writable.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin score-proxy
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin score-proxy \
+    && install -d -o 10001 -g 10001 -m 0700 /var/lib/score-proxy
 USER 10001:10001
 
 FROM base AS simulator

@@ -3,7 +3,7 @@
 //! [`App::lookup`] reads top to bottom as the pipeline: validation, cache, coalescing and
 //! admission, then waiting while the dispatcher paces and makes the call.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,7 +14,9 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::lookup::breaker::Breaker;
 use crate::lookup::cache::CacheResult;
-use crate::lookup::cache::{CacheConfig, CacheLookup, CachedScore, LocalCache, ScoreCache};
+use crate::lookup::cache::{
+    CacheConfig, CacheLookup, CachedScore, LocalCache, Revalidation, ScoreCache,
+};
 use crate::lookup::dispatch::Dispatcher;
 use crate::lookup::error::ProxyError;
 use crate::lookup::pacing::{Guard, GuardReason, LocalPacer, Pacer, PacingMode, StartGate};
@@ -23,6 +25,7 @@ use crate::lookup::upstream::UpstreamClient;
 use crate::lookup::validation::{self, ClientId};
 use crate::shared::{Shared, SharedConfig};
 use crate::shutdown::Lifecycle;
+use crate::store::{Store, StoreConfig};
 use crate::telemetry::metrics::{Metrics, MetricsConfig};
 use crate::telemetry::redact;
 use crate::telemetry::{self, FlightOrigin, HeadStages, TraceIds};
@@ -47,6 +50,8 @@ pub struct App {
     pub(crate) config: Config,
     pub metrics: Arc<Metrics>,
     pub(crate) cache: Arc<LocalCache>,
+    /// The persistent tier behind the cache, when `--data-dir` is set and usable.
+    pub(crate) store: Option<Arc<Store>>,
     pub scheduler: Arc<Scheduler>,
     pub pacer: Arc<dyn Pacer>,
     /// Shared mode's Redis side, when `--redis-url` is set.
@@ -55,6 +60,8 @@ pub struct App {
     pub(crate) dispatcher: Arc<Dispatcher>,
     lifecycle: watch::Sender<Lifecycle>,
     pub(crate) started_at: Instant,
+    /// Itself, for the background refreshes a lookup starts (stale-while-revalidate).
+    me: Weak<App>,
 }
 
 impl App {
@@ -113,16 +120,50 @@ impl App {
                 move |state| metrics.breaker_transition(state),
             ))
         };
+        // The persistent tier first: what it kept warms the memory cache before anything
+        // is served, and every answer after that is written through to it.
+        let (store, warm) = match &config.persist {
+            Some(persist) => {
+                let started = Store::start(
+                    StoreConfig {
+                        dir: persist.dir.clone(),
+                        key: persist.key.clone(),
+                        ttl: config.cache_ttl,
+                        // Kept as long as either stale window may still answer from it.
+                        stale_for: config.stale_if_error.max(config.stale_while_revalidate),
+                        max_entries: config.cache_max_entries,
+                    },
+                    metrics.clone(),
+                );
+                (started.store, started.entries)
+            }
+            None => {
+                tracing::info!(
+                    "persistent cache off (no --data-dir): a restart starts with an empty cache"
+                );
+                (None, Vec::new())
+            }
+        };
         let cache = {
             let metrics = metrics.clone();
-            Arc::new(LocalCache::new(
+            let cache = LocalCache::revalidating(
                 &CacheConfig {
                     ttl: config.cache_ttl,
                     stale_for: config.stale_if_error,
                     max_entries: config.cache_max_entries,
                 },
+                config.stale_while_revalidate,
                 move |cause| metrics.cache_evicted(cause),
-            ))
+            );
+            let cache = match &store {
+                Some(store) => cache.with_write_through(store.clone()),
+                None => cache,
+            };
+            // Oldest first, so the newest are the last in (and the first kept).
+            for (key, score) in warm.into_iter().rev() {
+                cache.warm(key, score);
+            }
+            Arc::new(cache)
         };
         let scheduler = Scheduler::new(
             config.queue_capacity,
@@ -157,10 +198,12 @@ impl App {
             guard,
             breaker_cooldown: config.breaker_cooldown,
         });
-        Ok(Arc::new(App {
+        Ok(Arc::new_cyclic(|me| App {
+            me: me.clone(),
             config,
             metrics,
             cache,
+            store,
             scheduler,
             pacer,
             shared,
@@ -231,12 +274,19 @@ impl App {
         if let Some(stages) = &mut stages {
             stages.looked_up();
             match cached {
-                CacheLookup::Fresh(_) => stages.hit(request_span),
+                CacheLookup::Fresh(_) | CacheLookup::Revalidate(_) => stages.hit(request_span),
                 CacheLookup::Stale(_) | CacheLookup::Miss => stages.spans(request_span),
             }
         }
         let stale = match cached {
             CacheLookup::Fresh(hit) => return Ok(self.hit(hit, report)),
+            // Stale-while-revalidate: answered now, fetched again in the background.
+            CacheLookup::Revalidate(old) => {
+                self.metrics.cache_lookup(CacheResult::Hit);
+                self.metrics.revalidating_answer();
+                self.revalidate(&key);
+                return Ok(self.answer(old, CacheResult::Stale, report));
+            }
             CacheLookup::Stale(old) => Some(old),
             CacheLookup::Miss => None,
         };
@@ -327,6 +377,41 @@ impl App {
         result.map(|score| self.answer(score, cache_result, report))
     }
 
+    /// Starts one background refresh of `key` (stale-while-revalidate), unless callers are
+    /// waiting for budget: a refresh never goes ahead of or among them, and the next stale
+    /// answer tries again. Several stale answers of one key share one flight, and so one
+    /// upstream call, as any identical lookups do; a lookup of the key made meanwhile joins
+    /// it too. The refresh holds the flight's only waiter when no caller does, so the
+    /// dispatcher makes the call (and the answer fills the cache, and the store).
+    fn revalidate(&self, key: &validation::LookupKey) {
+        if *self.scheduler.depth().borrow() > 0 {
+            self.metrics.revalidation(Revalidation::Deferred);
+            return;
+        }
+        let Some(app) = self.me.upgrade() else {
+            return;
+        };
+        let key = key.clone();
+        tokio::spawn(async move {
+            let origin = || FlightOrigin::new(tracing::Span::none(), telemetry::fresh_ids());
+            let outcome = match app.scheduler.join(&key, None, origin) {
+                Err(_) => Revalidation::Refused,
+                Ok(Joined::Cached(_)) => Revalidation::Refreshed,
+                Ok(Joined::Leader(mut waiter) | Joined::Follower(mut waiter)) => {
+                    match waiter.wait().await {
+                        Ok(_) => Revalidation::Refreshed,
+                        Err(_) => Revalidation::Failed,
+                    }
+                }
+            };
+            tracing::debug!(
+                outcome = <&str>::from(outcome),
+                "stale-while-revalidate refresh"
+            );
+            app.metrics.revalidation(outcome);
+        });
+    }
+
     /// An answer from the local cache (counted as a hit).
     fn hit(&self, score: CachedScore, report: &mut LookupReport) -> Answer {
         self.metrics.cache_lookup(CacheResult::Hit);
@@ -356,6 +441,10 @@ impl App {
     pub(crate) fn close(&self) {
         self.scheduler.close();
         self.lifecycle.send_replace(Lifecycle::Closed);
+        // Nothing more will be answered: the store commits what it has queued and stops.
+        if let Some(store) = &self.store {
+            store.close();
+        }
     }
 
     /// Shared mode: a switch between the shared schedule and fallback voids every start

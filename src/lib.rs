@@ -15,6 +15,7 @@
 //! accept loops and the per-request observation; [`shutdown`] the one drain; [`telemetry`]
 //! logs, traces, metrics and the pseudonyms that stand in for personal data; [`shared`] the
 //! Redis-backed schedule, cache tier and leases that let several replicas share one budget;
+//! [`store`] the persistent cache tier that keeps answers across restarts, sealed at rest;
 //! [`config`] flags, environment and the checks before start-up.
 //!
 //! The upstream's stand-in (`score-sim`), the load generator (`score-loadgen`) and the
@@ -29,4 +30,5 @@ pub mod http;
 pub mod lookup;
 pub mod shared;
 pub mod shutdown;
+pub mod store;
 pub mod telemetry;

@@ -25,7 +25,13 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Serve(cli.serve)) {
         Command::Serve(args) => serve(&args, None),
         #[cfg(feature = "demo")]
-        Command::Demo(args) => serve(&args.serve, Some(&args)),
+        Command::Demo(args) => serve(
+            &args
+                .serve
+                .clone()
+                .with_demo_data_dir(|name| std::env::var(name).ok()),
+            Some(&args),
+        ),
         Command::Healthcheck(args) => healthcheck(args),
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::parse::{self, optional};
-use super::{Config, ConfigProblem, RedisSettings, ServeArgs};
+use super::{Config, ConfigProblem, PersistSettings, RedisSettings, ServeArgs};
 use crate::telemetry::OtelSettings;
 
 impl ServeArgs {
@@ -102,6 +102,10 @@ impl ServeArgs {
             "stale_if_error",
             parse::duration(&self.stale_if_error, ZERO..=days(30)),
         );
+        let stale_while_revalidate = p.take(
+            "stale_while_revalidate",
+            parse::duration(&self.stale_while_revalidate, ZERO..=days(30)),
+        );
         let breaker_failures = p.take(
             "breaker_failures",
             parse::whole(&self.breaker_failures, 0..=1_000_000),
@@ -164,6 +168,17 @@ impl ServeArgs {
             );
         }
 
+        // The persistent cache. The key is checked even when persistence is off.
+        let data_dir = p.take(
+            "data_dir",
+            optional(self.data_dir.as_deref().map(str::trim), parse::data_dir),
+        );
+        let no_persist = p.take("no_persist", parse::boolean(&self.no_persist));
+        let data_key = p.take(
+            "data_key",
+            optional(self.data_key.as_deref().map(str::trim), parse::data_key),
+        );
+
         // Telemetry.
         let public_metrics = p.take("public_metrics", parse::boolean(&self.public_metrics));
         let metrics_enabled = p.take("metrics", parse::boolean(&self.metrics));
@@ -203,6 +218,7 @@ impl ServeArgs {
                 client_id: client_id?,
                 shutdown_grace: shutdown_grace?,
                 stale_if_error: stale_if_error?,
+                stale_while_revalidate: stale_while_revalidate?,
                 breaker_failures: breaker_failures?,
                 breaker_cooldown: breaker_cooldown?,
                 max_connections: max_connections?,
@@ -223,6 +239,13 @@ impl ServeArgs {
                 log_format: log_format?,
                 redaction_key,
                 otel: otel?,
+                persist: match (data_dir?, no_persist?) {
+                    (Some(dir), false) => Some(PersistSettings {
+                        dir,
+                        key: data_key?,
+                    }),
+                    _ => None,
+                },
             })
         })();
         p.finish(config)

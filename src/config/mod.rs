@@ -20,6 +20,7 @@ use clap::{Args, Parser, Subcommand};
 use url::Url;
 
 use crate::lookup::validation::ClientId;
+use crate::store::DataKey;
 use crate::telemetry::{LogFormat, OtelSettings};
 
 mod checks;
@@ -41,6 +42,7 @@ pub(crate) mod defaults {
     pub(crate) const UPSTREAM_PENALTY: &str = "2s";
     pub(crate) const SHUTDOWN_GRACE: &str = "10s";
     pub(crate) const STALE_IF_ERROR: &str = "0s";
+    pub(crate) const STALE_WHILE_REVALIDATE: &str = "0s";
     pub(crate) const BREAKER_FAILURES: &str = "5";
     pub(crate) const BREAKER_COOLDOWN: &str = "30s";
     pub(crate) const MAX_CONNECTIONS: &str = "10000";
@@ -166,6 +168,10 @@ pub struct ServeArgs {
     /// (X-Cache: STALE); 0s turns stale-if-error off.
     #[arg(long, env = "SCORE_PROXY_STALE_IF_ERROR", default_value = defaults::STALE_IF_ERROR)]
     pub(crate) stale_if_error: String,
+    /// How long past the TTL an answer is still served at once (X-Cache: STALE) while one
+    /// background refresh fetches it again; 0s turns stale-while-revalidate off.
+    #[arg(long, env = "SCORE_PROXY_STALE_WHILE_REVALIDATE", default_value = defaults::STALE_WHILE_REVALIDATE)]
+    pub(crate) stale_while_revalidate: String,
     /// Consecutive upstream failures that open the circuit breaker (0 disables it).
     #[arg(long, env = "SCORE_PROXY_BREAKER_FAILURES", default_value = defaults::BREAKER_FAILURES)]
     pub(crate) breaker_failures: String,
@@ -216,6 +222,44 @@ pub struct ServeArgs {
     /// (random per process when unset).
     #[arg(long, env = "SCORE_PROXY_REDACTION_KEY", hide_env_values = true)]
     pub(crate) redaction_key: Option<String>,
+    /// Directory of the persistent cache (cached answers survive restarts); unset or empty:
+    /// memory only (`demo` defaults to a per-user directory).
+    #[arg(long, env = "SCORE_PROXY_DATA_DIR")]
+    pub(crate) data_dir: Option<String>,
+    /// Turns the persistent cache off even when a data directory is set.
+    #[arg(
+        long,
+        env = "SCORE_PROXY_NO_PERSIST",
+        default_value = "false",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub(crate) no_persist: String,
+    /// Key sealing the persistent cache (32 bytes, as 64 hex digits or base64); unset: one
+    /// is generated on first start and kept in the data directory (store.key, mode 0600).
+    #[arg(long, env = "SCORE_PROXY_DATA_KEY", hide_env_values = true)]
+    pub(crate) data_key: Option<String>,
+}
+
+impl ServeArgs {
+    /// `demo`'s default data directory, when none is given: the per-user state directory
+    /// (`$XDG_STATE_HOME/score-proxy`, else `~/.local/state/score-proxy`), else one in the
+    /// temporary directory. A demo's cache then survives its restarts, as a real one does.
+    pub fn with_demo_data_dir(mut self, env: impl Fn(&str) -> Option<String>) -> Self {
+        if self.data_dir.is_none() {
+            let base = env("XDG_STATE_HOME")
+                .filter(|d| !d.is_empty())
+                .map(std::path::PathBuf::from)
+                .or_else(|| {
+                    env("HOME")
+                        .filter(|d| !d.is_empty())
+                        .map(|home| std::path::Path::new(&home).join(".local/state"))
+                })
+                .unwrap_or_else(std::env::temp_dir);
+            self.data_dir = Some(base.join("score-proxy").to_string_lossy().into_owned());
+        }
+        self
+    }
 }
 
 /// A validated configuration.
@@ -238,6 +282,7 @@ pub struct Config {
     pub(crate) client_id: Option<ClientId>,
     pub(crate) shutdown_grace: Duration,
     pub(crate) stale_if_error: Duration,
+    pub(crate) stale_while_revalidate: Duration,
     pub(crate) breaker_failures: u32,
     pub(crate) breaker_cooldown: Duration,
     pub(crate) max_connections: usize,
@@ -249,6 +294,16 @@ pub struct Config {
     pub log_format: LogFormat,
     pub(crate) redaction_key: Option<String>,
     pub otel: OtelSettings,
+    /// The persistent cache tier, when on.
+    pub(crate) persist: Option<PersistSettings>,
+}
+
+/// The persistent cache's settings (present when `--data-dir` is set and not turned off).
+#[derive(Clone, Debug)]
+pub(crate) struct PersistSettings {
+    pub(crate) dir: std::path::PathBuf,
+    /// `--data-key`; `None`: the generated key in the data directory.
+    pub(crate) key: Option<DataKey>,
 }
 
 /// Shared mode's settings (present when `--redis-url` is).
@@ -356,6 +411,72 @@ mod tests {
             .validate(|k| (k == "CLIENT_ID").then(|| "000".to_owned()))
             .unwrap();
         assert_eq!(c.client_id.unwrap().as_str(), "explicit");
+    }
+
+    #[test]
+    fn the_persistent_cache_is_off_unless_a_directory_is_given() {
+        assert!(args(&[]).validate(no_env).unwrap().persist.is_none());
+        let dir = std::env::temp_dir().join("score-proxy-config-test");
+        let dir = dir.to_str().unwrap();
+        let key = "ab".repeat(32);
+        let c = args(&["--data-dir", dir, "--data-key", &key])
+            .validate(no_env)
+            .unwrap();
+        let persist = c.persist.unwrap();
+        assert_eq!(persist.dir, std::path::Path::new(dir));
+        assert_eq!(persist.key.unwrap().0, [0xab; 32]);
+        // Empty, or --no-persist (alone or with a value), turns it off.
+        assert!(
+            args(&["--data-dir", ""])
+                .validate(no_env)
+                .unwrap()
+                .persist
+                .is_none()
+        );
+        for off in [&["--no-persist"][..], &["--no-persist", "true"]] {
+            let mut argv = vec!["--data-dir", dir];
+            argv.extend_from_slice(off);
+            assert!(args(&argv).validate(no_env).unwrap().persist.is_none());
+        }
+        // A bad key is reported (without quoting it) even with persistence off; a file is
+        // not a directory.
+        let problems = args(&["--data-key", "sekrit", "--data-dir", "/proc/self/status"])
+            .validate(no_env)
+            .unwrap_err();
+        let lines: Vec<_> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].starts_with("--data-dir (SCORE_PROXY_DATA_DIR): '/proc/self/status' exists and is not a directory"), "{lines:?}");
+        assert!(
+            lines[1].starts_with("--data-key (SCORE_PROXY_DATA_KEY): the key is "),
+            "{lines:?}"
+        );
+        assert!(!lines[1].contains("sekrit"));
+    }
+
+    #[test]
+    fn the_demo_keeps_its_cache_in_the_users_state_directory() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let dir = |a: ServeArgs| a.data_dir.unwrap();
+        assert_eq!(
+            dir(args(&[]).with_demo_data_dir(env(&[("XDG_STATE_HOME", "/s"), ("HOME", "/h")]))),
+            "/s/score-proxy"
+        );
+        assert_eq!(
+            dir(args(&[]).with_demo_data_dir(env(&[("HOME", "/h")]))),
+            "/h/.local/state/score-proxy"
+        );
+        assert!(dir(args(&[]).with_demo_data_dir(env(&[]))).ends_with("score-proxy"));
+        // Given (even empty, which turns it off), it is kept.
+        assert_eq!(
+            dir(args(&["--data-dir", ""]).with_demo_data_dir(env(&[("HOME", "/h")]))),
+            ""
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::time::Duration;
 use url::Url;
 
 use crate::lookup::validation::ClientId;
+use crate::store::DataKey;
 use crate::telemetry::LogFormat;
 
 /// A parser's answer: the value, or what is wrong with the text.
@@ -110,6 +111,23 @@ pub(super) fn duration(raw: &str, range: RangeInclusive<Duration>) -> Parsed<Dur
         ));
     }
     Ok(d)
+}
+
+/// The persistent cache's key (64 hex digits or base64 of 32 bytes). The message never
+/// quotes the text: it is a secret.
+pub(super) fn data_key(raw: &str) -> Parsed<DataKey> {
+    DataKey::parse(raw).map_err(|problem| format!("the key {problem}"))
+}
+
+/// The persistent cache's directory: anything but an existing file (it is created at start
+/// if missing, and a directory the proxy cannot write turns persistence off with a log line,
+/// not a failed start).
+pub(super) fn data_dir(raw: &str) -> Parsed<std::path::PathBuf> {
+    let path = std::path::PathBuf::from(raw.trim());
+    if path.exists() && !path.is_dir() {
+        return Err(format!("'{raw}' exists and is not a directory"));
+    }
+    Ok(path)
 }
 
 /// A switch, in the spellings deployment tools write (`true`/`false`, `1`/`0`, `yes`/`no`,

@@ -6,8 +6,12 @@
 //!
 //! The hit path is synchronous and takes no lock that the queue or the dispatcher takes
 //! (moka's reads are lock-free), and a hit costs one reference-count increment for the body.
-//! The [`ScoreCache`] trait is the seam the scheduler sees, and where a tier behind the
-//! memory one (the persistent store to come) plugs in. Shared mode's Redis tier is not
+//! The [`ScoreCache`] trait is the seam the scheduler sees. The persistent tier
+//! (`crate::store`) plugs in behind the memory one through [`WriteThrough`]: every insert is
+//! handed to it (a channel send that never waits), and on start it warms this cache with
+//! what it kept ([`LocalCache::warm`], which writes nothing back). An entry expires when its
+//! own fetch time says so, not a TTL after it was inserted: an answer loaded at start, or
+//! taken from the shared tier, is as old as where it was fetched. Shared mode's Redis tier is not
 //! behind this trait: it is asynchronous, so `crate::shared` consults it on the miss path,
 //! after this cache and before a flight is led (a Redis round trip never sits on a hit).
 
@@ -15,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use moka::Expiry;
 use moka::notification::RemovalCause;
 
 use crate::lookup::validation::LookupKey;
@@ -32,6 +37,9 @@ pub struct CachedScore {
 #[derive(Clone, Debug)]
 pub enum CacheLookup {
     Fresh(CachedScore),
+    /// Past its TTL by less than `--stale-while-revalidate`: answered at once while one
+    /// background refresh fetches it again.
+    Revalidate(CachedScore),
     /// Past its TTL but within the stale-if-error window: only for when the upstream fails.
     Stale(CachedScore),
     Miss,
@@ -48,12 +56,34 @@ pub enum Eviction {
     Explicit,
 }
 
+/// How a stale-while-revalidate refresh ended (the `outcome` label of
+/// `score_proxy_cache_revalidations_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub(crate) enum Revalidation {
+    /// The entry was fetched again (by this refresh, or by a lookup it joined).
+    Refreshed,
+    /// The call failed; the stale entry stays until its window ends.
+    Failed,
+    /// Admission refused it (full queue, open breaker, shutdown).
+    Refused,
+    /// Callers were waiting for budget: no refresh was queued ahead of or among them.
+    Deferred,
+}
+
 /// The small interface the request path uses; see the module docs.
 pub trait ScoreCache: Send + Sync + 'static {
     fn get(&self, key: &LookupKey) -> CacheLookup;
     fn insert(&self, key: LookupKey, value: CachedScore);
     /// Approximate number of entries (moka counts lazily).
     fn entry_count(&self) -> u64;
+}
+
+/// Where every inserted answer goes to outlive the process (the persistent store). Called on
+/// the path that fills the cache, so it must never wait: it hands the answer on, or drops
+/// and counts it.
+pub(crate) trait WriteThrough: Send + Sync + 'static {
+    fn write(&self, key: &LookupKey, value: &CachedScore);
 }
 
 #[derive(Clone, Debug)]
@@ -68,16 +98,56 @@ pub struct CacheConfig {
 pub struct LocalCache {
     inner: moka::sync::Cache<LookupKey, CachedScore>,
     ttl: Duration,
+    /// How long past the TTL an entry is still answered at once (and refreshed).
+    revalidate_for: Duration,
+    write_through: Option<Arc<dyn WriteThrough>>,
+}
+
+/// An entry lives until its TTL and stale window have passed since it was *fetched*.
+struct UntilStaleEnds(Duration);
+
+impl Expiry<LookupKey, CachedScore> for UntilStaleEnds {
+    fn expire_after_create(
+        &self,
+        _key: &LookupKey,
+        value: &CachedScore,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(self.0.saturating_sub(value.fetched_at.elapsed()))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &LookupKey,
+        value: &CachedScore,
+        _updated_at: Instant,
+        _until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(self.0.saturating_sub(value.fetched_at.elapsed()))
+    }
 }
 
 impl LocalCache {
     /// `on_evict` is called for every removal (from moka's housekeeping, on whichever thread
     /// runs it), so it must be cheap: the metrics counter increment it is meant for is.
     pub fn new(config: &CacheConfig, on_evict: impl Fn(Eviction) + Send + Sync + 'static) -> Self {
+        Self::revalidating(config, Duration::ZERO, on_evict)
+    }
+
+    /// [`LocalCache::new`] with a stale-while-revalidate window: an entry past its TTL by
+    /// less than `revalidate_for` is [`CacheLookup::Revalidate`]. Entries are kept until the
+    /// longer of the two stale windows has passed.
+    pub(crate) fn revalidating(
+        config: &CacheConfig,
+        revalidate_for: Duration,
+        on_evict: impl Fn(Eviction) + Send + Sync + 'static,
+    ) -> Self {
         let on_evict = Arc::new(on_evict);
         let inner = moka::sync::Cache::builder()
             .max_capacity(config.max_entries)
-            .time_to_live(config.ttl + config.stale_for)
+            .expire_after(UntilStaleEnds(
+                config.ttl + config.stale_for.max(revalidate_for),
+            ))
             .eviction_listener(move |_key, _value, cause| {
                 on_evict(match cause {
                     RemovalCause::Expired => Eviction::Expired,
@@ -90,7 +160,21 @@ impl LocalCache {
         LocalCache {
             inner,
             ttl: config.ttl,
+            revalidate_for,
+            write_through: None,
         }
+    }
+
+    /// Hands every later insert to `tier` as well (the persistent store).
+    pub(crate) fn with_write_through(mut self, tier: Arc<dyn WriteThrough>) -> Self {
+        self.write_through = Some(tier);
+        self
+    }
+
+    /// Puts an entry that a tier behind this one already holds (the persistent store's, at
+    /// start) into memory, without writing it back.
+    pub(crate) fn warm(&self, key: LookupKey, value: CachedScore) {
+        self.inner.insert(key, value);
     }
 
     /// Runs moka's pending housekeeping now, so counts and evictions are up to date (tests
@@ -103,13 +187,24 @@ impl LocalCache {
 impl ScoreCache for LocalCache {
     fn get(&self, key: &LookupKey) -> CacheLookup {
         match self.inner.get(key) {
-            Some(v) if v.fetched_at.elapsed() < self.ttl => CacheLookup::Fresh(v),
-            Some(v) => CacheLookup::Stale(v),
+            Some(v) => {
+                let age = v.fetched_at.elapsed();
+                if age < self.ttl {
+                    CacheLookup::Fresh(v)
+                } else if age < self.ttl + self.revalidate_for {
+                    CacheLookup::Revalidate(v)
+                } else {
+                    CacheLookup::Stale(v)
+                }
+            }
             None => CacheLookup::Miss,
         }
     }
 
     fn insert(&self, key: LookupKey, value: CachedScore) {
+        if let Some(tier) = &self.write_through {
+            tier.write(&key, &value);
+        }
         self.inner.insert(key, value);
     }
 
@@ -217,6 +312,73 @@ mod tests {
         };
         cache.insert(k.clone(), old);
         assert!(matches!(cache.get(&k), CacheLookup::Stale(_)));
+    }
+
+    #[test]
+    fn an_entry_expires_by_its_fetch_time_and_inserts_write_through() {
+        struct Recorder(std::sync::Mutex<Vec<LookupKey>>);
+        impl WriteThrough for Recorder {
+            fn write(&self, key: &LookupKey, _: &CachedScore) {
+                self.0.lock().unwrap().push(key.clone());
+            }
+        }
+        let recorder = Arc::new(Recorder(Default::default()));
+        let cache = LocalCache::new(
+            &CacheConfig {
+                ttl: Duration::from_secs(60),
+                stale_for: Duration::from_secs(60),
+                max_entries: 10,
+            },
+            |_| {},
+        )
+        .with_write_through(recorder.clone());
+        let (fresh, stale, gone) = (
+            key("cpf=89336333089&client_id=a"),
+            key("cpf=89336333089&client_id=b"),
+            key("cpf=89336333089&client_id=c"),
+        );
+        let aged = |secs| CachedScore {
+            body: Bytes::from_static(b"{}"),
+            fetched_at: Instant::now() - Duration::from_secs(secs),
+        };
+        cache.warm(fresh.clone(), aged(30));
+        cache.warm(stale.clone(), aged(90));
+        // Fetched longer ago than TTL plus stale window: expired however recently inserted.
+        cache.warm(gone.clone(), aged(130));
+        assert!(matches!(cache.get(&fresh), CacheLookup::Fresh(_)));
+        assert!(matches!(cache.get(&stale), CacheLookup::Stale(_)));
+        assert!(matches!(cache.get(&gone), CacheLookup::Miss));
+        assert!(
+            recorder.0.lock().unwrap().is_empty(),
+            "warming writes nothing back"
+        );
+        cache.insert(gone.clone(), score("{}"));
+        assert_eq!(*recorder.0.lock().unwrap(), [gone]);
+    }
+
+    #[test]
+    fn within_the_revalidation_window_an_entry_is_answered_and_refreshed() {
+        let cache = LocalCache::revalidating(
+            &CacheConfig {
+                ttl: Duration::from_secs(60),
+                stale_for: Duration::from_secs(30),
+                max_entries: 10,
+            },
+            Duration::from_secs(120),
+            |_| {},
+        );
+        let k = key("cpf=89336333089&client_id=a");
+        let aged = |secs| CachedScore {
+            body: Bytes::from_static(b"{}"),
+            fetched_at: Instant::now() - Duration::from_secs(secs),
+        };
+        cache.warm(k.clone(), aged(30));
+        assert!(matches!(cache.get(&k), CacheLookup::Fresh(_)));
+        // Past the stale-if-error window, but kept for the longer revalidation window.
+        cache.warm(k.clone(), aged(150));
+        assert!(matches!(cache.get(&k), CacheLookup::Revalidate(_)));
+        cache.warm(k.clone(), aged(181));
+        assert!(matches!(cache.get(&k), CacheLookup::Miss));
     }
 
     #[test]

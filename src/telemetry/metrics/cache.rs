@@ -7,7 +7,7 @@ use prometheus::{IntCounter, IntGauge};
 use strum::VariantArray;
 
 use super::{Families, Metrics, per_value};
-use crate::lookup::cache::{CacheResult, Eviction};
+use crate::lookup::cache::{CacheResult, Eviction, Revalidation};
 
 pub(super) struct CacheMetrics {
     /// Every `CacheResult` but `Stale`: a stale answer is what a lookup already counted as a
@@ -16,6 +16,8 @@ pub(super) struct CacheMetrics {
     stale_answers: IntCounter,
     entries: IntGauge,
     evictions: HashMap<Eviction, IntCounter>,
+    revalidating_answers: IntCounter,
+    revalidations: HashMap<Revalidation, IntCounter>,
 }
 
 impl CacheMetrics {
@@ -45,6 +47,18 @@ impl CacheMetrics {
                 "Entries removed from the cache, by cause.",
                 &["cause"],
             )),
+            revalidating_answers: families.counter(
+                "cache_revalidating_answers_total",
+                "Expired answers served at once (--stale-while-revalidate, X-Cache: STALE) while \
+                 a background refresh fetches them again; each lookup is also counted once as \
+                 a hit in cache_lookups_total.",
+            ),
+            revalidations: per_value(&families.counter_vec(
+                "cache_revalidations_total",
+                "Background refreshes for stale-while-revalidate, by outcome: refreshed, \
+                 failed, refused (by admission), deferred (callers were waiting for budget).",
+                &["outcome"],
+            )),
         }
     }
 }
@@ -72,6 +86,15 @@ impl Metrics {
 
     pub(crate) fn cache_evicted(&self, cause: Eviction) {
         self.cache.evictions[&cause].inc();
+    }
+
+    /// A lookup already counted as a hit was answered with an entry being revalidated.
+    pub(crate) fn revalidating_answer(&self) {
+        self.cache.revalidating_answers.inc();
+    }
+
+    pub(crate) fn revalidation(&self, outcome: Revalidation) {
+        self.cache.revalidations[&outcome].inc();
     }
 
     pub(crate) fn set_cache_entries(&self, n: u64) {

@@ -15,6 +15,7 @@
 //! - `connections`: per listener, open, refused and failed;
 //! - `validation`, `cache`, `queue`, `pacing` (with the pacing mode), `upstream`, `breaker`;
 //! - `shared`: shared mode's Redis operations, shared cache tier and cross-replica flights;
+//! - `store`: the persistent cache tier (loaded at start, size, writes, drops, errors);
 //! - `logs`: log lines dropped because the log buffer was full.
 //!
 //! States (the breaker's, the pacing mode) are one series per state, 1 for the current one
@@ -35,6 +36,7 @@ mod logs;
 mod pacing;
 mod queue;
 mod shared;
+mod store;
 mod upstream;
 mod validation;
 
@@ -81,6 +83,7 @@ pub struct Metrics {
     upstream: upstream::UpstreamMetrics,
     breaker: breaker::BreakerMetrics,
     shared: shared::SharedMetrics,
+    store: store::StoreMetrics,
     logs: logs::LogMetrics,
 }
 
@@ -116,6 +119,7 @@ impl Metrics {
             upstream: upstream::UpstreamMetrics::new(&families),
             breaker: breaker::BreakerMetrics::new(&families),
             shared: shared::SharedMetrics::new(&families),
+            store: store::StoreMetrics::new(&families),
             logs: logs::LogMetrics::new(&families),
             registry,
         }
