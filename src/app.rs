@@ -156,6 +156,7 @@ impl App {
             default_penalty: config.upstream_penalty,
             guard,
             breaker_cooldown: config.breaker_cooldown,
+            recent: Arc::default(),
         });
         Ok(Arc::new(App {
             config,
