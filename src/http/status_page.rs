@@ -186,9 +186,9 @@ struct CacheFeed {
 #[derive(Serialize)]
 struct PacingFeed {
     mode: &'static str,
-    /// Shared mode: how many replicas share the budget, as this one last saw (`null` alone
-    /// or before it leased a place).
-    replicas: Option<u32>,
+    /// Shared mode: how many replicas share the budget (`--expected-replicas`: the proxy
+    /// leases places among that many, it does not count live ones); `null` alone.
+    expected_replicas: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -296,11 +296,7 @@ fn build(app: &App, listener: Listener) -> Feed {
         },
         pacing: PacingFeed {
             mode: status.pacing_mode,
-            replicas: app
-                .shared
-                .as_ref()
-                .and_then(|s| s.division_report().place)
-                .map(|(_, count)| count),
+            expected_replicas: app.config.redis.as_ref().map(|r| r.expected_replicas),
         },
         links: links(app, listener),
         status,

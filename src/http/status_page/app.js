@@ -99,7 +99,7 @@
       box.appendChild(mark);
       // A long call (a timeout, a slow answer) also shows how long it lasted.
       var end = x(c.ago_seconds - c.duration_seconds);
-      if (end - cx > 3) {
+      if (end - cx > 8) {
         box.appendChild(svg("line", { "class": cls, x1: cx.toFixed(1), x2: end.toFixed(1),
           y1: mid + 12, y2: mid + 12, "stroke-width": 2 }));
       }
@@ -182,9 +182,10 @@
     tone("breaker", TONES[s.breaker] || "info");
     set("pacing-mode", f.pacing.mode, f.pacing.mode);
     tone("pacing-mode", TONES[f.pacing.mode] || "info");
-    var replicas = f.pacing.replicas;
-    set("replicas", replicas === null ? (f.pacing.mode === "local" ? "1 (paces alone)" : "not known yet")
-      : String(replicas), replicas === null ? "" : replicas);
+    var replicas = f.pacing.expected_replicas;
+    var place = s.replica_place === null ? "" : ", this one is place " + s.replica_place;
+    set("replicas", replicas === null ? "1 (paces alone)" : replicas + " expected" + place,
+      replicas === null ? 1 : replicas);
     set("lifecycle", s.lifecycle, s.lifecycle);
     links(f.links);
   }
