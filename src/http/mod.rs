@@ -288,7 +288,8 @@ fn record(
 ) {
     let elapsed = started.elapsed();
     app.metrics.http_request(route, status, outcome, elapsed);
-    if route != Route::Metrics && route != Route::Health {
+    // Polled (scrapes, probes, an open status page): counted, not logged line by line.
+    if !matches!(route, Route::Metrics | Route::Health | Route::StatusFeed) {
         tracing::info!(
             target: "score_proxy::access",
             trace_id = %ids.trace_id_hex(),
