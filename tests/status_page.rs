@@ -32,7 +32,14 @@ const BROWSER_TIMEOUT: Duration = Duration::from_secs(120);
 /// The browser: `SCORE_PROXY_CHROMIUM` if set, else `chromium` on the `PATH`.
 fn chromium() -> PathBuf {
     if let Some(path) = std::env::var_os("SCORE_PROXY_CHROMIUM") {
-        return PathBuf::from(path);
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "SCORE_PROXY_CHROMIUM={} is not a file: the status page test drives a real \
+             headless browser",
+            path.display()
+        );
+        return path;
     }
     let found = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
@@ -229,6 +236,8 @@ async fn busy_proxy() -> (TestApp, Load) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_in_a_real_browser_shows_what_status_says() {
+    // Before anything else: a missing browser fails at once, saying what to install.
+    chromium();
     let (t, load) = busy_proxy().await;
     let url = t.url("/");
 
