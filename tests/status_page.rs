@@ -329,6 +329,68 @@ async fn the_page_in_a_real_browser_shows_what_status_says() {
     t.shutdown().await.expect("clean shutdown");
 }
 
+/// A poll that fails leaves the last figures on screen, marked stale, and the page keeps
+/// polling: the page, as the proxy serves it, from a stand-in whose feed answers once and
+/// then only 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_poll_leaves_the_figures_marked_stale() {
+    chromium();
+    let t = spawn(Setup::default()).await;
+    let page = t
+        .client
+        .get(t.url("/"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let first = t.get("/status/feed").await.body;
+    let served = Arc::new(AtomicU32::new(0));
+    let feeds = served.clone();
+    let stand_in = axum::Router::new()
+        .route(
+            "/",
+            axum::routing::get(move || async move { axum::response::Html(page) }),
+        )
+        .route(
+            "/status/feed",
+            axum::routing::get(move || async move {
+                match feeds.fetch_add(1, Ordering::Relaxed) {
+                    0 => (
+                        axum::http::StatusCode::OK,
+                        [("content-type", "application/json")],
+                        first,
+                    ),
+                    _ => (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        [("content-type", "application/json")],
+                        String::new(),
+                    ),
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, stand_in).await });
+
+    let dom = browser(&format!("http://{addr}/"), &["--dump-dom".to_owned()]).await;
+    server.abort();
+    let body_tag = &dom[dom.find("<body").expect("a body")..];
+    let body_tag = &body_tag[..=body_tag.find('>').unwrap()];
+    assert_eq!(attr(body_tag, "data-state"), Some("stale"), "{body_tag}");
+    assert_eq!(attr(body_tag, "data-polls"), Some("1"), "{body_tag}");
+    let (_, state) = element(&dom, "feed-state");
+    assert!(state.starts_with("stale since "), "{state}");
+    assert!(state.contains("HTTP 503"), "{state}");
+    assert!(served.load(Ordering::Relaxed) >= 3, "the page kept polling");
+    // The figures of the one good poll are still there.
+    assert_eq!(element(&dom, "rate").1, "10.00");
+    assert_eq!(value(&dom, "breaker"), "closed");
+    t.shutdown().await.expect("clean shutdown");
+}
+
 /// The admin listener serves the page and its feed too; JSON clients get its endpoints.
 #[tokio::test]
 async fn the_admin_listener_serves_the_page_and_its_feed() {
