@@ -2,10 +2,11 @@
 # Installs what the tests, the stack checks and the benchmarks need beyond the Rust
 # toolchain: Debian packages (the real Prometheus and promtool, the real Alertmanager and
 # amtool, Redis for the replica tests, nginx and wrk for the benchmark) and two Python
-# packages. Installs only what is missing; needs root for apt.
+# packages, and Chromium, which tests/status_page.rs drives headless. Installs only what is
+# missing; needs root for apt.
 set -euo pipefail
 
-DEBIAN_PACKAGES=(prometheus prometheus-alertmanager nginx wrk curl redis-server)
+DEBIAN_PACKAGES=(prometheus prometheus-alertmanager nginx wrk curl redis-server chromium)
 PYTHON_PACKAGES=(pyyaml jsonschema)
 
 missing=()

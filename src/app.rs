@@ -197,6 +197,7 @@ impl App {
             default_penalty: config.upstream_penalty,
             guard,
             breaker_cooldown: config.breaker_cooldown,
+            recent: Arc::default(),
         });
         Ok(Arc::new_cyclic(|me| App {
             me: me.clone(),

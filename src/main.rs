@@ -179,6 +179,7 @@ mod demo {
             println!(
                 "score-proxy demo: proxy on {} against a simulated upstream at {} \
                  (1 call/s, 2 s penalty, {} latency).\n\
+                 Status page (open it in a browser): http://127.0.0.1:{port}/\n\
                  Try:\n  curl -i 'http://127.0.0.1:{port}/proxy/score?cpf=89336333089&client_id=000'\n  \
                  curl -s http://127.0.0.1:{port}/status\n  \
                  curl -s -H 'Accept: text/plain' http://127.0.0.1:{port}/metrics\n\

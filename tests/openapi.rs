@@ -15,12 +15,13 @@ const SPEC: &str = include_str!("../src/http/openapi.json");
 /// The routes `http::router` registers on the public listener (with `--public-metrics`,
 /// the default). Kept by hand on purpose: adding a route should mean updating this list,
 /// the document and the README together.
-const ROUTES: [&str; 7] = [
+const ROUTES: [&str; 8] = [
     "/",
     "/proxy/score",
     "/health",
     "/ready",
     "/status",
+    "/status/feed",
     "/metrics",
     "/openapi.json",
 ];
@@ -148,7 +149,14 @@ async fn every_documented_route_is_served() {
     // The JSON bodies of the operators' endpoints match their schemas, field for field (a
     // field added to `/status` but not to the document fails here, before schemathesis).
     let document = spec();
-    for path in ["/", "/health", "/ready", "/status", "/metrics"] {
+    for path in [
+        "/",
+        "/health",
+        "/ready",
+        "/status",
+        "/status/feed",
+        "/metrics",
+    ] {
         let reply = app.get(path).await;
         let schema = &document["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]
             ["schema"];

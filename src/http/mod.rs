@@ -9,6 +9,7 @@ pub(crate) mod connection;
 mod probes;
 pub(crate) mod route;
 pub mod server;
+mod status_page;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,11 +33,11 @@ use crate::lookup::validation;
 use crate::shutdown::Lifecycle;
 use crate::telemetry;
 use crate::telemetry::metrics;
-use probes::{health, index, lifecycle_name, ready};
+use probes::{admin_index, health, index, lifecycle_name, ready};
 use route::Route;
 
-/// The public router (port 8000): the index of endpoints, the lookup, health, status, and
-/// `/metrics` unless `--public-metrics false`.
+/// The public router (port 8000): the index of endpoints (the status page for a browser), the
+/// lookup, health, status and the page's feed, and `/metrics` unless `--public-metrics false`.
 pub(crate) fn router(app: Arc<App>) -> Router {
     let mut router = Router::new()
         .route("/", get(index))
@@ -44,6 +45,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/status", get(status))
+        .route("/status/feed", get(status_page::feed))
         .route("/openapi.json", get(openapi));
     if app.config.public_metrics {
         router = router.route("/metrics", get(metrics_negotiated));
@@ -51,10 +53,12 @@ pub(crate) fn router(app: Arc<App>) -> Router {
     finish(router, app)
 }
 
-/// The admin router (`--admin-listen`): operators' endpoints only, `/metrics` always in the
-/// Prometheus format.
+/// The admin router (`--admin-listen`): operators' endpoints only (the status page too),
+/// `/metrics` always in the Prometheus format.
 pub(crate) fn admin_router(app: Arc<App>) -> Router {
     let router = Router::new()
+        .route("/", get(admin_index))
+        .route("/status/feed", get(status_page::admin_feed))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/status", get(status))
@@ -284,7 +288,8 @@ fn record(
 ) {
     let elapsed = started.elapsed();
     app.metrics.http_request(route, status, outcome, elapsed);
-    if route != Route::Metrics && route != Route::Health {
+    // Polled (scrapes, probes, an open status page): counted, not logged line by line.
+    if !matches!(route, Route::Metrics | Route::Health | Route::StatusFeed) {
         tracing::info!(
             target: "score_proxy::access",
             trace_id = %ids.trace_id_hex(),

@@ -1,17 +1,18 @@
-//! The operators' small endpoints: `GET /` (what the service is and its endpoints),
-//! liveness (`/health`) and readiness (`/ready`). None of them waits behind the queue or
-//! takes a lock a lookup holds.
+//! The operators' small endpoints: `GET /` (what the service is and its endpoints, or the
+//! status page for a browser), liveness (`/health`) and readiness (`/ready`). None of them
+//! waits behind the queue or takes a lock a lookup holds.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::app::App;
 use crate::http::route::Route;
+use crate::http::status_page;
 use crate::shutdown::Lifecycle;
 
 #[derive(Serialize)]
@@ -42,26 +43,22 @@ struct Index {
     endpoints: BTreeMap<&'static str, &'static str>,
 }
 
-/// `GET /`: what the service is and its endpoints, as the original's `GET /` answered (a
-/// person or a script finding its way); only those this listener serves.
-pub(super) async fn index(State(app): State<Arc<App>>) -> Response {
+/// `GET /`: for a browser (`Accept: text/html`), the live status page; for everyone else
+/// (the original's scripts, `curl`), what the service is and its endpoints, as the
+/// original's `GET /` answered; only those this listener serves.
+pub(super) async fn index(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if status_page::wants_html(&headers) {
+        return status_page::page();
+    }
     let mut endpoints = BTreeMap::from([
         (
             Route::Score.as_str(),
             "GET ?cpf=&client_id= : the upstream's score (cached, coalesced, paced)",
         ),
-        (
-            Route::Health.as_str(),
-            "GET: liveness, {\"status\":\"healthy\"}",
-        ),
-        (
-            Route::Ready.as_str(),
-            "GET: readiness, 503 once shutdown has begun",
-        ),
-        (
-            Route::Status.as_str(),
-            "GET: queue, cache, pacing, penalty and breaker state (JSON)",
-        ),
+        (Route::Health.as_str(), HEALTH),
+        (Route::Ready.as_str(), READY),
+        (Route::Status.as_str(), STATUS),
+        (Route::StatusFeed.as_str(), STATUS_FEED),
         (
             Route::OpenApi.as_str(),
             "GET: the OpenAPI description of these endpoints",
@@ -73,12 +70,40 @@ pub(super) async fn index(State(app): State<Arc<App>>) -> Response {
             "GET: Prometheus text (Accept: text/plain or ?format=prometheus), else the /status JSON",
         );
     }
-    axum::Json(Index {
+    index_json(endpoints)
+}
+
+/// `GET /` on the admin listener: the status page for a browser, else its endpoints.
+pub(super) async fn admin_index(headers: HeaderMap) -> Response {
+    if status_page::wants_html(&headers) {
+        return status_page::page();
+    }
+    index_json(BTreeMap::from([
+        (Route::Health.as_str(), HEALTH),
+        (Route::Ready.as_str(), READY),
+        (Route::Status.as_str(), STATUS),
+        (Route::StatusFeed.as_str(), STATUS_FEED),
+        (Route::Metrics.as_str(), "GET: Prometheus text"),
+    ]))
+}
+
+const HEALTH: &str = "GET: liveness, {\"status\":\"healthy\"}";
+const READY: &str = "GET: readiness, 503 once shutdown has begun";
+const STATUS: &str = "GET: queue, cache, pacing, penalty and breaker state (JSON)";
+const STATUS_FEED: &str =
+    "GET: /status plus the last minute of upstream calls, as the status page polls it (JSON)";
+
+fn index_json(endpoints: BTreeMap<&'static str, &'static str>) -> Response {
+    let mut response = axum::Json(Index {
         service: "score-proxy",
         version: env!("CARGO_PKG_VERSION"),
         endpoints,
     })
-    .into_response()
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("Accept"));
+    response
 }
 
 #[derive(Serialize)]

@@ -26,6 +26,8 @@ pub(crate) enum Route {
     Ready,
     #[strum(serialize = "/status")]
     Status,
+    #[strum(serialize = "/status/feed")]
+    StatusFeed,
     #[strum(serialize = "/metrics")]
     Metrics,
     #[strum(serialize = "/openapi.json")]

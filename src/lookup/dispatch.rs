@@ -29,6 +29,7 @@ use crate::lookup::upstream::UpstreamClient;
 use crate::lookup::upstream::UpstreamOutcome;
 use crate::telemetry;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::recent_calls::RecentCalls;
 
 pub(crate) struct Dispatcher {
     pub(crate) scheduler: Arc<Scheduler>,
@@ -45,6 +46,8 @@ pub(crate) struct Dispatcher {
     /// the upstream's differ); each answered call teaches it (see `pacing::guard`).
     pub(crate) guard: Arc<Guard>,
     pub(crate) breaker_cooldown: Duration,
+    /// The last minute of calls and penalties, for the status page's timeline.
+    pub(crate) recent: Arc<RecentCalls>,
 }
 
 impl Dispatcher {
@@ -237,6 +240,7 @@ impl Dispatcher {
         let took = result.finished_at.saturating_duration_since(started);
         self.metrics
             .upstream_call(result.status, result.outcome, took);
+        self.recent.call(started, took, result.outcome);
         telemetry::record_upstream_result(&span, result.status, result.outcome);
         flight.update_info(|info| {
             info.upstream_status = result.status;
@@ -284,6 +288,7 @@ impl Dispatcher {
                     .penalty_until()
                     .map_or(result.finished_at, |t| t.max(result.finished_at));
                 self.pacer.penalize(until).await;
+                self.recent.penalty(result.finished_at, until);
                 self.scheduler.void_slots_before(until);
                 self.metrics.penalty_received();
                 self.metrics

@@ -140,6 +140,11 @@ impl<T> FairQueue<T> {
         self.order.values().map(|e| e.deadline).min()
     }
 
+    /// Every queued job, in no particular order.
+    pub(crate) fn jobs(&self) -> impl Iterator<Item = &T> {
+        self.order.values().map(|e| &e.job)
+    }
+
     /// The latest deadline among queued jobs (how far ahead a top-up booking may go).
     pub(crate) fn latest_deadline(&self) -> Option<Instant> {
         self.order.values().map(|e| e.deadline).max()

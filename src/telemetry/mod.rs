@@ -21,6 +21,7 @@
 mod access;
 mod log_writer;
 pub(crate) mod metrics;
+pub(crate) mod recent_calls;
 pub mod redact;
 mod sampling;
 mod trace;

@@ -247,4 +247,10 @@ impl Scheduler {
     pub(crate) fn queue_capacity(&self) -> usize {
         self.queue_capacity
     }
+
+    /// When the queued lookup that has waited longest was admitted (the status page's
+    /// oldest wait against the queue timeout); `None` when the queue is empty.
+    pub(crate) fn oldest_admitted(&self) -> Option<Instant> {
+        self.lock().queue.jobs().map(|f| f.admitted_at).min()
+    }
 }

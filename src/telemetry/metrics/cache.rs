@@ -100,4 +100,9 @@ impl Metrics {
     pub(crate) fn set_cache_entries(&self, n: u64) {
         self.cache.entries.set(n as i64);
     }
+
+    /// Lookups the cache resolved as `result` so far (the status page's hit ratio).
+    pub(crate) fn cache_lookups_so_far(&self, result: CacheResult) -> u64 {
+        self.cache.lookups.get(&result).map_or(0, IntCounter::get)
+    }
 }

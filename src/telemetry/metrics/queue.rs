@@ -87,4 +87,9 @@ impl Metrics {
     pub(crate) fn queue_abandoned(&self) {
         self.queue.abandoned.inc();
     }
+
+    /// Lookups refused for `reason` so far (the status page's refusals).
+    pub(crate) fn queue_refusals_so_far(&self, reason: QueueRefusal) -> u64 {
+        self.queue.refusals[&reason].get()
+    }
 }
