@@ -403,15 +403,15 @@ pub(crate) async fn run(suite: &mut Suite) -> Result<()> {
          `OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:PORT` and `OTEL_TRACES_SAMPLER=\
          parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.01` (1 %) or `0.1` (10 %) or \
          `OTEL_TRACES_SAMPLER=always_on`, PORT being a small OTLP/HTTP sink in the harness, \
-         one per set-up (it decodes each export to count spans, on the same 2 cores; wrk \
-         sends no `traceparent`, so every request is a root). nginx is scenario 3's \
+         one per set-up (it counts each export's spans without decoding them, on the same 2 \
+         cores; wrk sends no `traceparent`, so every request is a root). nginx is scenario 3's \
          (`rate=1000r/s burst=1000`), once with `access_log off` and once with `access_log \
          PATH {NGINX_BUFFERED_LOG}` at the `http` level. *of metrics only* and *of off* are \
          the medians over the rounds of each round's ratio (set-ups of one round ran back to \
          back, so load from elsewhere hits them alike); for nginx, the ratio to nginx without \
          its log. *Server CPU per request* is the server's user + system time during the run \
          divided by the requests served (exporting and log writing included; the sink's \
-         decoding is not); *of metrics only (CPU)* is metrics only's CPU per request over \
+         counting is not); *of metrics only (CPU)* is metrics only's CPU per request over \
          this one's, the throughput the set-up would keep if CPU were the only limit. Load \
          average (1 min) {load_before} before the rounds, {load_after} after (2 cores).\n\n{}\n\
          Exported: {exported}the default run's access log: {log_lines} lines, {} (requests \
