@@ -184,15 +184,12 @@ where
         None => (metrics::OUTCOME_ERROR, LookupReport::default()),
     };
 
-    span.record("http.response.status_code", status.as_u16());
-    span.record("score_proxy.outcome", outcome);
-    if status.is_server_error() {
-        span.record("error.type", outcome);
-        span.record("otel.status_code", "ERROR");
-    }
-    if let Some(cache) = report.cache {
-        span.record("score_proxy.cache", cache.as_str());
-    }
+    telemetry::record_response(
+        &span,
+        status.as_u16(),
+        outcome,
+        report.cache.map(CacheResult::as_str),
+    );
 
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_bytes(&ids.traceparent_bytes()) {

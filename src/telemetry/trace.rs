@@ -220,14 +220,22 @@ pub(crate) fn server_span(
         return untraced(false);
     }
 
+    // Plain strings, not `%` values: the OpenTelemetry layer formats a `%` value through
+    // `fmt` into a growing `String`, and copies a `&str` once.
+    let name: std::borrow::Cow<'static, str> =
+        if route == Route::Score && method == http::Method::GET {
+            "GET /proxy/score".into()
+        } else {
+            SpanName(method, route).to_string().into()
+        };
     let span = tracing::info_span!(
         "http.server",
-        otel.name = %SpanName(method, route),
+        otel.name = name.as_ref(),
         otel.kind = "server",
         otel.status_code = field::Empty,
-        http.request.method = %method,
+        http.request.method = method.as_str(),
         http.route = route.as_str(),
-        url.path = %redacted_path(route, path),
+        url.path = redacted_path(route, path),
         url.scheme = "http",
         http.response.status_code = field::Empty,
         error.type = field::Empty,
@@ -260,7 +268,41 @@ pub(crate) fn server_span(
     (span, ids)
 }
 
-/// `{method} {route}`, formatted only if a subscriber records it.
+/// The response on the server span (`Span::none()` for an untraced request: nothing done):
+/// status code, outcome, cache result, and for a 5xx the error type and status, all in one
+/// record. Each `Span::record` is a trip through every layer and, once the OpenTelemetry
+/// span has started, a lock on it: on a traced hit, five of them were a tenth of the
+/// request's CPU time.
+pub(crate) fn record_response(
+    span: &Span,
+    status: u16,
+    outcome: &'static str,
+    cache: Option<&'static str>,
+) {
+    let Some(fields) = span.metadata().map(|m| m.fields()) else {
+        return;
+    };
+    let (Some(code), Some(out), Some(cached), Some(error), Some(otel_status)) = (
+        fields.field("http.response.status_code"),
+        fields.field("score_proxy.outcome"),
+        fields.field("score_proxy.cache"),
+        fields.field("error.type"),
+        fields.field("otel.status_code"),
+    ) else {
+        return;
+    };
+    let failed = (500..600).contains(&status).then_some(outcome);
+    let values = [
+        (&code, Some(&status as &dyn field::Value)),
+        (&out, Some(&outcome as &dyn field::Value)),
+        (&cached, cache.as_ref().map(|c| c as &dyn field::Value)),
+        (&error, failed.as_ref().map(|e| e as &dyn field::Value)),
+        (&otel_status, failed.map(|_| &"ERROR" as &dyn field::Value)),
+    ];
+    span.record_all(&fields.value_set(&values));
+}
+
+/// `{method} {route}`, for the server span's name.
 struct SpanName<'a>(&'a http::Method, Route);
 
 impl std::fmt::Display for SpanName<'_> {
@@ -316,21 +358,32 @@ impl HeadStages {
         self.looked_up = Some(SystemTime::now());
     }
 
-    /// A cache hit: the durations become attributes of the request's (only) span.
+    /// A cache hit: the durations become attributes of the request's (only) span, in one
+    /// record (see [`record_response`]).
     pub(crate) fn hit(&self, request: &Span) {
         let nanos = |from: SystemTime, to: Option<SystemTime>| {
             to.and_then(|to| to.duration_since(from).ok())
                 .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         };
         let validated = self.validated.unwrap_or(self.started);
-        request.record(
-            "score_proxy.validation.duration_ns",
+        let (validation, lookup) = (
             nanos(self.started, self.validated),
-        );
-        request.record(
-            "score_proxy.cache.lookup.duration_ns",
             nanos(validated, self.looked_up),
         );
+        let Some(fields) = request.metadata().map(|m| m.fields()) else {
+            return;
+        };
+        let (Some(v), Some(l)) = (
+            fields.field("score_proxy.validation.duration_ns"),
+            fields.field("score_proxy.cache.lookup.duration_ns"),
+        ) else {
+            return;
+        };
+        let values = [
+            (&v, Some(&validation as &dyn field::Value)),
+            (&l, Some(&lookup as &dyn field::Value)),
+        ];
+        request.record_all(&fields.value_set(&values));
     }
 
     /// Anything but a hit: the stages that ran become child spans of the request's,

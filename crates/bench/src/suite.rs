@@ -18,6 +18,11 @@ use crate::sim::Sim;
 /// The nginx configuration, with `{{PLACEHOLDERS}}` for paths, ports, rate and burst.
 const NGINX_TEMPLATE: &str = include_str!("../../../bench/nginx.conf.template");
 
+/// How nginx's access log is written when it is on: the standard `combined` format, in a
+/// 64 KiB buffer written out when full or after a second, as an operator keeping the log
+/// on at high request rates would set it.
+pub(crate) const NGINX_BUFFERED_LOG: &str = "combined buffer=64k flush=1s";
+
 #[derive(Clone, Debug)]
 pub(crate) enum Rival {
     Proxy,
@@ -101,56 +106,58 @@ pub(crate) enum Telemetry {
     Off,
     /// `SCORE_PROXY_METRICS=true RUST_LOG=off`.
     Metrics,
-    /// Metrics, and every span exported to the harness's OTLP sink.
-    Tracing(u16),
-    /// Metrics and tracing, one trace in ten sampled (`parentbased_traceidratio`, 0.1).
-    Sampled(u16),
+    /// Metrics, and spans exported to the harness's OTLP sink on `port`: every trace when
+    /// `per_mille` is 1000 (`always_on`), otherwise that many in a thousand
+    /// (`parentbased_traceidratio`).
+    Tracing { port: u16, per_mille: u16 },
     /// The shipped default: metrics, and the access log at `info` (to a file).
     Default,
 }
 
 impl Telemetry {
-    pub(crate) fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> String {
         match self {
-            Telemetry::Off => "off",
-            Telemetry::Metrics => "metrics only",
-            Telemetry::Tracing(_) => "metrics + tracing (always_on, OTLP)",
-            Telemetry::Sampled(_) => "metrics + tracing (parentbased_traceidratio 0.1, OTLP)",
-            Telemetry::Default => "default (metrics + access log at info)",
+            Telemetry::Off => "off".into(),
+            Telemetry::Metrics => "metrics only".into(),
+            Telemetry::Tracing {
+                per_mille: 1000, ..
+            } => "tracing always_on".into(),
+            Telemetry::Tracing { per_mille, .. } => {
+                format!("tracing {} %", f64::from(per_mille) / 10.0)
+            }
+            Telemetry::Default => "default (metrics + access log at info)".into(),
         }
     }
 
     pub(crate) fn env(self) -> Vec<(&'static str, String)> {
-        match self {
-            Telemetry::Off => vec![
-                ("SCORE_PROXY_METRICS", "false".into()),
-                ("RUST_LOG", "off".into()),
-            ],
-            Telemetry::Metrics => vec![
-                ("SCORE_PROXY_METRICS", "true".into()),
-                ("RUST_LOG", "off".into()),
-            ],
-            Telemetry::Tracing(port) => vec![
-                ("SCORE_PROXY_METRICS", "true".into()),
-                ("RUST_LOG", "off".into()),
-                (
-                    "OTEL_EXPORTER_OTLP_ENDPOINT",
-                    format!("http://127.0.0.1:{port}"),
-                ),
-                ("OTEL_TRACES_SAMPLER", "always_on".into()),
-            ],
-            Telemetry::Sampled(port) => vec![
-                ("SCORE_PROXY_METRICS", "true".into()),
-                ("RUST_LOG", "off".into()),
-                (
-                    "OTEL_EXPORTER_OTLP_ENDPOINT",
-                    format!("http://127.0.0.1:{port}"),
-                ),
-                ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".into()),
-                ("OTEL_TRACES_SAMPLER_ARG", "0.1".into()),
-            ],
-            Telemetry::Default => vec![("SCORE_PROXY_METRICS", "true".into())],
+        let mut env = vec![(
+            "SCORE_PROXY_METRICS",
+            if self == Telemetry::Off {
+                "false"
+            } else {
+                "true"
+            }
+            .into(),
+        )];
+        if self != Telemetry::Default {
+            env.push(("RUST_LOG", "off".into()));
         }
+        if let Telemetry::Tracing { port, per_mille } = self {
+            env.push((
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://127.0.0.1:{port}"),
+            ));
+            if per_mille >= 1000 {
+                env.push(("OTEL_TRACES_SAMPLER", "always_on".into()));
+            } else {
+                env.push(("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".into()));
+                env.push((
+                    "OTEL_TRACES_SAMPLER_ARG",
+                    format!("{}", f64::from(per_mille) / 1000.0),
+                ));
+            }
+        }
+        env
     }
 }
 
@@ -255,14 +262,26 @@ impl Suite {
         outer: u16,
         inner: u16,
         spec: &NginxSpec,
+        access_log: Option<&Path>,
     ) -> Result<String> {
-        let conf = NGINX_TEMPLATE
+        let mut conf = NGINX_TEMPLATE
             .replace("{{PREFIX}}", &prefix.display().to_string())
             .replace("{{OUTER_PORT}}", &outer.to_string())
             .replace("{{INNER_PORT}}", &inner.to_string())
             .replace("{{SIM_PORT}}", &spec.sim_port.to_string())
             .replace("{{RATE}}", spec.rate)
             .replace("{{BURST}}", &spec.burst.to_string());
+        if let Some(log) = access_log {
+            const OFF: &str = "access_log off;";
+            ensure!(
+                conf.contains(OFF),
+                "bench/nginx.conf.template no longer says `{OFF}`: the access log cannot be set"
+            );
+            conf = conf.replace(
+                OFF,
+                &format!("access_log {} {NGINX_BUFFERED_LOG};", log.display()),
+            );
+        }
         let Some(s) = spec.read_timeout_s else {
             return Ok(conf);
         };
@@ -296,11 +315,24 @@ impl Suite {
         label: &str,
         spec: &NginxSpec<'_>,
     ) -> Result<Running> {
+        self.start_nginx_logged(label, spec, false).await
+    }
+
+    /// As [`Suite::start_nginx_with`]; with `access_log`, nginx writes its access log to
+    /// `access.log` in its directory, buffered as [`NGINX_BUFFERED_LOG`] says, instead of
+    /// the template's `access_log off` (scenario 5's anchor for what a log should cost).
+    pub(crate) async fn start_nginx_logged(
+        &mut self,
+        label: &str,
+        spec: &NginxSpec<'_>,
+        access_log: bool,
+    ) -> Result<Running> {
         let nginx =
             on_path("nginx").context("nginx is not installed (apt-get install -y nginx)")?;
         let dir = self.instance_dir("nginx")?;
         let (outer, inner) = (free_port()?, free_port()?);
-        let conf = self.nginx_conf(&dir, outer, inner, spec)?;
+        let log = access_log.then(|| dir.join("access.log"));
+        let conf = self.nginx_conf(&dir, outer, inner, spec, log.as_deref())?;
         let conf_path = dir.join("nginx.conf");
         fs::write(&conf_path, &conf)?;
         // The exact configuration used, next to the report (once per rate and variant).
