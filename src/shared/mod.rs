@@ -123,11 +123,12 @@ pub struct Shared {
     /// fleet's guard each booking returns is noted.
     guard: Arc<Guard>,
     /// Bookings go to Redis one at a time, in the order asked. When several replicas take
-    /// a burst at once their bookings then alternate on the schedule instead of one
-    /// replica's whole burst going first: the fleet's lookups wait in turn, and if Redis is
-    /// lost mid-burst every replica is left with a like share of the waiting lookups for its
-    /// places on the grid (a place with nothing left wastes its positions). It costs a burst
-    /// one Redis round trip per lookup ahead of it in this replica, at admission only.
+    /// a burst at once their bookings then interleave on the schedule instead of one
+    /// replica's whole burst going first (in part: lookups that reach this replica a few
+    /// milliseconds before the others' still book first), so if Redis is lost mid-burst the
+    /// waiting lookups are more evenly spread over the places on the grid (a place with
+    /// nothing left wastes its positions). It costs a burst one Redis round trip per lookup
+    /// ahead of it in this replica, at admission only.
     booking_turn: tokio::sync::Mutex<()>,
     book: redis::Script,
     pause: redis::Script,
