@@ -248,7 +248,7 @@ impl Shared {
         };
         let switch = fence
             .checked_sub(self.division.period() + REJOIN_MARGIN)
-            .unwrap_or(fence);
+            .unwrap_or_else(Instant::now);
         if switch > Instant::now() {
             tracing::debug!(
                 in_ms = (switch - Instant::now()).as_secs_f64() * 1e3,
