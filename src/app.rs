@@ -3,7 +3,7 @@
 //! [`App::lookup`] reads top to bottom as the pipeline: validation, cache, coalescing and
 //! admission, then waiting while the dispatcher paces and makes the call.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,13 +14,12 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::lookup::breaker::Breaker;
 use crate::lookup::cache::CacheResult;
-use crate::lookup::cache::{
-    CacheConfig, CacheLookup, CachedScore, LocalCache, Revalidation, ScoreCache,
-};
+use crate::lookup::cache::{CacheConfig, CacheLookup, CachedScore, LocalCache, ScoreCache};
 use crate::lookup::dispatch::Dispatcher;
 use crate::lookup::error::ProxyError;
 use crate::lookup::pacing::{Guard, GuardReason, LocalPacer, Pacer, PacingMode, StartGate};
-use crate::lookup::scheduler::{FlightInfo, Joined, Scheduler, Source};
+use crate::lookup::refresh_ahead::RefreshAhead;
+use crate::lookup::scheduler::{FlightInfo, Joined, Refresh, Scheduler, Source};
 use crate::lookup::upstream::UpstreamClient;
 use crate::lookup::validation::{self, ClientId};
 use crate::shared::{Shared, SharedConfig};
@@ -58,10 +57,10 @@ pub struct App {
     pub shared: Option<Arc<Shared>>,
     pub breaker: Arc<Breaker>,
     pub(crate) dispatcher: Arc<Dispatcher>,
+    /// Counts hits near expiry and asks for their refresh, when `--refresh-ahead` is set.
+    pub(crate) refresh_ahead: Option<Arc<RefreshAhead>>,
     lifecycle: watch::Sender<Lifecycle>,
     pub(crate) started_at: Instant,
-    /// Itself, for the background refreshes a lookup starts (stale-while-revalidate).
-    me: Weak<App>,
 }
 
 impl App {
@@ -199,8 +198,10 @@ impl App {
             breaker_cooldown: config.breaker_cooldown,
             recent: Arc::default(),
         });
-        Ok(Arc::new_cyclic(|me| App {
-            me: me.clone(),
+        let refresh_ahead = (!config.refresh_ahead.is_zero())
+            .then(|| Arc::new(RefreshAhead::new(config.cache_ttl, config.refresh_ahead)));
+        Ok(Arc::new(App {
+            refresh_ahead,
             config,
             metrics,
             cache,
@@ -280,12 +281,19 @@ impl App {
             }
         }
         let stale = match cached {
-            CacheLookup::Fresh(hit) => return Ok(self.hit(hit, report)),
-            // Stale-while-revalidate: answered now, fetched again in the background.
+            CacheLookup::Fresh(hit) => {
+                if let Some(ahead) = &self.refresh_ahead {
+                    ahead.hit(&key, &hit);
+                }
+                return Ok(self.hit(hit, report));
+            }
+            // Stale-while-revalidate: answered now, fetched again in the background with
+            // budget no caller needs (see `scheduler/background.rs`).
             CacheLookup::Revalidate(old) => {
                 self.metrics.cache_lookup(CacheResult::Hit);
                 self.metrics.revalidating_answer();
-                self.revalidate(&key);
+                self.scheduler
+                    .refresh_later(&key, Refresh::Revalidate, Some(old.fetched_at));
                 return Ok(self.answer(old, CacheResult::Stale, report));
             }
             CacheLookup::Stale(old) => Some(old),
@@ -376,41 +384,6 @@ impl App {
             _ => cache_result,
         };
         result.map(|score| self.answer(score, cache_result, report))
-    }
-
-    /// Starts one background refresh of `key` (stale-while-revalidate), unless callers are
-    /// waiting for budget: a refresh never goes ahead of or among them, and the next stale
-    /// answer tries again. Several stale answers of one key share one flight, and so one
-    /// upstream call, as any identical lookups do; a lookup of the key made meanwhile joins
-    /// it too. The refresh holds the flight's only waiter when no caller does, so the
-    /// dispatcher makes the call (and the answer fills the cache, and the store).
-    fn revalidate(&self, key: &validation::LookupKey) {
-        if *self.scheduler.depth().borrow() > 0 {
-            self.metrics.revalidation(Revalidation::Deferred);
-            return;
-        }
-        let Some(app) = self.me.upgrade() else {
-            return;
-        };
-        let key = key.clone();
-        tokio::spawn(async move {
-            let origin = || FlightOrigin::new(tracing::Span::none(), telemetry::fresh_ids());
-            let outcome = match app.scheduler.join(&key, None, origin) {
-                Err(_) => Revalidation::Refused,
-                Ok(Joined::Cached(_)) => Revalidation::Refreshed,
-                Ok(Joined::Leader(mut waiter) | Joined::Follower(mut waiter)) => {
-                    match waiter.wait().await {
-                        Ok(_) => Revalidation::Refreshed,
-                        Err(_) => Revalidation::Failed,
-                    }
-                }
-            };
-            tracing::debug!(
-                outcome = <&str>::from(outcome),
-                "stale-while-revalidate refresh"
-            );
-            app.metrics.revalidation(outcome);
-        });
     }
 
     /// An answer from the local cache (counted as a hit).

@@ -106,6 +106,10 @@ impl ServeArgs {
             "stale_while_revalidate",
             parse::duration(&self.stale_while_revalidate, ZERO..=days(30)),
         );
+        let refresh_ahead = p.take(
+            "refresh_ahead",
+            parse::duration(&self.refresh_ahead, ZERO..=days(30)),
+        );
         let breaker_failures = p.take(
             "breaker_failures",
             parse::whole(&self.breaker_failures, 0..=1_000_000),
@@ -219,6 +223,8 @@ impl ServeArgs {
                 shutdown_grace: shutdown_grace?,
                 stale_if_error: stale_if_error?,
                 stale_while_revalidate: stale_while_revalidate?,
+                // A window longer than the TTL would refresh an entry as soon as it is hit.
+                refresh_ahead: refresh_ahead?.min(cache_ttl?),
                 breaker_failures: breaker_failures?,
                 breaker_cooldown: breaker_cooldown?,
                 max_connections: max_connections?,

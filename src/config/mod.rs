@@ -43,6 +43,7 @@ pub(crate) mod defaults {
     pub(crate) const SHUTDOWN_GRACE: &str = "10s";
     pub(crate) const STALE_IF_ERROR: &str = "0s";
     pub(crate) const STALE_WHILE_REVALIDATE: &str = "0s";
+    pub(crate) const REFRESH_AHEAD: &str = "0s";
     pub(crate) const BREAKER_FAILURES: &str = "5";
     pub(crate) const BREAKER_COOLDOWN: &str = "30s";
     pub(crate) const MAX_CONNECTIONS: &str = "10000";
@@ -172,6 +173,11 @@ pub struct ServeArgs {
     /// background refresh fetches it again; 0s turns stale-while-revalidate off.
     #[arg(long, env = "SCORE_PROXY_STALE_WHILE_REVALIDATE", default_value = defaults::STALE_WHILE_REVALIDATE)]
     pub(crate) stale_while_revalidate: String,
+    /// Refresh-ahead: when no caller needs the budget, refetch the most-hit entries that
+    /// are within this long of their TTL, so hot keys stop missing at the boundary; 0s
+    /// turns it off.
+    #[arg(long, env = "SCORE_PROXY_REFRESH_AHEAD", default_value = defaults::REFRESH_AHEAD)]
+    pub(crate) refresh_ahead: String,
     /// Consecutive upstream failures that open the circuit breaker (0 disables it).
     #[arg(long, env = "SCORE_PROXY_BREAKER_FAILURES", default_value = defaults::BREAKER_FAILURES)]
     pub(crate) breaker_failures: String,
@@ -283,6 +289,8 @@ pub struct Config {
     pub(crate) shutdown_grace: Duration,
     pub(crate) stale_if_error: Duration,
     pub(crate) stale_while_revalidate: Duration,
+    /// The refresh-ahead window (zero: off), never longer than the TTL.
+    pub(crate) refresh_ahead: Duration,
     pub(crate) breaker_failures: u32,
     pub(crate) breaker_cooldown: Duration,
     pub(crate) max_connections: usize,

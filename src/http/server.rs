@@ -97,6 +97,13 @@ impl Server {
     ) -> anyhow::Result<()> {
         let app = self.app;
         let dispatcher = tokio::spawn(app.dispatcher.clone().run());
+        let refresher = app.refresh_ahead.clone().map(|ahead| {
+            tokio::spawn(ahead.run(
+                app.scheduler.clone(),
+                app.cache.clone(),
+                app.pacer.interval(),
+            ))
+        });
         let shared_tasks = match &app.shared {
             Some(shared) => {
                 let mut tasks = shared.start();
@@ -156,6 +163,9 @@ impl Server {
         }
         app.close();
         dispatcher.abort();
+        if let Some(refresher) = refresher {
+            refresher.abort();
+        }
         for task in shared_tasks {
             task.abort();
         }

@@ -56,21 +56,6 @@ pub enum Eviction {
     Explicit,
 }
 
-/// How a stale-while-revalidate refresh ended (the `outcome` label of
-/// `score_proxy_cache_revalidations_total`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
-#[strum(serialize_all = "snake_case")]
-pub(crate) enum Revalidation {
-    /// The entry was fetched again (by this refresh, or by a lookup it joined).
-    Refreshed,
-    /// The call failed; the stale entry stays until its window ends.
-    Failed,
-    /// Admission refused it (full queue, open breaker, shutdown).
-    Refused,
-    /// Callers were waiting for budget: no refresh was queued ahead of or among them.
-    Deferred,
-}
-
 /// The small interface the request path uses; see the module docs.
 pub trait ScoreCache: Send + Sync + 'static {
     fn get(&self, key: &LookupKey) -> CacheLookup;

@@ -131,8 +131,13 @@ impl Dispatcher {
             // this start slot is for, and the deficit would book it a second one (in shared
             // mode, a start slot the whole fleet would lose).
             self.scheduler.replenish();
-            self.metrics
-                .queue_wait(started.saturating_duration_since(flight.admitted_at));
+            if flight.background.is_none() {
+                self.metrics
+                    .queue_wait(started.saturating_duration_since(flight.admitted_at));
+            } else {
+                // The next background refresh takes the band this one just left.
+                self.scheduler.feed_background();
+            }
             tokio::spawn(self.clone().call(flight, in_flight_permit, started));
         }
     }

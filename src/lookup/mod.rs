@@ -8,6 +8,8 @@
 //! - [`pacing`], [`breaker`] and [`dispatch`]: stage 4, start slots an interval apart, the
 //!   start gate, the circuit breaker, and the dispatcher that starts each call at its slot.
 //! - [`upstream`]: stage 5, the call itself.
+//! - [`refresh_ahead`]: which hot entries to refresh before they expire, with budget no
+//!   caller needs (the background lane is in [`scheduler`]).
 //! - [`error`]: the only place that maps a lookup's failure to a status code and a body.
 
 pub(crate) mod breaker;
@@ -16,6 +18,7 @@ pub(crate) mod dispatch;
 pub mod error;
 pub mod pacing;
 pub(crate) mod queue;
+pub(crate) mod refresh_ahead;
 pub(crate) mod scheduler;
 pub(crate) mod upstream;
 pub mod validation;

@@ -45,7 +45,7 @@ pub use log_writer::{DEFAULT_BUFFER_LINES, lines_dropped};
 pub use sampling::TraceSampler;
 pub(crate) use trace::{
     FlightOrigin, HeadStages, TraceIds, fresh_ids, link_to_call, record_response,
-    record_upstream_result, server_span, stage_span, traceparent_for, upstream_span,
+    record_upstream_result, sampled_root, server_span, stage_span, traceparent_for, upstream_span,
 };
 
 /// How log lines are written (`SCORE_PROXY_LOG_FORMAT`).

@@ -59,6 +59,30 @@ fn tracing_on() -> bool {
     HEAD.get().is_some()
 }
 
+/// A root span (`make`) for work no request started, with its ids, if `name` is sampled.
+pub(crate) fn sampled_root(name: &str, make: impl FnOnce() -> Span) -> Option<(Span, TraceIds)> {
+    let head = HEAD.get()?;
+    let trace_id = RandomIdGenerator::default().new_trace_id();
+    let kind = SpanKind::Internal;
+    let decision = head
+        .sampler
+        .should_sample(None, trace_id, name, &kind, &[], &[]);
+    (decision.decision == SamplingDecision::RecordAndSample).then_some(())?;
+    let span = make();
+    NEXT_TRACE_ID.set(Some(trace_id));
+    let sc = span.context().span().span_context().clone();
+    NEXT_TRACE_ID.set(None);
+    let (trace_id, span_id, sampled) = (sc.trace_id(), sc.span_id(), sc.is_sampled());
+    sc.is_valid().then_some((
+        span,
+        TraceIds {
+            trace_id,
+            span_id,
+            sampled,
+        },
+    ))
+}
+
 thread_local! {
     /// The trace id the head chose for a new trace, for the SDK to use when it starts the
     /// server span on this same thread (a moment later, in [`server_span`]).

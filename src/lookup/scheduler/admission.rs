@@ -230,19 +230,28 @@ impl Scheduler {
     fn place(&self, state: &mut State, flight: &Arc<Flight>, now: Instant) -> Option<ProxyError> {
         self.prune(state, now);
         let schedule = state.schedule(self.earliest(now), self.pacer.interval());
-        match state.queue.admit(
-            &flight.key.client_id,
-            flight.deadline,
-            flight.clone(),
-            &schedule,
-        ) {
+        // A refresh no caller joined waits behind every caller's lookup.
+        let background = flight.is_background_only();
+        let (client, deadline) = (&flight.key.client_id, flight.deadline);
+        let admitted = if background {
+            state
+                .queue
+                .admit_background(client, deadline, flight.clone(), &schedule)
+        } else {
+            state
+                .queue
+                .admit(client, deadline, flight.clone(), &schedule)
+        };
+        match admitted {
             Ok((job, position)) => {
                 flight.set_job(job);
                 flight.set_state(FlightState::Queued { position });
-                self.metrics.queue_admitted();
-                self.metrics
-                    .permit_wait(schedule.start_at(position).saturating_duration_since(now));
-                self.set_depth(state.queue.len());
+                if !background {
+                    self.metrics.queue_admitted();
+                    self.metrics
+                        .permit_wait(schedule.start_at(position).saturating_duration_since(now));
+                    self.set_depth(state.queue.interactive_len());
+                }
                 None
             }
             Err((refusal, _)) => {
@@ -291,12 +300,19 @@ impl Scheduler {
     }
 
     /// Puts a penalised flight back at the front of the queue if it can still start before
-    /// its deadline and someone still waits for it; otherwise answers it.
+    /// its deadline and a caller still waits for it; otherwise answers it. A background
+    /// refresh no caller joined is not retried: the penalty is answer enough.
     pub(crate) fn retry(&self, flight: &Arc<Flight>) -> bool {
         let now = Instant::now();
         let mut state = self.lock();
         if flight.waiters() == 0 {
             self.unregister(&mut state, flight);
+            return false;
+        }
+        if flight.is_background_only() {
+            self.unregister(&mut state, flight);
+            drop(state);
+            flight.complete(Err(self.missed_deadline(now, Duration::ZERO)));
             return false;
         }
         let schedule = state.schedule(self.earliest(now), self.pacer.interval());
@@ -309,7 +325,7 @@ impl Scheduler {
             Ok(job) => {
                 flight.set_job(job);
                 flight.set_state(FlightState::Queued { position: 0 });
-                self.set_depth(state.queue.len());
+                self.set_depth(state.queue.interactive_len());
                 drop(state);
                 self.metrics.upstream_retry();
                 self.changed.notify_one();
@@ -343,7 +359,7 @@ impl Scheduler {
             flight.clear_job();
             self.unregister(&mut state, flight);
         }
-        self.set_depth(state.queue.len());
+        self.set_depth(state.queue.interactive_len());
         drop(state);
         for (flight, refusal) in doomed {
             self.metrics.queue_refused(QueueRefusal::Expired);
@@ -367,7 +383,7 @@ impl Scheduler {
             flight.clear_job();
             self.unregister(&mut state, flight);
         }
-        self.set_depth(state.queue.len());
+        self.set_depth(state.queue.interactive_len());
         drop(state);
         for flight in failed {
             self.metrics.queue_refused(QueueRefusal::CircuitOpen);

@@ -20,6 +20,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::background::Refresh;
 use super::{Scheduler, State};
 use crate::lookup::cache::CachedScore;
 use crate::lookup::error::ProxyError;
@@ -87,6 +88,11 @@ pub(crate) struct Flight {
     info: Mutex<FlightInfo>,
     /// Telemetry attached by the leader (its span's context, for links); opaque here.
     pub(crate) origin: crate::telemetry::FlightOrigin,
+    /// Set for a background refresh: led by no caller, it waits behind every caller's
+    /// lookup (see `background.rs`).
+    pub(crate) background: Option<Refresh>,
+    /// A caller's lookup took its place before it started (see [`Scheduler::join`]).
+    superseded: AtomicBool,
 }
 
 impl Flight {
@@ -108,7 +114,40 @@ impl Flight {
             state: watch::channel(FlightState::Admitting).0,
             info: Mutex::new(FlightInfo::default()),
             origin,
+            background: None,
+            superseded: AtomicBool::new(false),
         }
+    }
+
+    /// A background refresh, its one waiter being the task that records how it ended.
+    pub(super) fn for_background(mut self, why: Refresh) -> Flight {
+        self.background = Some(why);
+        self
+    }
+
+    /// A background refresh no caller has joined: it stays in the background band, is not
+    /// retried after a penalty, and gives its place to a caller's lookup of the same key.
+    pub(super) fn is_background_only(&self) -> bool {
+        self.background.is_some() && self.waiters() <= 1
+    }
+
+    /// Whether it has left the queue for good (started, or answered).
+    pub(super) fn has_started(&self) -> bool {
+        matches!(
+            *self.state.borrow(),
+            FlightState::Started | FlightState::Done(_)
+        )
+    }
+
+    /// A caller's lookup of the same key replaced it before it started: its waiter is told
+    /// so, and the caller's flight makes the call.
+    pub(super) fn supersede(&self) {
+        self.superseded.store(true, Ordering::Relaxed);
+        self.complete(Err(ProxyError::ShuttingDown));
+    }
+
+    pub(super) fn was_superseded(&self) -> bool {
+        self.superseded.load(Ordering::Relaxed)
     }
 
     pub(super) fn job(&self) -> Option<JobId> {
@@ -265,7 +304,7 @@ impl Scheduler {
             flight.clear_job();
             self.unregister(&mut state, flight);
             self.metrics.queue_abandoned();
-            self.set_depth(state.queue.len());
+            self.set_depth(state.queue.interactive_len());
         }
     }
 }

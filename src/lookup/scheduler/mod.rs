@@ -32,6 +32,7 @@
 //! [`FairQueue`]: crate::lookup::queue::FairQueue
 
 mod admission;
+mod background;
 mod flights;
 mod slots;
 #[cfg(test)]
@@ -44,6 +45,8 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use self::background::Lane;
+pub(crate) use self::background::{Refresh, RefreshOutcome};
 pub(crate) use self::flights::{Flight, FlightInfo, FlightState, Joined, Source, Waiter};
 use self::slots::StartSlots;
 use crate::lookup::breaker::Breaker;
@@ -63,6 +66,8 @@ struct State {
     slots: StartSlots,
     /// Set when shutdown starts: new lookups must be able to start before this.
     draining_until: Option<Instant>,
+    /// Background refreshes asked for (see `background.rs`).
+    lane: Lane,
 }
 
 pub struct Scheduler {
@@ -97,6 +102,7 @@ impl Scheduler {
                 queue: FairQueue::new(queue_capacity),
                 slots: StartSlots::default(),
                 draining_until: None,
+                lane: Lane::default(),
             }),
             changed: Notify::new(),
             depth: watch::channel(0).0,
@@ -117,6 +123,7 @@ impl Scheduler {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Publishes the depth of callers' lookups (background refreshes are counted apart).
     fn set_depth(&self, depth: usize) {
         self.metrics.set_queue_depth(depth);
         self.depth
@@ -141,6 +148,13 @@ impl Scheduler {
     ) -> Result<Joined, ProxyError> {
         let now = Instant::now();
         let mut state = self.lock();
+        // A background refresh of this key that has not started gives its place (and its
+        // start slot) to this lookup, which a caller waits for.
+        if let Some(refresh) = state.unseat_refresh(key) {
+            self.unregister(&mut state, &refresh);
+            self.set_depth(state.queue.interactive_len());
+            refresh.supersede();
+        }
         if let Some(flight) = state.flights.get(key) {
             flight.add_waiter();
             return Ok(Joined::Follower(Waiter::new(self.clone(), flight.clone())));
@@ -195,7 +209,7 @@ impl Scheduler {
                 break Some(flight);
             }
         };
-        self.set_depth(state.queue.len());
+        self.set_depth(state.queue.interactive_len());
         drop(state);
         for flight in late {
             self.metrics.queue_refused(QueueRefusal::Expired);
@@ -218,6 +232,7 @@ impl Scheduler {
     pub(crate) fn close(&self) {
         let mut state = self.lock();
         let left = state.queue.close();
+        state.lane.clear();
         for flight in &left {
             self.unregister(&mut state, flight);
         }
@@ -240,8 +255,9 @@ impl Scheduler {
         self.changed.notify_one();
     }
 
+    /// Callers' lookups waiting (background refreshes not counted).
     pub(crate) fn queue_len(&self) -> usize {
-        self.lock().queue.len()
+        self.lock().queue.interactive_len()
     }
 
     pub(crate) fn queue_capacity(&self) -> usize {
@@ -251,6 +267,11 @@ impl Scheduler {
     /// When the queued lookup that has waited longest was admitted (the status page's
     /// oldest wait against the queue timeout); `None` when the queue is empty.
     pub(crate) fn oldest_admitted(&self) -> Option<Instant> {
-        self.lock().queue.jobs().map(|f| f.admitted_at).min()
+        self.lock()
+            .queue
+            .jobs()
+            .filter(|f| f.background.is_none())
+            .map(|f| f.admitted_at)
+            .min()
     }
 }

@@ -201,7 +201,7 @@ impl Scheduler {
         if let Some((flight, _)) = &unserved {
             flight.clear_job();
             self.unregister(&mut state, flight);
-            self.set_depth(state.queue.len());
+            self.set_depth(state.queue.interactive_len());
         }
         drop(state);
         if let Some((flight, by)) = unserved {

@@ -7,7 +7,7 @@ use prometheus::{IntCounter, IntGauge};
 use strum::VariantArray;
 
 use super::{Families, Metrics, per_value};
-use crate::lookup::cache::{CacheResult, Eviction, Revalidation};
+use crate::lookup::cache::{CacheResult, Eviction};
 
 pub(super) struct CacheMetrics {
     /// Every `CacheResult` but `Stale`: a stale answer is what a lookup already counted as a
@@ -17,7 +17,6 @@ pub(super) struct CacheMetrics {
     entries: IntGauge,
     evictions: HashMap<Eviction, IntCounter>,
     revalidating_answers: IntCounter,
-    revalidations: HashMap<Revalidation, IntCounter>,
 }
 
 impl CacheMetrics {
@@ -53,12 +52,6 @@ impl CacheMetrics {
                  a background refresh fetches them again; each lookup is also counted once as \
                  a hit in cache_lookups_total.",
             ),
-            revalidations: per_value(&families.counter_vec(
-                "cache_revalidations_total",
-                "Background refreshes for stale-while-revalidate, by outcome: refreshed, \
-                 failed, refused (by admission), deferred (callers were waiting for budget).",
-                &["outcome"],
-            )),
         }
     }
 }
@@ -91,10 +84,6 @@ impl Metrics {
     /// A lookup already counted as a hit was answered with an entry being revalidated.
     pub(crate) fn revalidating_answer(&self) {
         self.cache.revalidating_answers.inc();
-    }
-
-    pub(crate) fn revalidation(&self, outcome: Revalidation) {
-        self.cache.revalidations[&outcome].inc();
     }
 
     pub(crate) fn set_cache_entries(&self, n: u64) {

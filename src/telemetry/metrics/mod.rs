@@ -15,6 +15,7 @@
 //! - `connections`: per listener, open, refused and failed;
 //! - `validation`, `cache`, `queue`, `pacing` (with the pacing mode), `upstream`, `breaker`;
 //! - `shared`: shared mode's Redis operations, shared cache tier and cross-replica flights;
+//! - `refresh`: background refreshes (stale-while-revalidate, refresh-ahead);
 //! - `store`: the persistent cache tier (loaded at start, size, writes, drops, errors);
 //! - `logs`: log lines dropped because the log buffer was full.
 //!
@@ -35,6 +36,7 @@ mod http;
 mod logs;
 mod pacing;
 mod queue;
+mod refresh;
 mod shared;
 mod store;
 mod upstream;
@@ -82,6 +84,7 @@ pub struct Metrics {
     pacing: pacing::PacingMetrics,
     upstream: upstream::UpstreamMetrics,
     breaker: breaker::BreakerMetrics,
+    refresh: refresh::RefreshMetrics,
     shared: shared::SharedMetrics,
     store: store::StoreMetrics,
     logs: logs::LogMetrics,
@@ -118,6 +121,7 @@ impl Metrics {
             pacing: pacing::PacingMetrics::new(&families, config),
             upstream: upstream::UpstreamMetrics::new(&families),
             breaker: breaker::BreakerMetrics::new(&families),
+            refresh: refresh::RefreshMetrics::new(&families),
             shared: shared::SharedMetrics::new(&families),
             store: store::StoreMetrics::new(&families),
             logs: logs::LogMetrics::new(&families),
