@@ -198,8 +198,22 @@ impl App {
             breaker_cooldown: config.breaker_cooldown,
             recent: Arc::default(),
         });
-        let refresh_ahead = (!config.refresh_ahead.is_zero())
-            .then(|| Arc::new(RefreshAhead::new(config.cache_ttl, config.refresh_ahead)));
+        // In shared mode a refresh would be answered from the shared tier's copy of the
+        // same entry (still fresh there too), so it would never reach the upstream.
+        let refresh_ahead = match (config.refresh_ahead.is_zero(), &shared) {
+            (true, _) => None,
+            (false, Some(_)) => {
+                tracing::warn!(
+                    "--refresh-ahead is not available in shared mode (the shared cache tier \
+                     would answer the refresh with the entry it refreshes): it is off"
+                );
+                None
+            }
+            (false, None) => Some(Arc::new(RefreshAhead::new(
+                config.cache_ttl,
+                config.refresh_ahead,
+            ))),
+        };
         Ok(Arc::new(App {
             refresh_ahead,
             config,
