@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::Config;
+use crate::jobs::{Jobs, JobsConfig};
 use crate::lookup::breaker::Breaker;
 use crate::lookup::cache::CacheResult;
 use crate::lookup::cache::{CacheConfig, CacheLookup, CachedScore, LocalCache, ScoreCache};
@@ -19,7 +20,7 @@ use crate::lookup::dispatch::Dispatcher;
 use crate::lookup::error::ProxyError;
 use crate::lookup::pacing::{Guard, GuardReason, LocalPacer, Pacer, PacingMode, StartGate};
 use crate::lookup::refresh_ahead::RefreshAhead;
-use crate::lookup::scheduler::{FlightInfo, Joined, Refresh, Scheduler, Source};
+use crate::lookup::scheduler::{BackgroundReason, FlightInfo, Joined, Scheduler, Source};
 use crate::lookup::upstream::UpstreamClient;
 use crate::lookup::validation::{self, ClientId};
 use crate::shared::{Shared, SharedConfig};
@@ -59,6 +60,8 @@ pub struct App {
     pub(crate) dispatcher: Arc<Dispatcher>,
     /// Counts hits near expiry and asks for their refresh, when `--refresh-ahead` is set.
     pub(crate) refresh_ahead: Option<Arc<RefreshAhead>>,
+    /// Bulk jobs (`/jobs`), their items looked up with budget no caller needs.
+    pub(crate) jobs: Arc<Jobs>,
     lifecycle: watch::Sender<Lifecycle>,
     pub(crate) started_at: Instant,
 }
@@ -121,7 +124,7 @@ impl App {
         };
         // The persistent tier first: what it kept warms the memory cache before anything
         // is served, and every answer after that is written through to it.
-        let (store, warm) = match &config.persist {
+        let (store, warm, kept_jobs) = match &config.persist {
             Some(persist) => {
                 let started = Store::start(
                     StoreConfig {
@@ -134,13 +137,13 @@ impl App {
                     },
                     metrics.clone(),
                 );
-                (started.store, started.entries)
+                (started.store, started.entries, started.jobs)
             }
             None => {
                 tracing::info!(
                     "persistent cache off (no --data-dir): a restart starts with an empty cache"
                 );
-                (None, Vec::new())
+                (None, Vec::new(), Vec::new())
             }
         };
         let cache = {
@@ -200,6 +203,18 @@ impl App {
         });
         // In shared mode a refresh would be answered from the shared tier's copy of the
         // same entry (still fresh there too), so it would never reach the upstream.
+        let jobs = Jobs::new(
+            JobsConfig {
+                max_items: config.job_max_items,
+                per_client: config.jobs_per_client,
+                retention: config.job_retention,
+            },
+            scheduler.clone(),
+            cache.clone(),
+            store.clone(),
+            metrics.clone(),
+            kept_jobs,
+        );
         let refresh_ahead = match (config.refresh_ahead.is_zero(), &shared) {
             (true, _) => None,
             (false, Some(_)) => {
@@ -216,6 +231,7 @@ impl App {
         };
         Ok(Arc::new(App {
             refresh_ahead,
+            jobs,
             config,
             metrics,
             cache,
@@ -306,8 +322,11 @@ impl App {
             CacheLookup::Revalidate(old) => {
                 self.metrics.cache_lookup(CacheResult::Hit);
                 self.metrics.revalidating_answer();
-                self.scheduler
-                    .refresh_later(&key, Refresh::Revalidate, Some(old.fetched_at));
+                self.scheduler.refresh_later(
+                    &key,
+                    BackgroundReason::Revalidate,
+                    Some(old.fetched_at),
+                );
                 return Ok(self.answer(old, CacheResult::Stale, report));
             }
             CacheLookup::Stale(old) => Some(old),

@@ -27,6 +27,7 @@
 pub mod app;
 pub mod config;
 pub mod http;
+pub(crate) mod jobs;
 pub mod lookup;
 pub mod shared;
 pub mod shutdown;

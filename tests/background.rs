@@ -67,7 +67,7 @@ async fn a_refresh_starts_only_after_every_caller_queued_before_or_after_it() {
         assert_eq!((reply.status, reply.x_cache()), (200, "MISS"));
     }
     app.metric_reaches(
-        "score_proxy_background_refreshes_total{outcome=\"refreshed\",reason=\"revalidate\"}",
+        "score_proxy_background_lookups_total{outcome=\"fetched\",reason=\"revalidate\"}",
         1.0,
     )
     .await;
@@ -80,7 +80,7 @@ async fn a_refresh_starts_only_after_every_caller_queued_before_or_after_it() {
     );
     assert_eq!(app.lookup(&cpf(1), "000").await.x_cache(), "HIT");
     assert_eq!(
-        app.metric("score_proxy_background_refreshes_waiting").await,
+        app.metric("score_proxy_background_lookups_waiting").await,
         0.0
     );
     app.assert_no_violations();
@@ -108,7 +108,7 @@ async fn a_callers_lookup_takes_the_place_of_a_refresh_that_has_not_started() {
     assert_eq!((miss.status, miss.x_cache()), (200, "MISS"));
     all(callers).await;
     app.metric_reaches(
-        "score_proxy_background_refreshes_total{outcome=\"superseded\",reason=\"revalidate\"}",
+        "score_proxy_background_lookups_total{outcome=\"superseded\",reason=\"revalidate\"}",
         1.0,
     )
     .await;
@@ -193,7 +193,7 @@ async fn refresh_ahead_keeps_a_hot_key_from_missing_without_delaying_callers() {
     );
     assert_eq!(
         app.metric(
-            "score_proxy_background_refreshes_total{outcome=\"refreshed\",reason=\"refresh_ahead\"}"
+            "score_proxy_background_lookups_total{outcome=\"fetched\",reason=\"refresh_ahead\"}"
         )
         .await,
         refreshes as f64

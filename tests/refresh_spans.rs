@@ -35,7 +35,7 @@ async fn a_stale_while_revalidate_refresh_is_a_trace_with_its_call_under_it() {
     let stale = app.lookup(&key, SECRET_CLIENT).await;
     assert_eq!(stale.x_cache(), "STALE");
     app.metric_reaches(
-        "score_proxy_background_refreshes_total{outcome=\"refreshed\",reason=\"revalidate\"}",
+        "score_proxy_background_lookups_total{outcome=\"fetched\",reason=\"revalidate\"}",
         1.0,
     )
     .await;
@@ -43,7 +43,10 @@ async fn a_stale_while_revalidate_refresh_is_a_trace_with_its_call_under_it() {
     // The refresh's call carried a trace of its own, not the stale answer's request's.
     let arrivals = app.sim.stats().arrivals;
     assert_eq!(arrivals.len(), 2);
-    let sent = arrivals[1].traceparent.clone().expect("a traceparent upstream");
+    let sent = arrivals[1]
+        .traceparent
+        .clone()
+        .expect("a traceparent upstream");
     let (trace, call_span, flags) = parse_traceparent(&sent);
     assert_eq!(flags, "01");
     let (stale_trace, _, _) = parse_traceparent(stale.header("traceparent").unwrap());
@@ -53,12 +56,18 @@ async fn a_stale_while_revalidate_refresh_is_a_trace_with_its_call_under_it() {
     let refresh = one(&spans, "cache.refresh");
     assert_eq!(refresh.parent_span_id, "", "a root span");
     assert_eq!(
-        refresh.attributes.get("score_proxy.refresh.reason").map(String::as_str),
+        refresh
+            .attributes
+            .get("score_proxy.refresh.reason")
+            .map(String::as_str),
         Some("revalidate")
     );
     let call = one(&spans, "GET");
     assert_eq!(call.parent_span_id, refresh.span_id);
-    assert_eq!(call.span_id, call_span, "the call's span is what went upstream");
+    assert_eq!(
+        call.span_id, call_span,
+        "the call's span is what went upstream"
+    );
     assert_private(&spans, &[&key, SECRET_CLIENT]);
     app.shutdown().await.unwrap();
 }

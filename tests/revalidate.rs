@@ -38,7 +38,7 @@ async fn an_expired_entry_is_answered_at_once_and_refreshed_by_one_call() {
     }
     // The five stale answers shared one refresh: the upstream sees one more call.
     app.metric_reaches(
-        "score_proxy_background_refreshes_total{outcome=\"refreshed\",reason=\"revalidate\"}",
+        "score_proxy_background_lookups_total{outcome=\"fetched\",reason=\"revalidate\"}",
         1.0,
     )
     .await;

@@ -106,6 +106,18 @@ impl ServeArgs {
             "stale_while_revalidate",
             parse::duration(&self.stale_while_revalidate, ZERO..=days(30)),
         );
+        let job_max_items = p.take(
+            "job_max_items",
+            parse::whole(&self.job_max_items, 1..=100_000),
+        );
+        let jobs_per_client = p.take(
+            "jobs_per_client",
+            parse::whole(&self.jobs_per_client, 1..=1_000),
+        );
+        let job_retention = p.take(
+            "job_retention",
+            parse::duration(&self.job_retention, secs(1)..=days(365)),
+        );
         let refresh_ahead = p.take(
             "refresh_ahead",
             parse::duration(&self.refresh_ahead, ZERO..=days(30)),
@@ -225,6 +237,9 @@ impl ServeArgs {
                 stale_while_revalidate: stale_while_revalidate?,
                 // A window longer than the TTL would refresh an entry as soon as it is hit.
                 refresh_ahead: refresh_ahead?.min(cache_ttl?),
+                job_max_items: job_max_items?,
+                jobs_per_client: jobs_per_client?,
+                job_retention: job_retention?,
                 breaker_failures: breaker_failures?,
                 breaker_cooldown: breaker_cooldown?,
                 max_connections: max_connections?,

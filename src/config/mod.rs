@@ -44,6 +44,9 @@ pub(crate) mod defaults {
     pub(crate) const STALE_IF_ERROR: &str = "0s";
     pub(crate) const STALE_WHILE_REVALIDATE: &str = "0s";
     pub(crate) const REFRESH_AHEAD: &str = "0s";
+    pub(crate) const JOB_MAX_ITEMS: &str = "10000";
+    pub(crate) const JOBS_PER_CLIENT: &str = "3";
+    pub(crate) const JOB_RETENTION: &str = "24h";
     pub(crate) const BREAKER_FAILURES: &str = "5";
     pub(crate) const BREAKER_COOLDOWN: &str = "30s";
     pub(crate) const MAX_CONNECTIONS: &str = "10000";
@@ -178,6 +181,15 @@ pub struct ServeArgs {
     /// turns it off.
     #[arg(long, env = "SCORE_PROXY_REFRESH_AHEAD", default_value = defaults::REFRESH_AHEAD)]
     pub(crate) refresh_ahead: String,
+    /// Most CPFs in one bulk job (`POST /jobs`).
+    #[arg(long, env = "SCORE_PROXY_JOB_MAX_ITEMS", default_value = defaults::JOB_MAX_ITEMS)]
+    pub(crate) job_max_items: String,
+    /// Most bulk jobs one client id may have queued or running at once.
+    #[arg(long, env = "SCORE_PROXY_JOBS_PER_CLIENT", default_value = defaults::JOBS_PER_CLIENT)]
+    pub(crate) jobs_per_client: String,
+    /// How long a finished or cancelled job and its results stay readable.
+    #[arg(long, env = "SCORE_PROXY_JOB_RETENTION", default_value = defaults::JOB_RETENTION)]
+    pub(crate) job_retention: String,
     /// Consecutive upstream failures that open the circuit breaker (0 disables it).
     #[arg(long, env = "SCORE_PROXY_BREAKER_FAILURES", default_value = defaults::BREAKER_FAILURES)]
     pub(crate) breaker_failures: String,
@@ -291,6 +303,9 @@ pub struct Config {
     pub(crate) stale_while_revalidate: Duration,
     /// The refresh-ahead window (zero: off), never longer than the TTL.
     pub(crate) refresh_ahead: Duration,
+    pub(crate) job_max_items: usize,
+    pub(crate) jobs_per_client: usize,
+    pub(crate) job_retention: Duration,
     pub(crate) breaker_failures: u32,
     pub(crate) breaker_cooldown: Duration,
     pub(crate) max_connections: usize,

@@ -6,6 +6,7 @@
 //! what a failure looks like.
 
 pub(crate) mod connection;
+mod jobs;
 mod probes;
 pub(crate) mod route;
 pub mod server;
@@ -46,6 +47,9 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/ready", get(ready))
         .route("/status", get(status))
         .route("/status/feed", get(status_page::feed))
+        .route("/jobs", axum::routing::post(jobs::submit))
+        .route("/jobs/{id}", get(jobs::status).delete(jobs::cancel))
+        .route("/jobs/{id}/results", get(jobs::results))
         .route("/openapi.json", get(openapi));
     if app.config.public_metrics {
         router = router.route("/metrics", get(metrics_negotiated));

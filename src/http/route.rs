@@ -32,6 +32,12 @@ pub(crate) enum Route {
     Metrics,
     #[strum(serialize = "/openapi.json")]
     OpenApi,
+    #[strum(serialize = "/jobs")]
+    Jobs,
+    #[strum(serialize = "/jobs/{id}")]
+    Job,
+    #[strum(serialize = "/jobs/{id}/results")]
+    JobResults,
     Unmatched,
 }
 

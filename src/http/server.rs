@@ -97,6 +97,7 @@ impl Server {
     ) -> anyhow::Result<()> {
         let app = self.app;
         let dispatcher = tokio::spawn(app.dispatcher.clone().run());
+        let job_runner = tokio::spawn(app.jobs.clone().run());
         let refresher = app.refresh_ahead.clone().map(|ahead| {
             tokio::spawn(ahead.run(
                 app.scheduler.clone(),
@@ -163,6 +164,7 @@ impl Server {
         }
         app.close();
         dispatcher.abort();
+        job_runner.abort();
         if let Some(refresher) = refresher {
             refresher.abort();
         }

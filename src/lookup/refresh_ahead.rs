@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::lookup::cache::{CacheLookup, CachedScore, ScoreCache};
-use crate::lookup::scheduler::{Refresh, Scheduler};
+use crate::lookup::scheduler::{BackgroundReason, Scheduler};
 use crate::lookup::validation::LookupKey;
 
 /// At most this many entries are tracked; hits on others are not counted until some leave.
@@ -109,11 +109,11 @@ impl RefreshAhead {
                 _ = tick.tick() => {}
                 () = self.found.notified() => {}
             }
-            if scheduler.refresh_waiting(Refresh::RefreshAhead) {
+            if scheduler.refresh_waiting(BackgroundReason::RefreshAhead) {
                 continue;
             }
             if let Some((key, seen)) = self.next(cache.as_ref()) {
-                scheduler.refresh_later(&key, Refresh::RefreshAhead, Some(seen));
+                scheduler.refresh_later(&key, BackgroundReason::RefreshAhead, Some(seen));
             }
         }
     }

@@ -22,6 +22,7 @@
 //! process) and turned back into ages on load, so `Age` and the TTL carry across restarts.
 
 mod file;
+mod jobs;
 mod seal;
 mod writer;
 
@@ -37,6 +38,7 @@ use crate::lookup::validation::LookupKey;
 use crate::telemetry::metrics::Metrics;
 
 pub(crate) use file::AsideReason;
+pub(crate) use jobs::{JobWrite, StoredJob};
 pub use seal::DataKey;
 use seal::Sealer;
 use writer::{Msg, Pending, Writer};
@@ -121,6 +123,8 @@ pub(crate) struct Started {
     pub(crate) store: Option<Arc<Store>>,
     /// Newest first.
     pub(crate) entries: Vec<(LookupKey, CachedScore)>,
+    /// Bulk jobs within their retention, with their results.
+    pub(crate) jobs: Vec<StoredJob>,
 }
 
 impl Store {
@@ -150,6 +154,7 @@ impl Store {
                 Started {
                     store: None,
                     entries: Vec::new(),
+                    jobs: Vec::new(),
                 }
             }
         }
@@ -166,6 +171,15 @@ impl Store {
             let _ = handle.join();
             tracing::debug!("persistent cache: closed");
         }
+    }
+}
+
+impl Store {
+    /// Writes a bulk job's record or results. It waits for room in the writer's queue (a
+    /// job's results are never dropped), so it runs on a blocking thread.
+    pub(crate) async fn write_job(self: &Arc<Self>, write: JobWrite) {
+        let store = self.clone();
+        let _ = tokio::task::spawn_blocking(move || store.tx.send(Msg::Job(write))).await;
     }
 }
 
@@ -268,6 +282,17 @@ fn open(config: &StoreConfig, metrics: &Arc<Metrics>) -> Result<Started, file::U
             ))
         })
         .collect();
+    let jobs = match jobs::load(&db, &sealer, now) {
+        Ok((jobs, skipped)) => {
+            metrics.store_load(LoadResult::Undecryptable, skipped);
+            jobs
+        }
+        Err(why) => {
+            tracing::warn!(error = %why, "persistent cache: the jobs could not be read");
+            metrics.store_error(StoreOp::Load, StoreErrorKind::Corrupt);
+            Vec::new()
+        }
+    };
     let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_CAPACITY);
     let writer = Writer {
         db,
@@ -287,6 +312,7 @@ fn open(config: &StoreConfig, metrics: &Arc<Metrics>) -> Result<Started, file::U
             writer: Mutex::new(Some(handle)),
         })),
         entries,
+        jobs,
     })
 }
 

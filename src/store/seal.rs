@@ -204,6 +204,35 @@ impl Sealer {
     }
 }
 
+impl Sealer {
+    /// Seals `plain` (a job's record) under a fresh nonce, bound to `aad` (its table and row):
+    /// nonce, then ciphertext and tag.
+    pub(crate) fn seal_blob(&self, aad: &[u8], plain: &[u8]) -> std::io::Result<Vec<u8>> {
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce).map_err(std::io::Error::other)?;
+        let sealed = self
+            .cipher
+            .encrypt(&XNonce::from(nonce), Payload { msg: plain, aad })
+            .map_err(|_| std::io::Error::other("sealing failed"))?;
+        let mut record = Vec::with_capacity(NONCE_LEN + sealed.len());
+        record.extend_from_slice(&nonce);
+        record.extend_from_slice(&sealed);
+        Ok(record)
+    }
+
+    /// Opens what [`Sealer::seal_blob`] sealed under the same `aad`.
+    pub(crate) fn open_blob(&self, aad: &[u8], record: &[u8]) -> Result<Vec<u8>, Unsealable> {
+        if record.len() < NONCE_LEN + 16 {
+            return Err(Unsealable::Malformed);
+        }
+        let (nonce, sealed) = record.split_at(NONCE_LEN);
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().expect("split at the nonce's length");
+        self.cipher
+            .decrypt(&XNonce::from(nonce), Payload { msg: sealed, aad })
+            .map_err(|_| Unsealable::Forged)
+    }
+}
+
 /// The fetch time of a record, read without the key (compaction needs nothing else).
 pub(crate) fn fetched_ms(record: &[u8]) -> Option<u64> {
     if record.len() < MIN_RECORD {

@@ -32,6 +32,8 @@ pub(crate) const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 /// What the writer is sent.
 pub(crate) enum Msg {
     Put(Pending),
+    /// A bulk job's record or results (see `jobs.rs`).
+    Job(super::jobs::JobWrite),
     /// Commit what is queued, then stop and say so.
     Close(SyncSender<()>),
 }
@@ -74,19 +76,38 @@ impl Writer {
                 Err(RecvTimeoutError::Disconnected) => return,
             };
             let mut batch = Vec::new();
+            let mut jobs = Vec::new();
             let mut close = None;
             match first {
                 Msg::Put(p) => batch.push(p),
+                Msg::Job(j) => jobs.push(j),
                 Msg::Close(ack) => close = Some(ack),
             }
-            while close.is_none() && batch.len() < BATCH_MAX {
+            while close.is_none() && batch.len() < BATCH_MAX && jobs.len() < BATCH_MAX {
                 match rx.try_recv() {
                     Ok(Msg::Put(p)) => batch.push(p),
+                    Ok(Msg::Job(j)) => jobs.push(j),
                     Ok(Msg::Close(ack)) => close = Some(ack),
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
-            let alive = batch.is_empty() || self.guarded(StoreOp::Write, |w| w.commit(&batch));
+            let mut alive = batch.is_empty() || self.guarded(StoreOp::Write, |w| w.commit(&batch));
+            for job in jobs {
+                let mut committed = false;
+                alive = alive
+                    && self.guarded(StoreOp::Write, |w| {
+                        super::jobs::write(&w.db, &w.sealer, &job)?;
+                        committed = true;
+                        Ok(())
+                    });
+                if let super::jobs::JobWrite::Job {
+                    committed: Some(ack),
+                    ..
+                } = job
+                {
+                    let _ = ack.send(committed);
+                }
+            }
             if let Some(ack) = close {
                 let _ = ack.send(());
                 return;
@@ -140,6 +161,10 @@ impl Writer {
     /// Deletes expired rows and the oldest beyond the bound; gives the space back to the
     /// file system when a quarter or more of the rows went.
     fn expire(&mut self) -> Result<(), redb::Error> {
+        let jobs = super::jobs::expire(&self.db, now_ms())?;
+        if jobs > 0 {
+            tracing::debug!(jobs, "persistent cache: jobs past their retention deleted");
+        }
         let removed = file::expire(&self.db, now_ms(), self.keep_ms, self.max_rows)?;
         let left = file::rows(&self.db)?;
         if removed > 0 && removed >= left / 4 {

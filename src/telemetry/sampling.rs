@@ -68,9 +68,15 @@ impl TraceSampler {
     }
 }
 
-/// Spans made with an explicit parent, only ever for a traced request (they are created on
-/// other tasks, where that request's span is not the current one).
-const DETACHED: [&str; 3] = ["http.server", "http.client", "pacing.permit"];
+/// Spans made with an explicit parent (or none: a background lookup's root), only ever for a
+/// traced request or a sampled background lookup (they are created on other tasks, where that
+/// request's span is not the current one).
+const DETACHED: [&str; 4] = [
+    "http.server",
+    "http.client",
+    "pacing.permit",
+    "cache.refresh",
+];
 
 /// The OpenTelemetry layer's filter: this crate's spans and `info` events, and of those only
 /// the ones inside a traced request. A span made where no traced span is current (a Redis

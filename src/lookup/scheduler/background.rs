@@ -1,8 +1,10 @@
-//! Background refreshes: upstream calls no caller waits for (stale-while-revalidate, and
-//! refresh-ahead with idle budget), made only with budget no caller needs.
+//! Background lookups: upstream calls no caller waits for (stale-while-revalidate's and
+//! refresh-ahead's refreshes, and the items of bulk jobs), made only with budget no caller
+//! needs.
 //!
-//! A refresh asked for waits in the [`Lane`], outside the queue, most urgent first
-//! (a stale answer already served before a fresh one about to expire). At most one of them
+//! A background lookup asked for waits in the [`Lane`], outside the queue, most urgent first
+//! (a stale answer already served, then a job's item, then a fresh entry about to expire;
+//! `jobs` keeps one item of its own waiting at a time, fair across client ids). At most one of them
 //! at a time, the lane's head, is a [`Flight`] in the queue's background band: admitted
 //! behind every caller's lookup, with a start slot booked like theirs, and moved back by
 //! every caller's lookup admitted after it. So a caller never waits behind a refresh that has
@@ -21,9 +23,10 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::{Flight, Scheduler, State, Waiter};
+use super::{Flight, FlightResult, Scheduler, State, Waiter};
 use crate::lookup::breaker::BreakerState;
 use crate::lookup::cache::CacheLookup;
 use crate::lookup::error::ProxyError;
@@ -33,7 +36,7 @@ use crate::telemetry::{self, FlightOrigin};
 /// At most this many refreshes wait in the lane; more are dropped (and counted).
 const LANE_CAPACITY: usize = 4096;
 
-/// Why a refresh was asked for (the `reason` label), most urgent first.
+/// Why a background lookup was asked for (the `reason` label), most urgent first.
 #[derive(
     Clone,
     Copy,
@@ -47,19 +50,21 @@ const LANE_CAPACITY: usize = 4096;
     strum::VariantArray,
 )]
 #[strum(serialize_all = "snake_case")]
-pub(crate) enum Refresh {
+pub(crate) enum BackgroundReason {
     /// A stale answer was served (`--stale-while-revalidate`).
     Revalidate,
+    /// An item of a bulk job (`POST /jobs`).
+    Job,
     /// A hot entry is about to expire (`--refresh-ahead`).
     RefreshAhead,
 }
 
-/// How a refresh ended (the `outcome` label).
+/// How a background lookup ended (the `outcome` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case")]
-pub(crate) enum RefreshOutcome {
-    /// The entry was fetched again (by this refresh's call, or one it joined).
-    Refreshed,
+pub(crate) enum BackgroundOutcome {
+    /// The entry was fetched (by this lookup's call, or one it joined).
+    Fetched,
     /// The call failed (a server error, a timeout, a rejected input...).
     Failed,
     /// A penalty stopped it (its own `429`, or one that outlasted its deadline): not retried.
@@ -74,18 +79,23 @@ pub(crate) enum RefreshOutcome {
     Dropped,
 }
 
-/// A refresh asked for and not yet a flight.
+/// A background lookup asked for and not yet a flight.
 struct Pending {
     key: LookupKey,
-    /// When the version seen in the cache was fetched: a newer one means someone already
-    /// refreshed it.
+    /// A refresh: when the version seen in the cache was fetched (a newer one means someone
+    /// already refreshed it).
     seen: Option<std::time::Instant>,
+    /// A job's item: where its answer goes (from the cache, a call it joins, or its own).
+    deliver: Option<Delivery>,
 }
+
+/// Where a job item's answer goes.
+pub(crate) type Delivery = oneshot::Sender<FlightResult>;
 
 /// The refreshes asked for, in order of urgency then arrival, and the one in the queue.
 #[derive(Default)]
 pub(super) struct Lane {
-    pending: BTreeMap<(Refresh, u64), Pending>,
+    pending: BTreeMap<(BackgroundReason, u64), Pending>,
     keys: HashSet<LookupKey>,
     next_seq: u64,
     /// The refresh admitted to the queue's background band, until it starts.
@@ -99,7 +109,7 @@ impl Lane {
     }
 
     /// Whether a refresh for `why` waits (the refresh-ahead task adds one at a time).
-    pub(super) fn holds(&self, why: Refresh) -> bool {
+    pub(super) fn holds(&self, why: BackgroundReason) -> bool {
         self.pending.keys().any(|(r, _)| *r == why)
             || self
                 .head
@@ -110,6 +120,12 @@ impl Lane {
     pub(super) fn clear(&mut self) {
         self.pending.clear();
         self.keys.clear();
+    }
+
+    fn push(&mut self, why: BackgroundReason, pending: Pending) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.pending.insert((why, seq), pending);
     }
 }
 
@@ -129,7 +145,7 @@ impl Scheduler {
     pub(crate) fn refresh_later(
         self: &Arc<Self>,
         key: &LookupKey,
-        why: Refresh,
+        why: BackgroundReason,
         seen: Option<std::time::Instant>,
     ) {
         {
@@ -139,17 +155,16 @@ impl Scheduler {
             }
             if state.lane.pending.len() >= LANE_CAPACITY {
                 drop(state);
-                self.metrics.refresh(why, RefreshOutcome::Dropped);
+                self.metrics.refresh(why, BackgroundOutcome::Dropped);
                 return;
             }
-            let seq = state.lane.next_seq;
-            state.lane.next_seq += 1;
             state.lane.keys.insert(key.clone());
-            state.lane.pending.insert(
-                (why, seq),
+            state.lane.push(
+                why,
                 Pending {
                     key: key.clone(),
                     seen,
+                    deliver: None,
                 },
             );
             self.metrics.set_refreshes_waiting(state.lane.len());
@@ -157,8 +172,46 @@ impl Scheduler {
         self.feed_background();
     }
 
+    /// Asks for a job item's lookup of `key`, answered through `deliver`: at once from the
+    /// cache if it is fresh when its turn comes, by joining a lookup of the key already on
+    /// its way, or by a call of its own in the background band. Errors are delivered too
+    /// (the job decides what to retry); if the proxy closes first, `deliver` is dropped.
+    pub(crate) fn job_lookup(self: &Arc<Self>, key: &LookupKey, deliver: Delivery) {
+        {
+            let mut state = self.lock();
+            let pending = Pending {
+                key: key.clone(),
+                seen: None,
+                deliver: Some(deliver),
+            };
+            state.lane.push(BackgroundReason::Job, pending);
+            self.metrics.set_refreshes_waiting(state.lane.len());
+        }
+        self.feed_background();
+    }
+
+    /// Whether a job's item waits in the lane (not yet in the queue).
+    pub(crate) fn job_waiting(&self) -> bool {
+        self.lock()
+            .lane
+            .pending
+            .keys()
+            .any(|(why, _)| *why == BackgroundReason::Job)
+    }
+
+    /// The spacing between upstream calls now (for a job's estimate).
+    pub(crate) fn interval(&self) -> std::time::Duration {
+        self.pacer.interval()
+    }
+
+    /// Resolves when a background lookup leaves the lane for the queue or is answered (the
+    /// job runner then queues its next item).
+    pub(crate) fn lane_moved(&self) -> tokio::sync::futures::Notified<'_> {
+        self.lane_moved.notified()
+    }
+
     /// Whether a refresh for `why` is waiting or queued.
-    pub(crate) fn refresh_waiting(&self, why: Refresh) -> bool {
+    pub(crate) fn refresh_waiting(&self, why: BackgroundReason) -> bool {
         self.lock().lane.holds(why)
     }
 
@@ -180,25 +233,49 @@ impl Scheduler {
             return;
         }
         let mut superseded = Vec::new();
+        let mut joined = Vec::new();
         let next = loop {
             let Some(((why, _), pending)) = state.lane.pending.pop_first() else {
                 break None;
             };
-            state.lane.keys.remove(&pending.key);
-            // Someone fetched it since, or is fetching it now: nothing left to do.
-            if state.flights.contains_key(&pending.key)
-                || fetched_at(&self.cache.get(&pending.key)) != pending.seen
-            {
-                superseded.push(why);
+            let Some(deliver) = pending.deliver else {
+                state.lane.keys.remove(&pending.key);
+                // Someone fetched it since, or is fetching it now: nothing left to do.
+                if state.flights.contains_key(&pending.key)
+                    || fetched_at(&self.cache.get(&pending.key)) != pending.seen
+                {
+                    superseded.push(why);
+                    continue;
+                }
+                break Some((why, pending.key, None));
+            };
+            // A job's item: gone if its job was cancelled; else a fresh answer, or a lookup
+            // already on its way, serves it.
+            if deliver.is_closed() {
                 continue;
             }
-            break Some((why, pending.key));
+            if let CacheLookup::Fresh(hit) = self.cache.get(&pending.key) {
+                let _ = deliver.send(Ok(hit));
+                continue;
+            }
+            if let Some(flight) = state.flights.get(&pending.key) {
+                flight.add_waiter();
+                joined.push((Waiter::new(self.clone(), flight.clone()), deliver));
+                continue;
+            }
+            break Some((why, pending.key, Some(deliver)));
         };
-        let Some((why, key)) = next else {
+        for (mut waiter, deliver) in joined {
+            tokio::spawn(async move {
+                let _ = deliver.send(waiter.wait().await);
+            });
+        }
+        self.lane_moved.notify_waiters();
+        let Some((why, key, deliver)) = next else {
             self.metrics.set_refreshes_waiting(state.lane.len());
             drop(state);
             for why in superseded {
-                self.metrics.refresh(why, RefreshOutcome::Superseded);
+                self.metrics.refresh(why, BackgroundOutcome::Superseded);
             }
             return;
         };
@@ -211,25 +288,48 @@ impl Scheduler {
         let waiter = Waiter::new(self.clone(), flight.clone());
         self.admit_new(state, &flight, now);
         for why in superseded {
-            self.metrics.refresh(why, RefreshOutcome::Superseded);
+            self.metrics.refresh(why, BackgroundOutcome::Superseded);
         }
-        tokio::spawn(self.clone().follow_refresh(waiter, why));
+        tokio::spawn(self.clone().follow_refresh(waiter, why, deliver));
     }
 
-    /// Waits for a refresh's answer, counts how it ended, and feeds the next one.
-    async fn follow_refresh(self: Arc<Self>, mut waiter: Waiter, why: Refresh) {
-        let result = waiter.wait().await;
-        let outcome = match result {
-            _ if waiter.flight().was_superseded() => RefreshOutcome::Superseded,
-            Ok(_) => RefreshOutcome::Refreshed,
-            Err(ProxyError::UpstreamPenalty { .. }) => RefreshOutcome::Penalised,
+    /// Waits for a background lookup's answer, counts how it ended, hands a job item's
+    /// answer on, and feeds the next one. A job item a caller's lookup superseded goes back
+    /// to the lane, where it joins that lookup.
+    async fn follow_refresh(
+        self: Arc<Self>,
+        mut waiter: Waiter,
+        why: BackgroundReason,
+        mut deliver: Option<Delivery>,
+    ) {
+        // A job's item whose job was cancelled stops waiting: if its call has not started,
+        // the flight leaves the queue with its last waiter and is never made.
+        let result = match &mut deliver {
+            Some(d) => tokio::select! {
+                result = waiter.wait() => Some(result),
+                () = d.closed() => None,
+            },
+            None => Some(waiter.wait().await),
+        };
+        let Some(result) = result else {
+            drop(waiter);
+            self.metrics.refresh(why, BackgroundOutcome::Refused);
+            self.lane_moved.notify_waiters();
+            self.feed_background();
+            return;
+        };
+        let superseded = waiter.flight().was_superseded();
+        let outcome = match &result {
+            _ if superseded => BackgroundOutcome::Superseded,
+            Ok(_) => BackgroundOutcome::Fetched,
+            Err(ProxyError::UpstreamPenalty { .. }) => BackgroundOutcome::Penalised,
             Err(ProxyError::DeadlineUnreachable { .. } | ProxyError::QueueFull { .. }) => {
-                RefreshOutcome::Expired
+                BackgroundOutcome::Expired
             }
             Err(ProxyError::CircuitOpen { .. } | ProxyError::ShuttingDown) => {
-                RefreshOutcome::Refused
+                BackgroundOutcome::Refused
             }
-            Err(_) => RefreshOutcome::Failed,
+            Err(_) => BackgroundOutcome::Failed,
         };
         tracing::debug!(
             reason = <&str>::from(why),
@@ -237,14 +337,23 @@ impl Scheduler {
             "background refresh ended"
         );
         self.metrics.refresh(why, outcome);
+        let key = waiter.flight().key.clone();
         drop(waiter);
+        match deliver {
+            Some(deliver) if superseded => self.job_lookup(&key, deliver),
+            Some(deliver) => {
+                let _ = deliver.send(result);
+            }
+            None => {}
+        }
+        self.lane_moved.notify_waiters();
         self.feed_background();
     }
 }
 
 /// A refresh's telemetry: a root span of its own, `cache.refresh`, if the sampler samples a
 /// new trace; its upstream call's span goes under it, and it ends when the flight does.
-fn refresh_origin(why: Refresh) -> FlightOrigin {
+fn refresh_origin(why: BackgroundReason) -> FlightOrigin {
     let sampled = telemetry::sampled_root("cache.refresh", || {
         tracing::info_span!(
             parent: None,

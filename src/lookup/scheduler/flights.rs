@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::background::Refresh;
+use super::background::BackgroundReason;
 use super::{Scheduler, State};
 use crate::lookup::cache::CachedScore;
 use crate::lookup::error::ProxyError;
@@ -90,7 +90,7 @@ pub(crate) struct Flight {
     pub(crate) origin: crate::telemetry::FlightOrigin,
     /// Set for a background refresh: led by no caller, it waits behind every caller's
     /// lookup (see `background.rs`).
-    pub(crate) background: Option<Refresh>,
+    pub(crate) background: Option<BackgroundReason>,
     /// A caller's lookup took its place before it started (see [`Scheduler::join`]).
     superseded: AtomicBool,
 }
@@ -120,7 +120,7 @@ impl Flight {
     }
 
     /// A background refresh, its one waiter being the task that records how it ended.
-    pub(super) fn for_background(mut self, why: Refresh) -> Flight {
+    pub(super) fn for_background(mut self, why: BackgroundReason) -> Flight {
         self.background = Some(why);
         self
     }

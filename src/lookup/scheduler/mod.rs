@@ -46,8 +46,10 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use self::background::Lane;
-pub(crate) use self::background::{Refresh, RefreshOutcome};
-pub(crate) use self::flights::{Flight, FlightInfo, FlightState, Joined, Source, Waiter};
+pub(crate) use self::background::{BackgroundOutcome, BackgroundReason};
+pub(crate) use self::flights::{
+    Flight, FlightInfo, FlightResult, FlightState, Joined, Source, Waiter,
+};
 use self::slots::StartSlots;
 use crate::lookup::breaker::Breaker;
 use crate::lookup::cache::{CacheLookup, ScoreCache};
@@ -74,6 +76,8 @@ pub struct Scheduler {
     state: Mutex<State>,
     /// Wakes the dispatcher: the queue or the start slots changed.
     changed: Notify,
+    /// Wakes the job runner: a background lookup left the lane or ended.
+    lane_moved: Notify,
     /// The queue's depth, for whoever wants to await a change (tests, `/status` streams).
     depth: watch::Sender<usize>,
     pacer: Arc<dyn Pacer>,
@@ -105,6 +109,7 @@ impl Scheduler {
                 lane: Lane::default(),
             }),
             changed: Notify::new(),
+            lane_moved: Notify::new(),
             depth: watch::channel(0).0,
             pacer,
             shared,

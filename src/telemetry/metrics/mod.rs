@@ -15,7 +15,8 @@
 //! - `connections`: per listener, open, refused and failed;
 //! - `validation`, `cache`, `queue`, `pacing` (with the pacing mode), `upstream`, `breaker`;
 //! - `shared`: shared mode's Redis operations, shared cache tier and cross-replica flights;
-//! - `refresh`: background refreshes (stale-while-revalidate, refresh-ahead);
+//! - `refresh`: background lookups (stale-while-revalidate, refresh-ahead, job items);
+//! - `jobs`: bulk jobs by state, their items by result;
 //! - `store`: the persistent cache tier (loaded at start, size, writes, drops, errors);
 //! - `logs`: log lines dropped because the log buffer was full.
 //!
@@ -33,6 +34,7 @@ mod breaker;
 mod cache;
 mod connections;
 mod http;
+mod jobs;
 mod logs;
 mod pacing;
 mod queue;
@@ -85,6 +87,7 @@ pub struct Metrics {
     upstream: upstream::UpstreamMetrics,
     breaker: breaker::BreakerMetrics,
     refresh: refresh::RefreshMetrics,
+    jobs: jobs::JobMetrics,
     shared: shared::SharedMetrics,
     store: store::StoreMetrics,
     logs: logs::LogMetrics,
@@ -122,6 +125,7 @@ impl Metrics {
             upstream: upstream::UpstreamMetrics::new(&families),
             breaker: breaker::BreakerMetrics::new(&families),
             refresh: refresh::RefreshMetrics::new(&families),
+            jobs: jobs::JobMetrics::new(&families),
             shared: shared::SharedMetrics::new(&families),
             store: store::StoreMetrics::new(&families),
             logs: logs::LogMetrics::new(&families),

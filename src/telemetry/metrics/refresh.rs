@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use prometheus::{IntCounter, IntGauge};
 
 use super::{Families, Metrics, per_pair};
-use crate::lookup::scheduler::{Refresh, RefreshOutcome};
+use crate::lookup::scheduler::{BackgroundOutcome, BackgroundReason};
 
 pub(super) struct RefreshMetrics {
-    ended: HashMap<(Refresh, RefreshOutcome), IntCounter>,
+    ended: HashMap<(BackgroundReason, BackgroundOutcome), IntCounter>,
     waiting: IntGauge,
 }
 
@@ -18,7 +18,7 @@ impl RefreshMetrics {
     pub(super) fn new(families: &Families) -> Self {
         RefreshMetrics {
             ended: per_pair(&families.counter_vec(
-                "background_refreshes_total",
+                "background_lookups_total",
                 "Background refreshes ended, by reason (revalidate: a stale answer was \
                  served; refresh_ahead: a hot entry was about to expire) and outcome \
                  (refreshed, failed, penalised: each one upstream call; superseded: a \
@@ -27,7 +27,7 @@ impl RefreshMetrics {
                 &["reason", "outcome"],
             )),
             waiting: families.gauge(
-                "background_refreshes_waiting",
+                "background_lookups_waiting",
                 "Background refreshes asked for and not started; they use only budget no \
                  caller needs.",
             ),
@@ -36,7 +36,7 @@ impl RefreshMetrics {
 }
 
 impl Metrics {
-    pub(crate) fn refresh(&self, why: Refresh, outcome: RefreshOutcome) {
+    pub(crate) fn refresh(&self, why: BackgroundReason, outcome: BackgroundOutcome) {
         self.refresh.ended[&(why, outcome)].inc();
     }
 
