@@ -366,3 +366,115 @@ async fn a_store_sealed_with_another_key_is_moved_aside() {
     let other = KEY.replace('0', "9");
     starts_anyway(&sim, dir.path(), &other, "wrong_key").await;
 }
+
+impl Proxy {
+    /// Submits a bulk job of `cpfs` for `client`; its id.
+    async fn submit(&self, client: &str, cpfs: &[String]) -> String {
+        let body = serde_json::json!({ "client_id": client, "cpfs": cpfs }).to_string();
+        let reply = self
+            .client
+            .post(format!("http://{}/jobs", self.addr))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 202);
+        let job: serde_json::Value = serde_json::from_str(&reply.text().await.unwrap()).unwrap();
+        job["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn job(&self, id: &str, client: &str) -> serde_json::Value {
+        let url = format!("http://{}/jobs/{id}?client_id={client}", self.addr);
+        let reply = self.client.get(url).send().await.unwrap();
+        assert_eq!(reply.status(), 200);
+        serde_json::from_str(&reply.text().await.unwrap()).unwrap()
+    }
+
+    /// Waits until the job has `done` results (its progress is the event to await).
+    async fn job_reaches(&self, id: &str, client: &str, done: u64) {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while self.job(id, client).await["done"].as_u64().unwrap() < done {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("job {id} never reached {done} results"));
+    }
+
+    /// The job's whole results stream (it ends when the job does).
+    async fn job_lines(&self, id: &str, client: &str) -> Vec<serde_json::Value> {
+        let url = format!("http://{}/jobs/{id}/results?client_id={client}", self.addr);
+        let text = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+/// A bulk job survives a SIGTERM and then a `kill -9` in the middle of its run: after each
+/// restart it resumes, and in the end every CPF has its line and was called exactly once.
+/// The window of possible loss is the one of the cache's answers (one batch commit): a
+/// result not yet on disk is recovered from the cached answer, which the writer committed
+/// first; so `kill -9` is sent once `score_proxy_store_writes_total` counts every call made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_resumes_after_sigterm_and_kill_9_without_calling_twice() {
+    let sim = simulator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = CLIENTS[0];
+    let cpfs: Vec<String> = (200..230).map(cpf).collect();
+
+    let proxy = start(&sim, dir.path(), &[]);
+    let id = proxy.submit(client, &cpfs).await;
+    proxy.job_reaches(&id, client, 5).await;
+    proxy.stop();
+
+    let proxy = start(&sim, dir.path(), &[]);
+    let resumed = proxy.job(&id, client).await;
+    assert!(resumed["done"].as_u64().unwrap() >= 5, "{resumed}");
+    proxy.job_reaches(&id, client, 15).await;
+    let calls = sim.stats().calls as f64;
+    proxy
+        .metric_reaches("score_proxy_store_writes_total", calls)
+        .await;
+    proxy.kill();
+
+    let proxy = start(&sim, dir.path(), &[]);
+    let lines = proxy.job_lines(&id, client).await;
+    assert_eq!(lines.len(), cpfs.len(), "every CPF has its line");
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(
+            (line["index"].as_u64(), line["status"].as_u64()),
+            (Some(i as u64), Some(200))
+        );
+        assert_eq!(line["cpf"], cpfs[i]);
+    }
+    assert_eq!(proxy.job(&id, client).await["state"], "done");
+    let stats = sim.stats();
+    for cpf in &cpfs {
+        let calls = stats.arrivals.iter().filter(|a| &a.cpf == cpf).count();
+        assert_eq!(calls, 1, "a CPF was called {calls} times");
+    }
+    assert_eq!(stats.violations, 0);
+    proxy.stop();
+
+    // The job's record and results are sealed like the cache's: no CPF or client id in clear.
+    for file in files(dir.path()) {
+        let bytes = std::fs::read(&file).unwrap();
+        for needle in cpfs.iter().map(String::as_str).chain([client]) {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                "{} holds a CPF or client id in clear",
+                file.display()
+            );
+        }
+    }
+}

@@ -17,6 +17,7 @@
 //! done (see `store/jobs.rs`). Without one, jobs live in memory and a restart loses them.
 
 pub(crate) mod model;
+mod runner;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,7 +27,7 @@ use tokio::sync::{Notify, oneshot, watch};
 
 use crate::lookup::cache::{CacheLookup, ScoreCache};
 use crate::lookup::error::ProxyError;
-use crate::lookup::scheduler::{FlightResult, Scheduler};
+use crate::lookup::scheduler::Scheduler;
 use crate::lookup::validation::{ClientId, Cpf, LookupKey};
 use crate::store::{JobWrite, Store, StoredJob};
 use crate::telemetry::metrics::Metrics;
@@ -474,133 +475,6 @@ impl Jobs {
             }
             reader.progress.changed().await.ok()?;
         }
-    }
-
-    /// Keeps one job item waiting in the background lane, round-robin across client ids.
-    /// Runs until aborted.
-    pub(crate) async fn run(self: Arc<Self>) {
-        loop {
-            let moved = self.scheduler.lane_moved();
-            let woken = self.wake.notified();
-            tokio::pin!(moved, woken);
-            moved.as_mut().enable();
-            woken.as_mut().enable();
-            if !self.scheduler.job_waiting()
-                && let Some((id, index, key, cancelled, write)) = self.next_item()
-            {
-                self.persist(write).await;
-                let (deliver, answer) = oneshot::channel();
-                self.scheduler.job_lookup(&key, deliver);
-                tokio::spawn(self.clone().follow_item(id, index, answer, cancelled));
-                continue;
-            }
-            tokio::select! {
-                () = moved => {}
-                () = woken => {}
-            }
-        }
-    }
-
-    /// The next item to ask for: the client after the last one served that has an item to
-    /// ask for, its oldest such job, that job's next item.
-    #[allow(clippy::type_complexity)]
-    fn next_item(
-        &self,
-    ) -> Option<(
-        JobId,
-        usize,
-        LookupKey,
-        watch::Receiver<bool>,
-        Option<JobWrite>,
-    )> {
-        let mut book = self.lock();
-        let mut clients: Vec<&ClientId> = book
-            .jobs
-            .values()
-            .filter(|j| j.open() && !j.todo.is_empty())
-            .map(|j| &j.client)
-            .collect();
-        clients.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-        clients.dedup();
-        let client = match &book.last_client {
-            Some(last) => clients
-                .iter()
-                .find(|c| c.as_str() > last.as_str())
-                .or(clients.first()),
-            None => clients.first(),
-        }
-        .map(|c| (*c).clone())?;
-        let id = book
-            .jobs
-            .values()
-            .filter(|j| j.client == client && j.open() && !j.todo.is_empty())
-            .min_by_key(|j| (j.record.created_ms, j.id))
-            .map(|j| j.id)?;
-        book.last_client = Some(client);
-        let retention = self.config.retention;
-        let job = book.jobs.get_mut(&id)?;
-        let index = job.todo.pop_front()?;
-        job.in_flight += 1;
-        let write = job.record.started_ms.is_none().then(|| {
-            job.record.started_ms = Some(crate::store::now_ms());
-            self.record_write_with(job, retention)
-        });
-        // A job's state is kept whole: no other lock is taken while this one is held.
-        let key = job.items[index].key.clone()?;
-        Some((id, index, key, job.cancelled.subscribe(), write.flatten()))
-    }
-
-    /// Waits for an item's answer (or the job's cancellation) and records it.
-    async fn follow_item(
-        self: Arc<Self>,
-        id: JobId,
-        index: usize,
-        answer: oneshot::Receiver<FlightResult>,
-        mut cancelled: watch::Receiver<bool>,
-    ) {
-        let answer = tokio::select! {
-            answer = answer => answer,
-            _ = cancelled.wait_for(|c| *c) => return,
-        };
-        let result = match answer {
-            Ok(Ok(score)) => ItemResult::ok(&score.body, false),
-            Ok(Err(e)) if !passes(&e) => {
-                ItemResult::failed(e.status().as_u16(), e.kind(), &e.to_string())
-            }
-            // Asked for again (after a restart, if the proxy is closing).
-            Ok(Err(_)) | Err(_) => {
-                if let Some(job) = self.lock().jobs.get_mut(&id) {
-                    job.in_flight -= 1;
-                    job.todo.push_front(index);
-                }
-                self.wake.notify_one();
-                return;
-            }
-        };
-        let writes = {
-            let mut book = self.lock();
-            let Some(job) = book.jobs.get_mut(&id) else {
-                return;
-            };
-            job.in_flight -= 1;
-            let set = job.answer(index, &result);
-            self.metrics.job_items(result.is_ok(), set.len() as u64);
-            let record = serde_json::to_vec(&result).expect("a result serializes");
-            let results = JobWrite::Results {
-                id: id.0,
-                items: set.iter().map(|&i| (i as u32, record.clone())).collect(),
-            };
-            let end = (job.state() == JobState::Done).then(|| {
-                job.record.finished_ms = Some(crate::store::now_ms());
-                tracing::info!(job = %id, total = job.items.len(), failed = job.failed, "bulk job done");
-                self.record_write(job)
-            });
-            [Some(results), end.flatten()]
-        };
-        for write in writes {
-            self.persist(write).await;
-        }
-        self.publish();
     }
 
     /// The job record's write, when there is a store.
