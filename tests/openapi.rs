@@ -15,7 +15,7 @@ const SPEC: &str = include_str!("../src/http/openapi.json");
 /// The routes `http::router` registers on the public listener (with `--public-metrics`,
 /// the default). Kept by hand on purpose: adding a route should mean updating this list,
 /// the document and the README together.
-const ROUTES: [&str; 8] = [
+const ROUTES: [&str; 11] = [
     "/",
     "/proxy/score",
     "/health",
@@ -24,7 +24,19 @@ const ROUTES: [&str; 8] = [
     "/status/feed",
     "/metrics",
     "/openapi.json",
+    "/jobs",
+    "/jobs/{id}",
+    "/jobs/{id}/results",
 ];
+
+/// The methods each route serves: GET, but for the bulk jobs API.
+fn methods_of(path: &str) -> &'static [&'static str] {
+    match path {
+        "/jobs" => &["post"],
+        "/jobs/{id}" => &["delete", "get"],
+        _ => &["get"],
+    }
+}
 
 fn spec() -> Value {
     serde_json::from_str(SPEC).expect("src/openapi.json is valid JSON")
@@ -50,10 +62,17 @@ fn document_is_openapi_3_0_with_every_public_route() {
         "documented paths vs the router's routes"
     );
     for (path, item) in spec["paths"].as_object().unwrap() {
-        let methods: Vec<&String> = item.as_object().unwrap().keys().collect();
-        assert_eq!(methods, ["get"], "{path}: only GET is served");
-        let responses = item["get"]["responses"].as_object().unwrap();
-        assert!(responses.contains_key("200"), "{path}: no 200");
+        let mut methods: Vec<&String> = item.as_object().unwrap().keys().collect();
+        methods.sort();
+        assert_eq!(methods, methods_of(path), "{path}: the methods served");
+        for method in methods {
+            let responses = item[method]["responses"].as_object().unwrap();
+            let success = if path == "/jobs" { "202" } else { "200" };
+            assert!(
+                responses.contains_key(success),
+                "{path} {method}: no {success}"
+            );
+        }
     }
 }
 
@@ -78,7 +97,15 @@ fn route_list_matches_the_router_source() {
 
 /// Error kinds produced outside `ProxyError`: the router's fallbacks and size limits
 /// (`http/mod.rs`) and the connections refused before a request is read (`http/server.rs`).
-const OTHER_KINDS: [(&str, &str); 5] = [
+const OTHER_KINDS: [(&str, &str); 10] = [
+    ("too_many_items", include_str!("../src/http/jobs.rs")),
+    ("too_many_jobs", include_str!("../src/http/jobs.rs")),
+    ("not_stored", include_str!("../src/http/jobs.rs")),
+    ("invalid_body", include_str!("../src/http/jobs.rs")),
+    (
+        "unsupported_media_type",
+        include_str!("../src/http/jobs.rs"),
+    ),
     ("not_found", include_str!("../src/http/mod.rs")),
     ("method_not_allowed", include_str!("../src/http/mod.rs")),
     ("uri_too_long", include_str!("../src/http/mod.rs")),
@@ -135,10 +162,30 @@ fn every_reference_resolves() {
 #[tokio::test]
 async fn every_documented_route_is_served() {
     let app = common::spawn(common::Setup::default()).await;
+    // A job of one invalid CPF (no upstream call), for the job routes.
+    let job = app
+        .client
+        .post(app.url("/jobs?client_id=000"))
+        .header("content-type", "text/plain")
+        .body("12345678900\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(job.status(), 202);
+    let job: Value = serde_json::from_str(&job.text().await.unwrap()).unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    let document = spec();
+    conforms(
+        &document,
+        &document["paths"]["/jobs"]["post"]["responses"]["202"]["content"]["application/json"]["schema"],
+        &job,
+        "/jobs 202",
+    );
     for path in ROUTES {
         let url = match path {
             // A lookup with a bad CPF: answered by the route (400), no upstream call.
             "/proxy/score" => "/proxy/score?cpf=12345678900&client_id=000".to_owned(),
+            "/jobs/{id}" | "/jobs/{id}/results" => path.replace("{id}", &id) + "?client_id=000",
             p => p.to_owned(),
         };
         let reply = app.get(&url).await;
@@ -148,7 +195,6 @@ async fn every_documented_route_is_served() {
     }
     // The JSON bodies of the operators' endpoints match their schemas, field for field (a
     // field added to `/status` but not to the document fails here, before schemathesis).
-    let document = spec();
     for path in [
         "/",
         "/health",

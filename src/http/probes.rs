@@ -63,6 +63,18 @@ pub(super) async fn index(State(app): State<Arc<App>>, headers: HeaderMap) -> Re
             Route::OpenApi.as_str(),
             "GET: the OpenAPI description of these endpoints",
         ),
+        (
+            Route::Jobs.as_str(),
+            "POST: a bulk job of CPFs, answered with budget no lookup needs",
+        ),
+        (
+            Route::Job.as_str(),
+            "GET ?client_id= : a bulk job's progress; DELETE: cancel it",
+        ),
+        (
+            Route::JobResults.as_str(),
+            "GET ?client_id=&format= : its results, NDJSON or CSV, streamed as they come",
+        ),
     ]);
     if app.config.public_metrics {
         endpoints.insert(
