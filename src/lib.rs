@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod batch;
 pub mod config;
 pub mod http;
 pub(crate) mod jobs;

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use futures_util::{FutureExt, future};
-use score_proxy::config::{Cli, Command, Config, HealthcheckArgs, ServeArgs};
+use score_proxy::batch::{EXIT_INTERRUPTED, Ended};
+use score_proxy::config::{BatchArgs, Cli, Command, Config, HealthcheckArgs, ServeArgs};
 use score_proxy::http::server::{Server, raise_fd_limit};
 use score_proxy::shutdown::shutdown_signal;
 use score_proxy::telemetry;
@@ -33,6 +34,25 @@ fn main() -> ExitCode {
             Some(&args),
         ),
         Command::Healthcheck(args) => healthcheck(args),
+        Command::Batch(args) => batch(&args),
+    }
+}
+
+/// `score-proxy batch`: a bulk job from a file, with a progress bar.
+fn batch(args: &BatchArgs) -> ExitCode {
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts")
+        .block_on(score_proxy::batch::run(args));
+    match result {
+        Ok(Ended::Done) => ExitCode::SUCCESS,
+        Ok(Ended::Cancelled) => ExitCode::FAILURE,
+        Ok(Ended::Interrupted) => ExitCode::from(EXIT_INTERRUPTED),
+        Err(e) => {
+            eprintln!("score-proxy batch: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -90,6 +90,31 @@ pub enum Command {
     /// Exit 0 if the proxy's /health answers 200 (for container health checks: the image
     /// has no curl).
     Healthcheck(HealthcheckArgs),
+    /// Submit a file of CPFs as a bulk job to a running proxy, show its progress, and write
+    /// its results as they come (Ctrl-C leaves the job running: resume with --resume).
+    Batch(BatchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BatchArgs {
+    /// The file of CPFs, one per line (`-` for standard input); not with --resume.
+    #[arg(required_unless_present = "resume", conflicts_with = "resume")]
+    pub file: Option<std::path::PathBuf>,
+    /// The proxy's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    pub proxy: String,
+    /// The client id the job runs under (and that can read it).
+    #[arg(long, env = "SCORE_PROXY_BATCH_CLIENT_ID")]
+    pub client_id: String,
+    /// Where to write the results (standard output if absent).
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+    /// `csv` or `ndjson`; by default csv for an --out ending in .csv, else ndjson.
+    #[arg(long, value_parser = ["csv", "ndjson"])]
+    pub format: Option<String>,
+    /// Follow a job submitted before (its id), instead of submitting a file.
+    #[arg(long)]
+    pub resume: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
