@@ -21,7 +21,9 @@
 //! `redis-server` started here, against one process), `network` (the strict simulator
 //! behind a seeded one-way network delay, one simulator per contender: the learned guard
 //! against a fixed one and nginx), `redis-down` (three replicas in shared mode while their
-//! `redis-server` is stopped and restarted, against the fallback before time division).
+//! `redis-server` is stopped and restarted, against the fallback before time division),
+//! `restart` (the proxy with `--data-dir` and nginx with its on-disk cache, each warmed,
+//! restarted by SIGTERM and by SIGKILL, then loaded: what the first minute costs upstream).
 //! The full run writes `BENCHMARKS.md` (keeping its hand-written part, everything after
 //! the `HAND-WRITTEN` marker) and the nginx
 //! configurations it used to `bench/nginx-*.generated.conf`; `--quick` (the CI smoke test)
@@ -66,7 +68,7 @@ use crate::suite::Suite;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: [&str; 10] = [
     "burst",
     "identical",
     "hits",
@@ -76,6 +78,7 @@ const SCENARIOS: [&str; 9] = [
     "replicas",
     "network",
     "redis-down",
+    "restart",
 ];
 
 /// The workspace's root (this crate is `crates/bench`): where `target/`, `bench/` and
@@ -106,7 +109,7 @@ struct Args {
 const USAGE: &str =
     "usage: cargo run --release -p score-bench -- [--quick] [--only SCENARIO[,SCENARIO...]] [--out PATH]
 scenarios: burst, identical, hits, overload, telemetry, memory, replicas, network,
-redis-down
+redis-down, restart
 the proxy binary is target/release/score-proxy (build it with `cargo build --release`)
 or $SCORE_PROXY_BIN; nginx and wrk must be on PATH (apt-get install -y nginx wrk), and
 redis-server for the replicas and redis-down scenarios (apt-get install -y redis-server)";
@@ -197,6 +200,13 @@ struct Plan {
     /// Scenario 9: distinct lookups in each burst over the three replicas (`--quick` runs
     /// case (a) only).
     redis_down_burst: usize,
+    /// Scenario 10: the working set (distinct keys, each warmed once), the steady load after
+    /// each restart (how long, how many clients, and the pause between one client's
+    /// lookups).
+    restart_keys: usize,
+    restart_window: Duration,
+    restart_clients: usize,
+    restart_period: Duration,
 }
 
 impl Plan {
@@ -222,6 +232,10 @@ impl Plan {
                 network_steady: None,
                 network_steady_clients: 3,
                 redis_down_burst: 9,
+                restart_keys: 20,
+                restart_window: Duration::from_secs(5),
+                restart_clients: 2,
+                restart_period: Duration::from_millis(10),
             }
         } else {
             Plan {
@@ -244,6 +258,10 @@ impl Plan {
                 network_steady: Some(Duration::from_secs(180)),
                 network_steady_clients: 3,
                 redis_down_burst: 30,
+                restart_keys: 200,
+                restart_window: Duration::from_secs(60),
+                restart_clients: 4,
+                restart_period: Duration::from_millis(10),
             }
         }
     }
@@ -342,6 +360,7 @@ async fn run(args: Args) -> Result<()> {
             "replicas" => scenario::replicas::run(&mut suite).await,
             "network" => scenario::network::run(&mut suite).await,
             "redis-down" => scenario::redis_down::run(&mut suite).await,
+            "restart" => scenario::restart::run(&mut suite).await,
             _ => unreachable!("scenario names are checked when parsed"),
         }
         .with_context(|| format!("scenario {s}"))?;

@@ -140,6 +140,20 @@ impl Proc {
             * 1024
     }
 
+    /// Sends `sig` (a name `kill` knows: `TERM`, `QUIT`, `KILL`) to the process, and with
+    /// `whole_tree` to every descendant it has now as well: scenario 10 restarts a contender
+    /// gracefully, or as a crash would (`KILL` to nginx's master and workers at once).
+    pub(crate) fn signal(&self, sig: &str, whole_tree: bool) {
+        let pids = if whole_tree {
+            self.tree()
+        } else {
+            vec![self.pid()]
+        };
+        for pid in pids {
+            signal(pid, sig);
+        }
+    }
+
     fn stop(&mut self) {
         if self.exited().is_some() {
             return;

@@ -327,12 +327,25 @@ impl Suite {
         spec: &NginxSpec<'_>,
         access_log: bool,
     ) -> Result<Running> {
+        let dir = self.instance_dir("nginx")?;
+        self.start_nginx_at(label, spec, access_log, &dir).await
+    }
+
+    /// As [`Suite::start_nginx_logged`], with `dir` as nginx's prefix (its configuration,
+    /// logs and `proxy_cache_path`): scenario 10 starts nginx again on the cache that an
+    /// earlier one left there.
+    pub(crate) async fn start_nginx_at(
+        &mut self,
+        label: &str,
+        spec: &NginxSpec<'_>,
+        access_log: bool,
+        dir: &Path,
+    ) -> Result<Running> {
         let nginx =
             on_path("nginx").context("nginx is not installed (apt-get install -y nginx)")?;
-        let dir = self.instance_dir("nginx")?;
         let (outer, inner) = (free_port()?, free_port()?);
         let log = access_log.then(|| dir.join("access.log"));
-        let conf = self.nginx_conf(&dir, outer, inner, spec, log.as_deref())?;
+        let conf = self.nginx_conf(dir, outer, inner, spec, log.as_deref())?;
         let conf_path = dir.join("nginx.conf");
         fs::write(&conf_path, &conf)?;
         // The exact configuration used, next to the report (once per rate and variant).
@@ -354,7 +367,7 @@ impl Suite {
         }
         let mut cmd = Command::new(nginx);
         cmd.arg("-p")
-            .arg(&dir)
+            .arg(dir)
             .arg("-e")
             .arg(dir.join("error.log"))
             .arg("-c")
