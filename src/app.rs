@@ -28,7 +28,7 @@ use crate::shutdown::Lifecycle;
 use crate::store::{Store, StoreConfig};
 use crate::telemetry::metrics::{Metrics, MetricsConfig};
 use crate::telemetry::redact;
-use crate::telemetry::{self, FlightOrigin, HeadStages, TraceIds};
+use crate::telemetry::{self, FlightOrigin, HeadStages, RequestSpan, TraceIds};
 
 /// A score, and how it was obtained.
 #[derive(Debug)]
@@ -253,16 +253,16 @@ impl App {
     /// One `/proxy/score` lookup, from the raw query string to an answer or an error.
     ///
     /// `queue_timeout` is the raw `X-Queue-Timeout` header, if the client sent one: it can
-    /// only shorten the configured queue timeout, for this lookup. `request_span` is the
-    /// request's server span (`Span::none()` when it is not traced); it is entered only
-    /// around the fetch, where the stages that follow are its children: a hit never enters
-    /// it.
+    /// only shorten the configured queue timeout, for this lookup. `request` is the
+    /// request's server span (none when it is not traced); it becomes a `tracing` span, and
+    /// is entered, only around the fetch, where the stages that follow are its children: a
+    /// hit never does either.
     pub(crate) async fn lookup(
         &self,
         raw_query: Option<&str>,
         queue_timeout: Option<&[u8]>,
         trace: &TraceIds,
-        request_span: &tracing::Span,
+        request: &RequestSpan,
         report: &mut LookupReport,
     ) -> Result<Answer, ProxyError> {
         // A traced lookup's first two stages are timed, not spanned: a hit is one span.
@@ -290,24 +290,21 @@ impl App {
             Ok(v) => v,
             Err(e) => {
                 if let Some(stages) = &stages {
-                    stages.spans(request_span);
+                    stages.spans(request);
                 }
                 return Err(e);
             }
         };
-        if !request_span.is_none() {
-            // Keyed-hash tags, never the values; computed only when a span records them.
-            request_span.record("score_proxy.cpf", redact::cpf(key.cpf));
-            request_span.record("score_proxy.client", redact::client(&key.client_id));
-        }
+        // Keyed-hash tags, never the values; computed only when a span records them.
+        request.record_key(|| (redact::cpf(key.cpf), redact::client(&key.client_id)));
 
         // 2. Cache, keyed by client id and CPF: a hit never leaves this process.
         let cached = self.cache.get(&key);
         if let Some(stages) = &mut stages {
             stages.looked_up();
             match cached {
-                CacheLookup::Fresh(_) | CacheLookup::Revalidate(_) => stages.hit(request_span),
-                CacheLookup::Stale(_) | CacheLookup::Miss => stages.spans(request_span),
+                CacheLookup::Fresh(_) | CacheLookup::Revalidate(_) => stages.hit(request),
+                CacheLookup::Stale(_) | CacheLookup::Miss => stages.spans(request),
             }
         }
         let stale = match cached {
@@ -334,8 +331,9 @@ impl App {
         };
 
         // 3-4. Fetch through the queue, the pacer and the upstream.
+        let request_span = request.tracing_span();
         match self
-            .fetch(&key, max_wait, trace, request_span, report)
+            .fetch(&key, max_wait, trace, &request_span, report)
             .instrument(request_span.clone())
             .await
         {

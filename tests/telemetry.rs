@@ -101,6 +101,13 @@ async fn a_miss_is_one_trace_with_a_span_per_stage_continuing_the_callers_trace(
         "miss"
     );
 
+    // The server span starts when the request did (before its first stage), and ends
+    // after its last.
+    assert!(server.start_ns > 0 && server.start_ns <= one(&spans, "validation").start_ns);
+    assert!(server.end_ns >= one(&spans, "upstream.wait").end_ns);
+    assert!(server.attributes.contains_key("score_proxy.cpf"));
+    assert!(server.attributes.contains_key("score_proxy.client"));
+
     let client = one(&spans, "GET");
     assert_eq!(client.kind, SpanKind::Client as i32);
     assert_eq!(client.parent_span_id, server.span_id);
@@ -333,7 +340,16 @@ async fn a_traced_hit_is_one_span_with_its_stage_timings() {
     assert_eq!(server.kind, SpanKind::Server as i32);
     assert_eq!(server.parent_span_id, CALLER_SPAN);
     assert_eq!(server.attributes["score_proxy.cache"], "hit");
+    assert_eq!(server.attributes["score_proxy.outcome"], "hit");
     assert_eq!(server.attributes["http.response.status_code"], "200");
+    assert_eq!(server.attributes["http.route"], "/proxy/score");
+    assert_eq!(server.attributes["http.request.method"], "GET");
+    assert_eq!(server.attributes["url.path"], "/proxy/score");
+    assert_eq!(server.attributes["url.scheme"], "http");
+    assert!(server.attributes.contains_key("score_proxy.cpf"));
+    assert!(server.attributes.contains_key("score_proxy.client"));
+    assert!(0 < server.start_ns && server.start_ns <= server.end_ns);
+    assert_eq!(server.status, 0, "a hit is no error");
     for timing in [
         "score_proxy.validation.duration_ns",
         "score_proxy.cache.lookup.duration_ns",
@@ -347,6 +363,37 @@ async fn a_traced_hit_is_one_span_with_its_stage_timings() {
         (server.span_id.as_str(), "01")
     );
     assert_private(&spans, &[&lookup_cpf, SECRET_CLIENT]);
+}
+
+#[tokio::test]
+async fn a_traced_lookup_refused_at_validation_is_its_server_span_and_the_stage() {
+    telemetry();
+    let t = spawn(Setup::default()).await;
+    let trace = "45454545454545454545454545454545";
+    let traceparent = format!("00-{trace}-{CALLER_SPAN}-01");
+    let bad = format!("{}0", cpf(4546));
+    let r = t
+        .client
+        .get(t.url(&format!("/proxy/score?cpf={bad}&client_id={SECRET_CLIENT}")))
+        .header("traceparent", &traceparent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let response_tp = r.headers()["traceparent"].to_str().unwrap().to_owned();
+
+    let spans = spans_of(trace, &["GET /proxy/score", "validation"]).await;
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    let server = one(&spans, "GET /proxy/score");
+    assert_eq!(server.parent_span_id, CALLER_SPAN);
+    assert_eq!(server.attributes["http.response.status_code"], "400");
+    assert!(!server.attributes.contains_key("score_proxy.cache"));
+    assert!(!server.attributes.contains_key("score_proxy.cpf"));
+    assert_eq!(response_tp, format!("00-{trace}-{}-01", server.span_id));
+    let validation = one(&spans, "validation");
+    assert_eq!(validation.parent_span_id, server.span_id);
+    assert!(server.start_ns <= validation.start_ns && validation.end_ns <= server.end_ns);
+    assert_private(&spans, &[&bad, SECRET_CLIENT]);
 }
 
 #[tokio::test]

@@ -106,8 +106,10 @@ async fn observe(State(app): State<Arc<App>>, request: Request, next: Next) -> R
         .extensions()
         .get::<MatchedPath>()
         .map_or(Route::Unmatched, |m| Route::from_path(m.as_str()));
-    observed(&app, route, request, |request, ids, span| {
-        TRACE.scope(ids, next.run(request)).instrument(span)
+    observed(&app, route, false, request, |request, ids, span| {
+        TRACE
+            .scope(ids, next.run(request))
+            .instrument(span.tracing_span())
     })
     .await
 }
@@ -120,6 +122,7 @@ pub(crate) async fn score_direct<B>(app: Arc<App>, request: http::Request<B>) ->
     observed(
         app_ref,
         Route::Score,
+        true,
         request,
         |request, ids, span| async move {
             let queue_timeout = request
@@ -144,11 +147,12 @@ pub(crate) fn is_lookup<B>(request: &http::Request<B>) -> bool {
 async fn observed<B, F, Fut>(
     app: &Arc<App>,
     route: Route,
+    direct: bool,
     request: http::Request<B>,
     handler: F,
 ) -> Response
 where
-    F: FnOnce(http::Request<B>, telemetry::TraceIds, tracing::Span) -> Fut,
+    F: FnOnce(http::Request<B>, telemetry::TraceIds, telemetry::RequestSpan) -> Fut,
     Fut: std::future::Future<Output = Response>,
 {
     let started = Instant::now();
@@ -161,6 +165,7 @@ where
         request.method(),
         request.uri().path(),
         request.headers(),
+        direct,
     );
 
     // If the client hangs up first, axum drops this future: the guard still records the
@@ -332,7 +337,7 @@ async fn score(
         query.as_deref(),
         queue_timeout,
         &ids,
-        &tracing::Span::current(),
+        &telemetry::RequestSpan::from(tracing::Span::current()),
     )
     .await
 }
@@ -342,7 +347,7 @@ async fn score_response(
     query: Option<&str>,
     queue_timeout: Option<&[u8]>,
     ids: &telemetry::TraceIds,
-    span: &tracing::Span,
+    span: &telemetry::RequestSpan,
 ) -> Response {
     let mut report = LookupReport::default();
     let (mut response, kind) = match app

@@ -14,7 +14,9 @@
 //!   tree; the queue and batches are larger than the specification's defaults
 //!   ([`batch_config`]), both for the cost of tracing every request (issue 13).
 //!   Which requests are traced is decided once, at the request head ([`trace`]): an
-//!   untraced request makes no span at all.
+//!   untraced request makes no span at all. A traced lookup's server span bypasses the
+//!   layer unless the lookup goes on to the upstream ([`request_span`]): a hit's one span
+//!   goes straight to the SDK.
 //!
 //! Every response carries the trace id: the server span's for a traced request, otherwise
 //! the caller's `traceparent` trace id continued, or a fresh one, so a log line and a
@@ -27,6 +29,7 @@ pub(crate) mod metrics;
 mod otlp;
 pub(crate) mod recent_calls;
 pub mod redact;
+mod request_span;
 mod sampling;
 mod trace;
 
@@ -42,10 +45,11 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
 pub use log_writer::{DEFAULT_BUFFER_LINES, lines_dropped};
+pub(crate) use request_span::{HeadStages, RequestSpan, record_response, server_span};
 pub use sampling::TraceSampler;
 pub(crate) use trace::{
-    FlightOrigin, HeadStages, TraceIds, fresh_ids, link_to_call, record_response,
-    record_upstream_result, sampled_root, server_span, stage_span, traceparent_for, upstream_span,
+    FlightOrigin, TraceIds, fresh_ids, link_to_call, record_upstream_result, sampled_root,
+    stage_span, traceparent_for, upstream_span,
 };
 
 /// How log lines are written (`SCORE_PROXY_LOG_FORMAT`).
@@ -301,6 +305,7 @@ where
             let provider = builder.build();
             let tracer = provider.tracer("score-proxy");
             trace::install(otel.sampler, tracer.clone());
+            let tracer = trace::HeadTracer(tracer);
             // Only this crate's spans become OTel spans (not hyper's or reqwest's), and
             // only those of traced requests.
             let spans = Targets::new().with_target("score_proxy", tracing::Level::INFO);

@@ -3,29 +3,28 @@
 //! Whether a request is traced is decided **once, at its head**, by the standard sampler
 //! (`OTEL_TRACES_SAMPLER`, parent-based by default, so an incoming `traceparent`'s sampled
 //! flag is honoured both ways). An untraced request makes no span at all: its server span is
-//! [`Span::none`], its stage spans are not created, and the OpenTelemetry layer's filter
+//! [`RequestSpan::none`], its stage spans are not created, and the OpenTelemetry layer's filter
 //! ([`super::sampling::OtelFilter`]) refuses any span that would be its child; no OpenTelemetry span data is
 //! built and no attribute converted. It still has ids: the caller's trace id or a fresh one,
 //! a span id of its own, sent upstream in a `traceparent` with the sampled flag clear and
 //! returned to the caller.
 //!
 //! A traced request is one trace. A cache hit is one span (the server span) carrying the
-//! durations of validation and of the cache lookup as attributes; any other lookup gets the
-//! stage spans, made after the fact with the times measured (`validation`, `cache.lookup`),
-//! then `queue.wait`, `pacing.permit`, the upstream client span and `upstream.wait`, or
-//! `coalesce.wait` linked to the call it shared. Span attributes never hold a CPF or a
-//! client id: only [`crate::telemetry::redact`] tags.
+//! durations of validation and of the cache lookup as attributes, handed to the SDK whole
+//! when the request ends, without the `tracing` layer ([`super::request_span`]); any other
+//! lookup gets the stage spans, made after the fact with the times measured (`validation`,
+//! `cache.lookup`), then `queue.wait`, `pacing.permit`, the upstream client span and
+//! `upstream.wait`, or `coalesce.wait` linked to the call it shared. Span attributes never
+//! hold a CPF or a client id: only [`crate::telemetry::redact`] tags.
 
 use std::cell::Cell;
 use std::sync::OnceLock;
 use std::time::SystemTime;
 
 use http::{HeaderMap, HeaderValue};
+use opentelemetry::Context;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{
-    Span as _, SpanContext, SpanId, SpanKind, TraceContextExt, TraceId, Tracer as _,
-};
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::trace::{SpanBuilder, SpanContext, SpanId, SpanKind, TraceContextExt, TraceId};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
     IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, SdkTracer, ShouldSample,
@@ -83,14 +82,57 @@ pub(crate) fn sampled_root(name: &str, make: impl FnOnce() -> Span) -> Option<(S
     ))
 }
 
+/// The tracer of the stage spans made after the fact and of direct server spans
+/// ([`super::request_span`]); `None` when spans are not exported.
+pub(super) fn tracer() -> Option<&'static SdkTracer> {
+    HEAD.get().map(|head| &head.tracer)
+}
+
 thread_local! {
     /// The trace id the head chose for a new trace, for the SDK to use when it starts the
     /// server span on this same thread (a moment later, in [`server_span`]).
     static NEXT_TRACE_ID: Cell<Option<TraceId>> = const { Cell::new(None) };
+    /// The span id the head chose for a server span, for the SDK to use when that span is
+    /// started on this same thread (a direct span, exported or promoted).
+    static NEXT_SPAN_ID: Cell<Option<SpanId>> = const { Cell::new(None) };
+    /// The start time of a promoted server span (the head's, not the promotion's).
+    static NEXT_START: Cell<Option<SystemTime>> = const { Cell::new(None) };
 }
 
-/// The provider's id generator: random ids, except a new trace's id, which the head has
-/// already drawn (the sampling decision depends on it).
+/// Runs `start` (which starts one span through the SDK) with the span's ids chosen: the
+/// trace id is used only if the span has no parent.
+pub(super) fn with_head_ids<R>(trace_id: TraceId, span_id: SpanId, start: impl FnOnce() -> R) -> R {
+    NEXT_TRACE_ID.set(Some(trace_id));
+    NEXT_SPAN_ID.set(Some(span_id));
+    let started = start();
+    NEXT_TRACE_ID.set(None);
+    NEXT_SPAN_ID.set(None);
+    started
+}
+
+/// Starts `span` (a server span made through `tracing`, not yet started) with the ids and
+/// the start time a direct span had: its promotion keeps everything the head decided.
+pub(super) fn start_as(
+    span: &Span,
+    parent: Option<Context>,
+    trace_id: TraceId,
+    span_id: SpanId,
+    start: SystemTime,
+) {
+    if let Some(cx) = parent {
+        let _ = span.set_parent(cx);
+    }
+    NEXT_START.set(Some(start));
+    let started = with_head_ids(trace_id, span_id, || span.context());
+    NEXT_START.set(None);
+    debug_assert!(
+        !started.span().span_context().is_valid()
+            || started.span().span_context().span_id() == span_id
+    );
+}
+
+/// The provider's id generator: random ids, except those the head has already drawn (a new
+/// trace's id, on which the sampling decision depends, and a direct server span's id).
 #[derive(Debug)]
 pub(super) struct HeadIds;
 
@@ -102,7 +144,25 @@ impl IdGenerator for HeadIds {
     }
 
     fn new_span_id(&self) -> SpanId {
-        RandomIdGenerator::default().new_span_id()
+        NEXT_SPAN_ID
+            .take()
+            .unwrap_or_else(|| RandomIdGenerator::default().new_span_id())
+    }
+}
+
+/// The OpenTelemetry layer's tracer: the SDK's, except that a promoted server span starts
+/// when its request did ([`start_as`]), not when it was promoted.
+#[derive(Clone, Debug)]
+pub(super) struct HeadTracer(pub(super) SdkTracer);
+
+impl opentelemetry::trace::Tracer for HeadTracer {
+    type Span = opentelemetry_sdk::trace::Span;
+
+    fn build_with_context(&self, mut builder: SpanBuilder, parent_cx: &Context) -> Self::Span {
+        if let Some(start) = NEXT_START.take() {
+            builder.start_time = Some(start);
+        }
+        self.0.build_with_context(builder, parent_cx)
     }
 }
 
@@ -202,14 +262,26 @@ fn remote_parent(headers: &HeaderMap) -> Option<Context> {
     cx.span().span_context().is_valid().then_some(cx)
 }
 
-/// The head of a request: decides whether it is traced and returns its server span
-/// (`Span::none()` when it is not; not yet entered) and the ids to put on the response.
-pub(crate) fn server_span(
+/// What the head of a request decided (`request_span::server_span` makes the span of it).
+pub(super) enum Headed {
+    /// Not traced: only the ids to put on the response.
+    Untraced(TraceIds),
+    /// A direct span, made when the request ends (the caller's context, the start time).
+    Direct(TraceIds, Option<Context>, SystemTime),
+    /// A `tracing` span, not yet entered.
+    Span(Span, TraceIds),
+}
+
+/// The head of a request: decides whether it is traced, and how (see [`Headed`]). With
+/// `direct`, a traced `GET /proxy/score` gets a direct span: the lookup's fast path passes
+/// it, the router (whose handlers run inside the span) does not.
+pub(super) fn decide_head(
     route: Route,
     method: &http::Method,
     path: &str,
     headers: &HeaderMap,
-) -> (Span, TraceIds) {
+    direct: bool,
+) -> Headed {
     let ids = RandomIdGenerator::default();
     let parent = remote_parent(headers);
     let (trace_id, caller_sampled) = match &parent {
@@ -225,7 +297,7 @@ pub(crate) fn server_span(
             span_id: ids.new_span_id(),
             sampled,
         };
-        (Span::none(), ids)
+        Headed::Untraced(ids)
     };
     let Some(head) = HEAD.get() else {
         // No exporter: continue the caller's trace (flag included) or start one, so that
@@ -243,6 +315,15 @@ pub(crate) fn server_span(
     if decision.decision != SamplingDecision::RecordAndSample {
         return untraced(false);
     }
+    if direct && route == Route::Score && method == http::Method::GET {
+        // Nothing made yet but the ids: the span is made when the request ends.
+        let ids = TraceIds {
+            trace_id,
+            span_id: ids.new_span_id(),
+            sampled: true,
+        };
+        return Headed::Direct(ids, parent, SystemTime::now());
+    }
 
     // Plain strings, not `%` values: the OpenTelemetry layer formats a `%` value through
     // `fmt` into a growing `String`, and copies a `&str` once.
@@ -252,25 +333,7 @@ pub(crate) fn server_span(
         } else {
             SpanName(method, route).to_string().into()
         };
-    let span = tracing::info_span!(
-        "http.server",
-        otel.name = name.as_ref(),
-        otel.kind = "server",
-        otel.status_code = field::Empty,
-        http.request.method = method.as_str(),
-        http.route = route.as_str(),
-        url.path = redacted_path(route, path),
-        url.scheme = "http",
-        http.response.status_code = field::Empty,
-        error.type = field::Empty,
-        score_proxy.outcome = field::Empty,
-        score_proxy.cache = field::Empty,
-        score_proxy.cpf = field::Empty,
-        score_proxy.client = field::Empty,
-        score_proxy.stale_after = field::Empty,
-        score_proxy.validation.duration_ns = field::Empty,
-        score_proxy.cache.lookup.duration_ns = field::Empty,
-    );
+    let span = server_tracing_span(&name, method.as_str(), route, redacted_path(route, path));
     // Before the span is first started: it continues the caller's trace, or starts the one
     // whose id was sampled. The SDK's own sampler is `always_on`: the decision is this one.
     match parent {
@@ -289,15 +352,37 @@ pub(crate) fn server_span(
         span_id: sc.span_id(),
         sampled: sc.is_sampled(),
     };
-    (span, ids)
+    Headed::Span(span, ids)
 }
 
-/// The response on the server span (`Span::none()` for an untraced request: nothing done):
-/// status code, outcome, cache result, and for a 5xx the error type and status, all in one
-/// record. Each `Span::record` is a trip through every layer and, once the OpenTelemetry
-/// span has started, a lock on it: on a traced hit, five of them were a tenth of the
-/// request's CPU time.
-pub(crate) fn record_response(
+/// The `http.server` span made through `tracing`, not yet started: every field a server
+/// span may record is declared here (a field not declared cannot be recorded later).
+pub(super) fn server_tracing_span(name: &str, method: &str, route: Route, path: &str) -> Span {
+    tracing::info_span!(
+        "http.server",
+        otel.name = name,
+        otel.kind = "server",
+        otel.status_code = field::Empty,
+        http.request.method = method,
+        http.route = route.as_str(),
+        url.path = path,
+        url.scheme = "http",
+        http.response.status_code = field::Empty,
+        error.type = field::Empty,
+        score_proxy.outcome = field::Empty,
+        score_proxy.cache = field::Empty,
+        score_proxy.cpf = field::Empty,
+        score_proxy.client = field::Empty,
+        score_proxy.stale_after = field::Empty,
+        score_proxy.validation.duration_ns = field::Empty,
+        score_proxy.cache.lookup.duration_ns = field::Empty,
+    )
+}
+
+/// The response on a `tracing` server span, all in one record. Each `Span::record` is a
+/// trip through every layer and, once the OpenTelemetry span has started, a lock on it: on
+/// a traced hit, five of them were a tenth of the request's CPU time.
+pub(super) fn record_response_on(
     span: &Span,
     status: u16,
     outcome: &'static str,
@@ -353,108 +438,6 @@ fn redacted_path(route: Route, path: &str) -> &str {
     } else {
         path
     }
-}
-
-/// When a traced lookup's first two stages ran. Those stages take microseconds and nearly
-/// always end in a hit, so no span is made while they run: a hit records their durations on
-/// the server span, and any other outcome gets their spans afterwards, with these times.
-pub(crate) struct HeadStages {
-    started: SystemTime,
-    validated: Option<SystemTime>,
-    looked_up: Option<SystemTime>,
-}
-
-impl HeadStages {
-    /// Starts the clock for a traced request; `None` (nothing measured) for the others.
-    pub(crate) fn start(trace: &TraceIds) -> Option<HeadStages> {
-        trace.traced().then(|| HeadStages {
-            started: SystemTime::now(),
-            validated: None,
-            looked_up: None,
-        })
-    }
-
-    pub(crate) fn validated(&mut self) {
-        self.validated = Some(SystemTime::now());
-    }
-
-    pub(crate) fn looked_up(&mut self) {
-        self.looked_up = Some(SystemTime::now());
-    }
-
-    /// A cache hit: the durations become attributes of the request's (only) span, in one
-    /// record (see [`record_response`]).
-    pub(crate) fn hit(&self, request: &Span) {
-        let nanos = |from: SystemTime, to: Option<SystemTime>| {
-            to.and_then(|to| to.duration_since(from).ok())
-                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        };
-        let validated = self.validated.unwrap_or(self.started);
-        let (validation, lookup) = (
-            nanos(self.started, self.validated),
-            nanos(validated, self.looked_up),
-        );
-        let Some(fields) = request.metadata().map(|m| m.fields()) else {
-            return;
-        };
-        let (Some(v), Some(l)) = (
-            fields.field("score_proxy.validation.duration_ns"),
-            fields.field("score_proxy.cache.lookup.duration_ns"),
-        ) else {
-            return;
-        };
-        let values = [
-            (&v, Some(&validation as &dyn field::Value)),
-            (&l, Some(&lookup as &dyn field::Value)),
-        ];
-        request.record_all(&fields.value_set(&values));
-    }
-
-    /// Anything but a hit: the stages that ran become child spans of the request's,
-    /// `cache.lookup` with its `result` (`miss`: stale counts as a miss here, it goes on to
-    /// fetch).
-    pub(crate) fn spans(&self, request: &Span) {
-        let Some(head) = HEAD.get() else {
-            return;
-        };
-        let parent = request.context();
-        let validated = self.validated.unwrap_or_else(SystemTime::now);
-        finished_span(
-            head,
-            &parent,
-            "validation",
-            self.started,
-            validated,
-            Vec::new(),
-        );
-        if let Some(looked_up) = self.looked_up {
-            finished_span(
-                head,
-                &parent,
-                "cache.lookup",
-                validated,
-                looked_up,
-                vec![KeyValue::new("score_proxy.cache.result", "miss")],
-            );
-        }
-    }
-}
-
-fn finished_span(
-    head: &Head,
-    parent: &Context,
-    name: &'static str,
-    start: SystemTime,
-    end: SystemTime,
-    attributes: Vec<KeyValue>,
-) {
-    let mut span = head
-        .tracer
-        .span_builder(name)
-        .with_start_time(start)
-        .with_attributes(attributes)
-        .start_with_context(&head.tracer, parent);
-    span.end_with_timestamp(end);
 }
 
 /// A stage span of a traced request (`make` builds it); nothing for the others.
@@ -579,8 +562,14 @@ mod tests {
             "traceparent",
             HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         );
-        let (span, ids) = server_span(Route::Score, &http::Method::GET, "/proxy/score", &headers);
-        assert!(span.is_none());
+        let (span, ids) = server_span(
+            Route::Score,
+            &http::Method::GET,
+            "/proxy/score",
+            &headers,
+            true,
+        );
+        assert!(!span.is_traced());
         assert_eq!(
             ids.trace_id,
             TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap()
@@ -592,8 +581,9 @@ mod tests {
             &http::Method::GET,
             "/proxy/score",
             &HeaderMap::new(),
+            true,
         );
-        assert!(span.is_none());
+        assert!(!span.is_traced());
         assert!(!ids.sampled);
         assert_ne!(ids.trace_id, TraceId::INVALID);
     }

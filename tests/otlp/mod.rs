@@ -27,6 +27,11 @@ pub struct Span {
     pub span_id: String,
     pub parent_span_id: String,
     pub kind: i32,
+    /// Start and end, in nanoseconds since the epoch.
+    pub start_ns: u64,
+    pub end_ns: u64,
+    /// The span's status code (0 unset, 2 error).
+    pub status: i32,
     pub attributes: HashMap<String, String>,
     pub links: Vec<(String, String)>,
 }
@@ -87,6 +92,9 @@ fn start_receiver(spans: Arc<Mutex<Vec<Span>>>, received: Arc<tokio::sync::Notif
                                         span_id: hex(&s.span_id),
                                         parent_span_id: hex(&s.parent_span_id),
                                         kind: s.kind,
+                                        start_ns: s.start_time_unix_nano,
+                                        end_ns: s.end_time_unix_nano,
+                                        status: s.status.as_ref().map_or(0, |st| st.code),
                                         attributes: s
                                             .attributes
                                             .iter()
