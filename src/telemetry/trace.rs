@@ -541,6 +541,7 @@ pub(crate) fn link_to_call(span: &Span, origin: &FlightOrigin) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::server_span;
 
     #[test]
     fn traceparent_format() {
