@@ -212,6 +212,7 @@ pub(crate) fn render(
          scripts/bench.sh --only hits,memory         # some scenarios (report under target/bench-report/)\n\
          scripts/bench.sh --only network             # scenario 8 alone: pacing across a seeded network delay\n\
          scripts/bench.sh --only redis-down          # scenario 9 alone: three replicas while Redis is down\n\
+         scripts/bench.sh --only restart             # scenario 10 alone: restart under load, against nginx's disk cache\n\
          # or, by hand:\n\
          cargo build --release --workspace && cargo run --release -p score-bench -- [--quick] [--only S] [--out PATH]\n\
          ```\n\n\
