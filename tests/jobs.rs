@@ -212,6 +212,16 @@ async fn a_job_is_visible_only_to_its_client_and_csv_works() {
             "{path}"
         );
     }
+    // A parameter given twice is refused as a lookup's is, in JSON.
+    let (code, body) = get_json(
+        &app,
+        &format!("/jobs/{id}/results?client_id={CLIENT}&format=csv&format=csv"),
+    )
+    .await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
     let delete = app
         .client
         .delete(app.url(&format!("/jobs/{id}?client_id=someone-else")))

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -19,11 +19,31 @@ use crate::jobs::model::{CSV_HEADER, JobId, Line, csv_line};
 use crate::jobs::{JobError, Jobs};
 use crate::lookup::validation::ClientId;
 
-/// The query of every job request.
-#[derive(Debug, Default, Deserialize)]
+/// The query of every job request. Other parameters are ignored; each of these may appear
+/// at most once (as a lookup's).
+#[derive(Debug, Default)]
 pub(crate) struct JobQuery {
     client_id: Option<String>,
     format: Option<String>,
+}
+
+impl JobQuery {
+    fn parse(raw: Option<&str>) -> Result<JobQuery, Refused> {
+        let mut query = JobQuery::default();
+        for (name, value) in url::form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+            let slot = match name.as_ref() {
+                "client_id" => &mut query.client_id,
+                "format" => &mut query.format,
+                _ => continue,
+            };
+            if slot.replace(value.into_owned()).is_some() {
+                return Err(Refused::Client(
+                    "client_id and format may each appear at most once",
+                ));
+            }
+        }
+        Ok(query)
+    }
 }
 
 /// A JSON submission.
@@ -99,10 +119,14 @@ fn job_id(raw: &str) -> Result<JobId, Refused> {
 /// CPF per line and `client_id` in the query. `202` with `Location` once the job is stored.
 pub(crate) async fn submit(
     State(app): State<Arc<App>>,
-    Query(query): Query<JobQuery>,
+    RawQuery(raw): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let query = match JobQuery::parse(raw.as_deref()) {
+        Ok(q) => q,
+        Err(r) => return r.into_response(),
+    };
     let limit = app.jobs.max_items() * BYTES_PER_ITEM + 4096;
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(bytes) => bytes,
@@ -193,8 +217,12 @@ fn lines(bytes: &Bytes) -> Option<Vec<String>> {
 pub(crate) async fn status(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
-    Query(query): Query<JobQuery>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
+    let query = match JobQuery::parse(raw.as_deref()) {
+        Ok(q) => q,
+        Err(r) => return r.into_response(),
+    };
     let (id, client) = match (job_id(&id), client_of(&app, query.client_id.as_deref())) {
         (Ok(id), Ok(client)) => (id, client),
         (Err(r), _) | (_, Err(r)) => return r.into_response(),
@@ -209,8 +237,12 @@ pub(crate) async fn status(
 pub(crate) async fn cancel(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
-    Query(query): Query<JobQuery>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
+    let query = match JobQuery::parse(raw.as_deref()) {
+        Ok(q) => q,
+        Err(r) => return r.into_response(),
+    };
     let (id, client) = match (job_id(&id), client_of(&app, query.client_id.as_deref())) {
         (Ok(id), Ok(client)) => (id, client),
         (Err(r), _) | (_, Err(r)) => return r.into_response(),
@@ -226,8 +258,12 @@ pub(crate) async fn cancel(
 pub(crate) async fn results(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
-    Query(query): Query<JobQuery>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
+    let query = match JobQuery::parse(raw.as_deref()) {
+        Ok(q) => q,
+        Err(r) => return r.into_response(),
+    };
     let (id, client) = match (job_id(&id), client_of(&app, query.client_id.as_deref())) {
         (Ok(id), Ok(client)) => (id, client),
         (Err(r), _) | (_, Err(r)) => return r.into_response(),
