@@ -376,3 +376,38 @@ async fn bad_submissions_are_refused_before_anything_is_stored() {
     assert!(reply.headers().contains_key("retry-after"));
     app.shutdown().await.unwrap();
 }
+
+/// While the breaker is open no item is asked for; once it may half-open the job goes on by
+/// itself (an item is the probe), with no lookup to wake it. Items the failing upstream
+/// answered with a server error keep that error as their line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waits_out_an_open_breaker_and_goes_on_by_itself() {
+    let app = spawn(
+        Setup::default()
+            .arg("--breaker-failures", "2")
+            .arg("--breaker-cooldown", "500ms"),
+    )
+    .await;
+    app.sim.sim().set_fault(score_sim::Fault::Error);
+    let cpfs: Vec<String> = (700..710).map(cpf).collect();
+    let (status, job, _) = post_json(&app, &json!({ "client_id": CLIENT, "cpfs": cpfs })).await;
+    assert_eq!(status, 202);
+    let id = job["id"].as_str().unwrap().to_owned();
+    app.metric_reaches("score_proxy_breaker_state{state=\"open\"}", 1.0)
+        .await;
+    app.sim.sim().set_fault(score_sim::Fault::None);
+    let (code, body) = results(&app, &id, CLIENT, "ndjson").await;
+    assert_eq!(code, 200);
+    let lines: Vec<Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 10, "the job ended with every line");
+    let failed = lines.iter().filter(|l| l["status"] != 200).count();
+    assert_eq!(failed, 2, "the two calls that opened the breaker: {body}");
+    for line in lines.iter().filter(|l| l["status"] != 200) {
+        assert_eq!(line["error"]["error"], "upstream_error", "{line}");
+    }
+    app.assert_no_violations();
+    app.shutdown().await.unwrap();
+}

@@ -12,8 +12,8 @@
 //! the head starts, the next one is admitted.
 //!
 //! What keeps a refresh from costing what it must not:
-//! - it is not fed while the circuit breaker is open, and one queued when it opens is
-//!   answered with the rest of the queue;
+//! - it is not fed while the circuit breaker is open (the lane is fed again when the breaker
+//!   may half-open), and one queued when it opens is answered with the rest of the queue;
 //! - its start slot is booked like any other, so never inside a known penalty, and a
 //!   refresh that is itself penalised is not retried;
 //! - a caller's lookup of the same key takes its place (and its start slot) before it
@@ -100,6 +100,8 @@ pub(super) struct Lane {
     next_seq: u64,
     /// The refresh admitted to the queue's background band, until it starts.
     head: Option<Arc<Flight>>,
+    /// A task will feed the lane when the open breaker may half-open.
+    wake_planned: bool,
 }
 
 impl Lane {
@@ -225,10 +227,24 @@ impl Scheduler {
             return;
         }
         state.lane.head = None;
-        if state.lane.pending.is_empty()
-            || state.queue.is_closed()
-            || self.breaker.state() != BreakerState::Closed
-        {
+        if state.lane.pending.is_empty() || state.queue.is_closed() {
+            self.metrics.set_refreshes_waiting(state.lane.len());
+            return;
+        }
+        // Nothing is fed while the breaker is open; the lane is fed again when it may
+        // half-open (a background lookup may then be the probe, as a lookup may).
+        if self.breaker.state() == BreakerState::Open {
+            if let Some(until) = self.breaker.open_until()
+                && !state.lane.wake_planned
+            {
+                state.lane.wake_planned = true;
+                let scheduler = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(until).await;
+                    scheduler.lock().lane.wake_planned = false;
+                    scheduler.feed_background();
+                });
+            }
             self.metrics.set_refreshes_waiting(state.lane.len());
             return;
         }
