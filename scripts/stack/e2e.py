@@ -146,6 +146,10 @@ PROXY_ARGS = [
 ]
 LOADGEN_COMMON = ["--client-ids", "000,001,002,003", "--bad-client-id", "unknown-client"]
 
+# The bulk job submitted to the proxy: its CPFs, far from the lookups' own.
+JOB_CPFS_FROM = 5000
+JOB_SIZE = 20
+
 # The fleet: the proxy's settings (later flags win), in shared mode.
 STALE_CPF = 1  # cpf(1): the answer proxy-3 serves stale
 REDACTION_KEY = "e2e-fleet-secret"
@@ -636,6 +640,17 @@ def http_request(url: str, method: str = "GET", body: bytes | None = None, timeo
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
+def submit_job(base: str, cpfs: list[str]) -> str | None:
+    """Submits a bulk job for client 000; its id (None, and a failure, if refused)."""
+    body = json.dumps({"client_id": "000", "cpfs": cpfs}).encode()
+    status, headers, answer = http_request(f"{base}/jobs", "POST", body)
+    if status != 202 or "location" not in headers:
+        fail(f"POST /jobs answered {status}: {answer[:300]!r}")
+        return None
+    ok(f"a bulk job of {len(cpfs)} CPFs accepted at {headers['location']}")
+    return json.loads(answer)["id"]
+
+
 def status_of(base: str) -> dict:
     return json.loads(http_request(f"{base}/status")[2])
 
@@ -911,6 +926,9 @@ def run(
     print("== driving traffic through the proxy")
     target = ["--target", proxy_url, "--sim-url", sim_url, *LOADGEN_COMMON]
     run_loadgen(tmp, procs, "once", [*loadgen, "--mode", "once", "--step-timeout", "30s", *target], 240)
+    # A bulk job, looked up with the budget the load leaves free (its item waits in the
+    # background lane meanwhile) and finished while the fleet's incidents run.
+    job_id = submit_job(proxy_url, [cpf(JOB_CPFS_FROM + i) for i in range(JOB_SIZE)])
     run_loadgen(
         tmp, procs, "continuous",
         [*loadgen, "--mode", "continuous", "--duration", "20s", "--rate", "10",
@@ -923,6 +941,12 @@ def run(
     # The incidents first, one at a time on a quiet fleet; then the load generator.
     fleet_incidents(procs, prom, am, hook, replica_urls, fleet_sim_url, redis, redis_argv, redis_port)
     fleet_traffic(tmp, procs, prom, loadgen, replica_urls)
+    if job_id:
+        job = json.loads(http_request(f"{proxy_url}/jobs/{job_id}?client_id=000")[2])
+        if (job.get("state"), job.get("done")) == ("done", JOB_SIZE):
+            ok(f"the bulk job finished: {job.get('done')} lines, {job.get('failed')} failed")
+        else:
+            fail(f"the bulk job did not finish during the run: {job}")
     end = time.time()
 
     # One more scrape of every target, so the last of the traffic is in the TSDB, and

@@ -217,9 +217,9 @@ impl Scheduler {
         self.lock().lane.holds(why)
     }
 
-    /// Admits the next refresh to the queue's background band, unless one is there already,
-    /// the breaker is not closed, or the queue is closed. Called whenever that may have
-    /// changed: a refresh asked for, started or ended.
+    /// Admits the next background lookup to the queue's background band, unless one is there
+    /// already, the breaker is open, or the queue is closed. Called whenever that may have
+    /// changed: a lookup asked for, started or ended, or an open breaker's cool-down over.
     pub(crate) fn feed_background(self: &Arc<Self>) {
         let now = Instant::now();
         let mut state = self.lock();
