@@ -111,8 +111,16 @@ fn client_of(app: &App, given: Option<&str>) -> Result<ClientId, Refused> {
     }
 }
 
-fn job_id(raw: &str) -> Result<JobId, Refused> {
-    JobId::parse(raw).ok_or(Refused::Job)
+/// What a request about one job names: the job, its client, and the rest of the query.
+fn addressed(
+    app: &App,
+    id: &str,
+    raw: Option<&str>,
+) -> Result<(JobId, ClientId, JobQuery), Refused> {
+    let query = JobQuery::parse(raw)?;
+    let id = JobId::parse(id).ok_or(Refused::Job)?;
+    let client = client_of(app, query.client_id.as_deref())?;
+    Ok((id, client, query))
 }
 
 /// `POST /jobs`: JSON `{"client_id", "cpfs": [...]}`, or `text/csv` / `text/plain` with one
@@ -219,13 +227,9 @@ pub(crate) async fn status(
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Response {
-    let query = match JobQuery::parse(raw.as_deref()) {
-        Ok(q) => q,
+    let (id, client, _) = match addressed(&app, &id, raw.as_deref()) {
+        Ok(found) => found,
         Err(r) => return r.into_response(),
-    };
-    let (id, client) = match (job_id(&id), client_of(&app, query.client_id.as_deref())) {
-        (Ok(id), Ok(client)) => (id, client),
-        (Err(r), _) | (_, Err(r)) => return r.into_response(),
     };
     match app.jobs.status(id, &client) {
         Ok(status) => axum::Json(status).into_response(),
@@ -239,13 +243,9 @@ pub(crate) async fn cancel(
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Response {
-    let query = match JobQuery::parse(raw.as_deref()) {
-        Ok(q) => q,
+    let (id, client, _) = match addressed(&app, &id, raw.as_deref()) {
+        Ok(found) => found,
         Err(r) => return r.into_response(),
-    };
-    let (id, client) = match (job_id(&id), client_of(&app, query.client_id.as_deref())) {
-        (Ok(id), Ok(client)) => (id, client),
-        (Err(r), _) | (_, Err(r)) => return r.into_response(),
     };
     match app.jobs.cancel(id, &client).await {
         Ok(status) => axum::Json(status).into_response(),
@@ -260,13 +260,9 @@ pub(crate) async fn results(
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Response {
-    let query = match JobQuery::parse(raw.as_deref()) {
-        Ok(q) => q,
+    let (id, client, query) = match addressed(&app, &id, raw.as_deref()) {
+        Ok(found) => found,
         Err(r) => return r.into_response(),
-    };
-    let (id, client) = match (job_id(&id), client_of(&app, query.client_id.as_deref())) {
-        (Ok(id), Ok(client)) => (id, client),
-        (Err(r), _) | (_, Err(r)) => return r.into_response(),
     };
     let csv = match query.format.as_deref() {
         None | Some("ndjson") => false,
