@@ -212,6 +212,7 @@ impl App {
             scheduler.clone(),
             cache.clone(),
             store.clone(),
+            shared.clone(),
             metrics.clone(),
             kept_jobs,
         );

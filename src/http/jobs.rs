@@ -74,6 +74,7 @@ impl IntoResponse for JobError {
             JobError::TooManyJobs(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_jobs"),
             JobError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             JobError::NotStored => (StatusCode::SERVICE_UNAVAILABLE, "not_stored"),
+            JobError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
         };
         let mut response = error(status, kind, &message);
         if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
@@ -231,7 +232,7 @@ pub(crate) async fn status(
         Ok(found) => found,
         Err(r) => return r.into_response(),
     };
-    match app.jobs.status(id, &client) {
+    match app.jobs.status(id, &client).await {
         Ok(status) => axum::Json(status).into_response(),
         Err(e) => e.into_response(),
     }
@@ -275,7 +276,7 @@ pub(crate) async fn results(
             );
         }
     };
-    let reader = match app.jobs.reader(id, &client) {
+    let reader = match app.jobs.reader(id, &client).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };

@@ -15,8 +15,14 @@
 //! With a persistent store (`--data-dir`), a job is committed before `202 Accepted`, and every
 //! result as it arrives: after a restart the job resumes without calling again for what is
 //! done (see `store/jobs.rs`). Without one, jobs live in memory and a restart loses them.
+//!
+//! In shared mode (`--redis-url`) jobs live in Redis instead (`shared/jobs.rs`), so that any
+//! replica reads any job and carries it on: the replica that accepted a job runs it under a
+//! lease, and another takes it over when that lease lapses (`fleet.rs`).
 
+mod fleet;
 pub(crate) mod model;
+mod reader;
 mod runner;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -29,6 +35,7 @@ use crate::lookup::cache::{CacheLookup, ScoreCache};
 use crate::lookup::error::ProxyError;
 use crate::lookup::scheduler::Scheduler;
 use crate::lookup::validation::{ClientId, Cpf, LookupKey};
+use crate::shared::Shared;
 use crate::store::{JobWrite, Store, StoredJob};
 use crate::telemetry::metrics::Metrics;
 use model::{Item, ItemResult, JobId, JobRecord, JobState};
@@ -54,6 +61,8 @@ pub(crate) enum JobError {
     NotFound,
     #[error("the job could not be stored; retry later")]
     NotStored,
+    #[error("the jobs' store (Redis) is out of reach; retry later")]
+    Unavailable,
 }
 
 /// A job's progress, as `GET /jobs/{id}` shows it.
@@ -129,6 +138,15 @@ impl Job {
         set
     }
 
+    /// Cancels it here: no more items asked for, the ones under way stop waiting.
+    fn stop(&mut self, now_ms: u64) {
+        self.record.cancelled = true;
+        self.record.finished_ms.get_or_insert(now_ms);
+        self.todo.clear();
+        self.cancelled.send_replace(true);
+        self.progress.send_modify(|_| {});
+    }
+
     fn keep_until_ms(&self, retention: Duration) -> u64 {
         match (self.record.finished_ms, self.record.cancelled) {
             (Some(end), _) => end + retention.as_millis() as u64,
@@ -151,6 +169,11 @@ pub(crate) struct Jobs {
     scheduler: Arc<Scheduler>,
     cache: Arc<dyn ScoreCache>,
     store: Option<Arc<Store>>,
+    /// Shared mode: jobs live in Redis, and the store above is not used for them.
+    fleet: Option<Arc<Shared>>,
+    /// Shared mode: writes Redis did not take, tried again at each lease renewal (they are
+    /// idempotent: a record replaced, results set by index).
+    unflushed: Mutex<Vec<JobWrite>>,
     metrics: Arc<Metrics>,
     book: Mutex<Book>,
     /// Wakes the runner: a job arrived or an item must be asked for again.
@@ -164,14 +187,30 @@ impl Jobs {
         scheduler: Arc<Scheduler>,
         cache: Arc<dyn ScoreCache>,
         store: Option<Arc<Store>>,
+        fleet: Option<Arc<Shared>>,
         metrics: Arc<Metrics>,
-        kept: Vec<StoredJob>,
+        mut kept: Vec<StoredJob>,
     ) -> Arc<Jobs> {
+        let store = if fleet.is_some() {
+            if !kept.is_empty() {
+                tracing::warn!(
+                    jobs = kept.len(),
+                    "bulk jobs kept in the data directory are not resumed in shared mode \
+                     (jobs live in Redis there); restart without --redis-url to finish them"
+                );
+                kept.clear();
+            }
+            None
+        } else {
+            store
+        };
         let jobs = Arc::new(Jobs {
             config,
             scheduler,
             cache,
             store,
+            fleet,
+            unflushed: Mutex::new(Vec::new()),
             metrics,
             book: Mutex::new(Book::default()),
             wake: Notify::new(),
@@ -189,7 +228,7 @@ impl Jobs {
                 .into_iter()
                 .filter_map(|(i, r)| Some((i as usize, serde_json::from_slice(&r).ok()?)))
                 .collect();
-            let job = jobs.build(JobId(stored.id), client, record, results);
+            let job = jobs.build(JobId(stored.id), client, record, results, true);
             resumed += usize::from(job.open());
             jobs.lock().jobs.insert(job.id, job);
         }
@@ -205,13 +244,15 @@ impl Jobs {
     }
 
     /// Builds a job's items from its record: keys, duplicates, the results already known
-    /// (stored ones, then fresh cached answers), and what is left to ask for.
+    /// (stored ones, then fresh cached answers if `consult_cache`), and what is left to ask
+    /// for.
     fn build(
         &self,
         id: JobId,
         client: ClientId,
         record: JobRecord,
         mut known: BTreeMap<usize, ItemResult>,
+        consult_cache: bool,
     ) -> Job {
         let mut firsts: HashMap<LookupKey, usize> = HashMap::new();
         let mut items = Vec::with_capacity(record.cpfs.len());
@@ -280,7 +321,9 @@ impl Jobs {
                 .and_then(|d| d.result.clone());
             if let Some(result) = done_dup {
                 job.answer(i, &result);
-            } else if let CacheLookup::Fresh(hit) = self.cache.get(&key) {
+            } else if let Some(CacheLookup::Fresh(hit)) =
+                consult_cache.then(|| self.cache.get(&key))
+            {
                 job.answer(i, &ItemResult::ok(&hit.body, true));
             } else {
                 job.todo.push_back(i);
@@ -306,13 +349,14 @@ impl Jobs {
             return Err(JobError::TooManyItems(self.config.max_items));
         }
         self.purge();
+        // In shared mode Redis counts the open jobs, fleet-wide, as it admits the job.
         let open = self
             .lock()
             .jobs
             .values()
             .filter(|j| j.client == client && j.open())
             .count();
-        if open >= self.config.per_client {
+        if self.fleet.is_none() && open >= self.config.per_client {
             return Err(JobError::TooManyJobs(self.config.per_client));
         }
         let record = JobRecord {
@@ -323,8 +367,10 @@ impl Jobs {
             finished_ms: None,
             cancelled: false,
         };
-        let job = self.build(JobId::generate(), client, record, BTreeMap::new());
-        if let Some(store) = &self.store {
+        let job = self.build(JobId::generate(), client, record, BTreeMap::new(), true);
+        if let Some(fleet) = &self.fleet {
+            self.admit(fleet, &job).await?;
+        } else if let Some(store) = &self.store {
             let (committed, stored) = oneshot::channel();
             store
                 .write_job(JobWrite::Job {
@@ -337,13 +383,7 @@ impl Jobs {
             if stored.await != Ok(true) {
                 return Err(JobError::NotStored);
             }
-            let answered: Vec<_> = job
-                .items
-                .iter()
-                .enumerate()
-                .filter_map(|(i, item)| Some((i, item.result.as_ref()?)))
-                .map(|(i, r)| (i as u32, serde_json::to_vec(r).expect("serializes")))
-                .collect();
+            let answered = fleet::answered(&job);
             if !answered.is_empty() {
                 store
                     .write_job(JobWrite::Results {
@@ -372,15 +412,18 @@ impl Jobs {
     }
 
     /// The job `id` of `client` (another client's is not found).
-    pub(crate) fn status(&self, id: JobId, client: &ClientId) -> Result<JobStatus, JobError> {
+    pub(crate) async fn status(&self, id: JobId, client: &ClientId) -> Result<JobStatus, JobError> {
         self.purge();
-        let book = self.lock();
-        let job = book
-            .jobs
-            .get(&id)
-            .filter(|j| &j.client == client)
-            .ok_or(JobError::NotFound)?;
-        Ok(self.status_of(job))
+        if let Some(job) = self.lock().jobs.get(&id) {
+            return if &job.client == client {
+                Ok(self.status_of(job))
+            } else {
+                Err(JobError::NotFound)
+            };
+        }
+        // Shared mode: a job another replica runs (or ran).
+        let job = self.snapshot(id, client).await?;
+        Ok(self.status_of(&job))
     }
 
     fn status_of(&self, job: &Job) -> JobStatus {
@@ -410,71 +453,30 @@ impl Jobs {
     /// Cancels a job: its items not yet asked for never are, and the ones waiting for budget
     /// leave; results found so far stay readable.
     pub(crate) async fn cancel(&self, id: JobId, client: &ClientId) -> Result<JobStatus, JobError> {
-        let (status, write) = {
+        let local = {
             let mut book = self.lock();
             let retention = self.config.retention;
-            let job = book
-                .jobs
-                .get_mut(&id)
-                .filter(|j| &j.client == client)
-                .ok_or(JobError::NotFound)?;
-            if job.open() {
-                job.record.cancelled = true;
-                job.record.finished_ms = Some(crate::store::now_ms());
-                job.todo.clear();
-                job.cancelled.send_replace(true);
-                job.progress.send_modify(|_| {});
+            match book.jobs.get_mut(&id) {
+                Some(job) if &job.client != client => return Err(JobError::NotFound),
+                Some(job) => {
+                    if job.open() {
+                        job.stop(crate::store::now_ms());
+                    }
+                    Some((self.status_of(job), self.record_write_with(job, retention)))
+                }
+                None => None,
             }
-            (self.status_of(job), self.record_write_with(job, retention))
         };
-        self.persist(write).await;
+        let status = match local {
+            Some((status, write)) => {
+                self.persist(write).await;
+                status
+            }
+            // Shared mode: a job another replica runs; it hears of this on the jobs' news.
+            None => self.cancel_elsewhere(id, client).await?,
+        };
         self.publish();
         Ok(status)
-    }
-
-    /// A results reader: the lines of the job in submission order, as far as done.
-    pub(crate) fn reader(&self, id: JobId, client: &ClientId) -> Result<Reader, JobError> {
-        let book = self.lock();
-        let job = book
-            .jobs
-            .get(&id)
-            .filter(|j| &j.client == client)
-            .ok_or(JobError::NotFound)?;
-        Ok(Reader {
-            id,
-            next: 0,
-            progress: job.progress.subscribe(),
-        })
-    }
-
-    /// The next lines for `reader` (`Some(empty)` never: it waits for at least one), or
-    /// `None` when the job has no more to give (all read, or it was cancelled).
-    pub(crate) async fn next_lines(
-        &self,
-        reader: &mut Reader,
-        render: impl Fn(usize, &str, &ItemResult) -> String,
-    ) -> Option<String> {
-        loop {
-            {
-                let book = self.lock();
-                let job = book.jobs.get(&reader.id)?;
-                let mut out = String::new();
-                while let Some(item) = job.items.get(reader.next) {
-                    let Some(result) = &item.result else {
-                        break;
-                    };
-                    out.push_str(&render(reader.next, &item.cpf, result));
-                    reader.next += 1;
-                }
-                if !out.is_empty() {
-                    return Some(out);
-                }
-                if reader.next >= job.items.len() || !job.open() {
-                    return None;
-                }
-            }
-            reader.progress.changed().await.ok()?;
-        }
     }
 
     /// The job record's write, when there is a store.
@@ -483,7 +485,9 @@ impl Jobs {
     }
 
     fn record_write_with(&self, job: &Job, retention: Duration) -> Option<JobWrite> {
-        self.store.as_ref()?;
+        if self.store.is_none() && self.fleet.is_none() {
+            return None;
+        }
         Some(JobWrite::Job {
             id: job.id.0,
             keep_until_ms: job.keep_until_ms(retention),
@@ -493,7 +497,12 @@ impl Jobs {
     }
 
     async fn persist(&self, write: Option<JobWrite>) {
-        if let (Some(store), Some(write)) = (&self.store, write) {
+        let Some(write) = write else {
+            return;
+        };
+        if let Some(fleet) = &self.fleet {
+            self.write_shared(fleet, write).await;
+        } else if let Some(store) = &self.store {
             store.write_job(write).await;
         }
     }
@@ -515,13 +524,6 @@ impl Jobs {
         }
         self.metrics.set_jobs(by_state);
     }
-}
-
-/// Reads a job's results in order (see [`Jobs::next_lines`]).
-pub(crate) struct Reader {
-    id: JobId,
-    next: usize,
-    progress: watch::Receiver<usize>,
 }
 
 /// Whether a failed item is worth asking for again: the failure was the budget's or the

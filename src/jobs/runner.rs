@@ -7,21 +7,41 @@ use tokio::sync::{oneshot, watch};
 
 use super::model::{ItemResult, JobId, JobState};
 use super::{Jobs, passes};
+use crate::lookup::pacing::PacingMode;
 use crate::lookup::scheduler::FlightResult;
 use crate::lookup::validation::{ClientId, LookupKey};
 use crate::store::JobWrite;
 
 impl Jobs {
-    /// Keeps one job item waiting in the background lane, round-robin across client ids.
-    /// Runs until aborted.
+    /// Keeps one job item waiting in the background lane, round-robin across client ids, and
+    /// in shared mode this replica's part of the fleet's jobs (`fleet.rs`). Runs until
+    /// aborted.
     pub(crate) async fn run(self: Arc<Self>) {
+        match self.fleet.clone() {
+            Some(fleet) => {
+                tokio::join!(self.clone().feed(), self.fleet_loop(fleet));
+            }
+            None => self.feed().await,
+        }
+    }
+
+    /// Whether an item may be started: in shared mode, only while Redis takes its result
+    /// (the fleet loop wakes the runner when it is back).
+    fn may_start(&self) -> bool {
+        self.fleet
+            .as_ref()
+            .is_none_or(|f| f.mode() == PacingMode::Shared)
+    }
+
+    async fn feed(self: Arc<Self>) {
         loop {
             let moved = self.scheduler.lane_moved();
             let woken = self.wake.notified();
             tokio::pin!(moved, woken);
             moved.as_mut().enable();
             woken.as_mut().enable();
-            if !self.scheduler.job_waiting()
+            if self.may_start()
+                && !self.scheduler.job_waiting()
                 && let Some((id, index, key, cancelled, write)) = self.next_item()
             {
                 self.persist(write).await;

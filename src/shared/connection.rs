@@ -276,6 +276,7 @@ impl Shared {
             }
             if self.ping().await {
                 self.renew_place().await;
+                self.mark_alive().await;
                 let good = self.good_pings.fetch_add(1, Ordering::Relaxed) + 1;
                 if good >= 2 && self.mode() == PacingMode::Fallback {
                     self.rejoin().await;

@@ -3,8 +3,11 @@
 //! enough to outlive its deadline and its call). A replica that finds the lease taken waits
 //! for the leader's word on `<prefix>:done:<tag>` (pub/sub: answered, failed with an error,
 //! or gone), then reads the shared cache; it also looks again every second, in case a word
-//! was lost (a pub/sub reconnect) or the lease lapsed (its leader died). The leader writes
-//! the answer to the cache *before* it gives up the lease and publishes its word.
+//! was lost (a pub/sub reconnect) or the lease lapsed. A leader that died mid-flight would
+//! keep its lease for the lookup's whole deadline, so each replica also keeps a liveness key
+//! (`<prefix>:alive:<replica id>`, a few seconds, renewed at each health check), and a
+//! follower looking again breaks a lease whose holder's key is gone. The leader writes the
+//! answer to the cache *before* it gives up the lease and publishes its word.
 
 use std::time::Duration;
 
@@ -19,6 +22,11 @@ use crate::lookup::validation::LookupKey;
 
 /// Gives up a lease if this replica still holds it (KEYS and ARGV in its header).
 pub(super) const RELEASE: &str = include_str!("scripts/release.lua");
+/// Breaks a lease whose holder is no longer alive (KEYS and ARGV in its header).
+pub(super) const STEAL: &str = include_str!("scripts/steal.lua");
+/// How long a replica counts as alive after its last health check: a few checks, so that
+/// one slow check does not make it look dead.
+const ALIVE_FOR: Duration = Duration::from_secs(3);
 
 /// What another replica said about a flight it led.
 #[derive(Clone, Debug)]
@@ -104,7 +112,12 @@ impl Shared {
                 }
                 Some(None) => {}
             }
-            if !counted_follower {
+            if counted_follower {
+                // Looking again: a leader that died holds its lease until it lapses.
+                if self.break_dead_lease(&tag).await {
+                    continue;
+                }
+            } else {
                 self.metrics.shared_flight(false);
                 counted_follower = true;
             }
@@ -151,6 +164,42 @@ impl Shared {
                 .await
         })
         .await;
+    }
+
+    /// Says this replica is alive, for [`STEAL`] (at each health check).
+    pub(super) async fn mark_alive(&self) {
+        let key = format!("{}{}", self.alive_prefix(), self.replica_id);
+        let ms = ALIVE_FOR.as_millis() as u64;
+        self.op("alive", |mut c| async move {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(1)
+                .arg("PX")
+                .arg(ms)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await;
+    }
+
+    /// Breaks the lease on `tag` if its holder is no longer alive; whether it did.
+    async fn break_dead_lease(&self, tag: &str) -> bool {
+        let lease = self.lease_key(tag);
+        let alive = self.alive_prefix();
+        let steal = &self.steal;
+        let broken = self
+            .op("lease", |mut c| async move {
+                steal
+                    .key(&lease)
+                    .arg(&alive)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
+        if broken == Some(1) {
+            tracing::info!("a flight lease held by a replica no longer alive was broken");
+        }
+        broken == Some(1)
     }
 
     /// Deletes this replica's lease on `tag` (if it still holds it).

@@ -26,7 +26,9 @@
 //! - **Coalescing** (`flights.rs`). Before booking, the flight takes a lease
 //!   (`<prefix>:flight:<tag>`, `SET NX PX`). If another replica holds it, the flight waits for
 //!   that replica's word on `<prefix>:done:<tag>` (pub/sub, `pubsub.rs`), then reads the
-//!   shared cache.
+//!   shared cache; a lease whose replica is no longer alive (`<prefix>:alive:<id>`) is broken.
+//! - **Bulk jobs** (`jobs.rs`). In shared mode a job lives in Redis, sealed, so any replica
+//!   reads it, and one runs it under a lease that another takes over if it lapses.
 //!
 //! `<tag>` is a keyed hash of (client id, CPF) under `SCORE_PROXY_REDACTION_KEY`, which all
 //! replicas share: Redis never sees a CPF or a client id as a key, and the key rules are the
@@ -52,6 +54,7 @@ mod clock;
 mod connection;
 mod division;
 mod flights;
+mod jobs;
 pub(crate) mod ops;
 mod pacer;
 mod pause;
@@ -75,6 +78,7 @@ use flights::Word;
 use pause::Pauses;
 
 pub(crate) use flights::{Resolution, Settled};
+pub(crate) use jobs::Renewal;
 
 /// Settings of shared mode.
 #[derive(Clone, Debug)]
@@ -133,8 +137,13 @@ pub struct Shared {
     book: redis::Script,
     pause: redis::Script,
     release: redis::Script,
+    steal: redis::Script,
     member: redis::Script,
     fence: redis::Script,
+    job_admit: redis::Script,
+    job_renew: redis::Script,
+    /// Told when a job was announced ended on `<prefix>:jobs:news` (`jobs.rs`).
+    job_news: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -180,8 +189,12 @@ impl Shared {
             book: redis::Script::new(pacer::BOOK),
             pause: redis::Script::new(pause::PAUSE),
             release: redis::Script::new(flights::RELEASE),
+            steal: redis::Script::new(flights::STEAL),
             member: redis::Script::new(connection::MEMBER),
             fence: redis::Script::new(connection::FENCE),
+            job_admit: redis::Script::new(jobs::ADMIT),
+            job_renew: redis::Script::new(jobs::RENEW),
+            job_news: tokio::sync::Notify::new(),
             config,
         }))
     }
@@ -191,6 +204,7 @@ impl Shared {
     pub(crate) async fn connect(&self) {
         if self.ensure_connection().await.is_some() && self.ping().await {
             self.renew_place().await;
+            self.mark_alive().await;
             self.enter(PacingMode::Shared);
         }
     }
@@ -264,5 +278,30 @@ impl Shared {
 
     fn penalty_channel(&self) -> String {
         format!("{}:penalty", self.config.prefix)
+    }
+
+    /// What every replica's liveness key starts with (its id follows).
+    fn alive_prefix(&self) -> String {
+        format!("{}:alive:", self.config.prefix)
+    }
+
+    fn open_jobs_key(&self) -> String {
+        format!("{}:jobs", self.config.prefix)
+    }
+
+    fn job_key(&self, job: &str) -> String {
+        format!("{}:job:{job}", self.config.prefix)
+    }
+
+    fn job_results_key(&self, job: &str) -> String {
+        format!("{}:job:{job}:results", self.config.prefix)
+    }
+
+    fn job_lease_key(&self, job: &str) -> String {
+        format!("{}:job:{job}:lease", self.config.prefix)
+    }
+
+    fn job_news_channel(&self) -> String {
+        format!("{}:jobs:news", self.config.prefix)
     }
 }

@@ -24,6 +24,14 @@ pub(crate) enum RedisOp {
     Member,
     /// Back from fallback: the shared schedule starts after the fence.
     Fence,
+    /// This replica's liveness key renewed (a dead leader's flight lease is broken).
+    Alive,
+    /// A bulk job's record or results written (`jobs.rs`).
+    JobWrite,
+    /// A bulk job read by a replica that does not run it, or taken over.
+    JobRead,
+    /// A bulk job's lease taken, renewed or given up.
+    JobLease,
 }
 
 /// How a Redis operation ended.

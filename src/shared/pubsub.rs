@@ -1,6 +1,7 @@
 //! The one subscription each replica keeps: the leaders' words on `<prefix>:done:*` go to the
 //! flights waiting on them (`flights.rs`), and the pauses published on `<prefix>:penalty` are
-//! noted (`pause.rs`). It has its own connection (a subscribed connection can do nothing
+//! noted (`pause.rs`), and the jobs ended on `<prefix>:jobs:news` wake the job leases
+//! (`jobs.rs`). It has its own connection (a subscribed connection can do nothing
 //! else) and reconnects whenever the subscription drops; a word lost meanwhile costs a
 //! follower at most the second after which it looks again on its own.
 
@@ -21,11 +22,13 @@ impl Shared {
         let prefix = self.done_prefix();
         let pattern = format!("{prefix}*");
         let penalty_channel = self.penalty_channel();
+        let job_news = self.job_news_channel();
         loop {
             let subscribed = tokio::time::timeout(self.config.timeout * 3, async {
                 let mut pubsub = self.client.get_async_pubsub().await?;
                 pubsub.psubscribe(&pattern).await?;
                 pubsub.subscribe(&penalty_channel).await?;
+                pubsub.subscribe(&job_news).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             })
             .await;
@@ -40,6 +43,8 @@ impl Shared {
                         if let Some((pause, left)) = Pause::parse(&payload) {
                             self.note_pause(pause, Instant::now() + left);
                         }
+                    } else if channel == job_news {
+                        self.job_news.notify_one();
                     } else if let Some(tag) = channel.strip_prefix(&prefix) {
                         self.deliver(tag, &payload);
                     }

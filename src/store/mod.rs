@@ -40,7 +40,7 @@ use crate::telemetry::metrics::Metrics;
 pub(crate) use file::AsideReason;
 pub(crate) use jobs::{JobWrite, StoredJob};
 pub use seal::DataKey;
-use seal::Sealer;
+pub(crate) use seal::Sealer;
 use writer::{Msg, Pending, Writer};
 
 /// The database file in the data directory.

@@ -10,6 +10,8 @@
 #[allow(unused_imports)]
 pub use score_test_support::redis;
 
+pub mod process;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

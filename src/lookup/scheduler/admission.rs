@@ -122,6 +122,14 @@ impl Scheduler {
         self.changed.notify_one();
     }
 
+    /// A background lookup that left while it was admitted (its job cancelled) or was
+    /// refused frees the background band: the next one is fed.
+    fn refeed_after_admission(self: &Arc<Self>, flight: &Flight) {
+        if flight.is_background_only() && !flight.has_started() {
+            self.feed_background();
+        }
+    }
+
     fn spawn_admission(self: &Arc<Self>, flight: Arc<Flight>) {
         let span = if flight.origin.traced() {
             tracing::info_span!(parent: &flight.origin.span, "pacing.permit")
@@ -186,6 +194,7 @@ impl Scheduler {
                     flight.complete(Err(error));
                 }
                 self.changed.notify_one();
+                self.refeed_after_admission(&flight);
                 return;
             }
         }
@@ -223,6 +232,7 @@ impl Scheduler {
             flight.complete(Err(error));
         }
         self.changed.notify_one();
+        self.refeed_after_admission(&flight);
     }
 
     /// Puts an admitted flight in the queue, at the fair position its start slot allows.

@@ -223,7 +223,12 @@ impl Scheduler {
     pub(crate) fn feed_background(self: &Arc<Self>) {
         let now = Instant::now();
         let mut state = self.lock();
-        if state.lane.head.as_ref().is_some_and(|f| !f.has_started()) {
+        // The head holds the band until it starts; one that left unstarted (its job was
+        // cancelled while it booked, or it expired) no longer does.
+        let head_waits = state.lane.head.as_ref().is_some_and(|f| {
+            !f.has_started() && state.flights.get(&f.key).is_some_and(|g| Arc::ptr_eq(g, f))
+        });
+        if head_waits {
             return;
         }
         state.lane.head = None;
