@@ -20,7 +20,7 @@ const OTHER: &str = "jobs-shared-other-0e77";
 struct Fleet {
     replicas: Vec<Option<Proxy>>,
     sim: SimulatorHandle,
-    _redis: Redis,
+    redis: Option<Redis>,
     _dirs: Vec<tempfile::TempDir>,
 }
 
@@ -53,7 +53,7 @@ impl Fleet {
         Fleet {
             replicas,
             sim,
-            _redis: redis,
+            redis: Some(redis),
             _dirs: dirs,
         }
     }
@@ -195,4 +195,66 @@ async fn a_job_cancelled_through_another_replica_stops_where_it_runs() {
     // Its results so far stay readable, through any replica.
     let kept = fleet.replica(0).job_lines(&id, CLIENT).await;
     assert!(!kept.is_empty() && kept.len() <= done_then + 1, "{kept:?}");
+}
+
+/// Redis gone mid-job: no item is started while it is (its result could not be kept), the
+/// other replicas say so honestly (`503` with `Retry-After`), and when Redis comes back empty
+/// (no persistence) the replica running the job writes it again and finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_outlives_a_redis_restart_through_the_replica_running_it() {
+    let mut fleet = Fleet::start().await;
+    let cpfs: Vec<String> = (600..630).map(cpf).collect();
+    let id = fleet.replica(0).submit(CLIENT, &cpfs).await;
+    fleet.replica(0).job_reaches(&id, CLIENT, 5).await;
+
+    let port = fleet.redis.take().expect("Redis runs").port;
+    // Every replica notices (its health check), and then refuses what needs Redis.
+    for i in 0..3 {
+        fleet
+            .replica(i)
+            .metric_reaches("score_proxy_pacing_mode{mode=\"fallback\"}", 1.0)
+            .await;
+    }
+    let reply = reqwest::Client::new()
+        .get(format!(
+            "http://{}/jobs/{id}?client_id={CLIENT}",
+            fleet.replica(1).addr
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 503);
+    assert!(reply.headers().contains_key("retry-after"));
+    let refused = reqwest::Client::new()
+        .post(format!(
+            "http://{}/jobs?client_id={CLIENT}",
+            fleet.replica(2).addr
+        ))
+        .header("content-type", "text/plain")
+        .body(cpf(700))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+
+    // Redis back, empty, on its port: the job is written again and finishes.
+    fleet.redis = Some(Redis::start_on(port));
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !fleet.replica(0).logged("Redis had lost a bulk job") {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the replica running the job writes it again");
+    fleet
+        .replica(1)
+        .metric_reaches("score_proxy_pacing_mode{mode=\"shared\"}", 1.0)
+        .await;
+    let lines = fleet.replica(1).job_lines(&id, CLIENT).await;
+    assert_eq!(lines.len(), cpfs.len(), "every CPF has its line");
+    assert!(lines.iter().all(|l| l["status"] == 200), "{lines:?}");
+    for c in &cpfs {
+        assert_eq!(fleet.calls_for(c), 1, "each CPF called once");
+    }
+    assert_eq!(fleet.sim.stats().violations, 0);
 }

@@ -97,10 +97,11 @@ fn route_list_matches_the_router_source() {
 
 /// Error kinds produced outside `ProxyError`: the router's fallbacks and size limits
 /// (`http/mod.rs`) and the connections refused before a request is read (`http/server.rs`).
-const OTHER_KINDS: [(&str, &str); 10] = [
+const OTHER_KINDS: [(&str, &str); 11] = [
     ("too_many_items", include_str!("../src/http/jobs.rs")),
     ("too_many_jobs", include_str!("../src/http/jobs.rs")),
     ("not_stored", include_str!("../src/http/jobs.rs")),
+    ("store_unavailable", include_str!("../src/http/jobs.rs")),
     ("invalid_body", include_str!("../src/http/jobs.rs")),
     (
         "unsupported_media_type",
