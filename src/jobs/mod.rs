@@ -322,6 +322,7 @@ impl Jobs {
             started_ms: None,
             finished_ms: None,
             cancelled: false,
+            submitted: crate::telemetry::SubmissionLink::current(),
         };
         let job = self.build(JobId::generate(), client, record, BTreeMap::new());
         if let Some(store) = &self.store {
@@ -514,6 +515,7 @@ impl Jobs {
             by_state[job.state() as usize] += 1;
         }
         self.metrics.set_jobs(by_state);
+        self.publish_oldest();
     }
 }
 
