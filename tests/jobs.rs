@@ -411,3 +411,96 @@ async fn a_job_waits_out_an_open_breaker_and_goes_on_by_itself() {
     app.assert_no_violations();
     app.shutdown().await.unwrap();
 }
+
+/// An item whose answer a caller's lookup fetched after the job was submitted, before the
+/// job reached it, is answered from the cache when its turn comes: its line and the job's
+/// `from_cache` count say so, and the upstream saw one call for that CPF (the caller's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_cached_before_its_turn_is_counted_from_the_cache() {
+    let app = spawn(Setup::default().arg("--rate", "2")).await;
+    let cpfs: Vec<String> = (900..908).map(cpf).collect();
+    let (status, job, _) = post_json(&app, &json!({ "client_id": CLIENT, "cpfs": cpfs })).await;
+    assert_eq!(status, 202);
+    assert_eq!(
+        job["from_cache"], 0,
+        "nothing was cached at submission: {job}"
+    );
+    let id = job["id"].as_str().unwrap().to_owned();
+    // The last item is asked for some four intervals from now; a caller's lookup goes first.
+    let last = &cpfs[7];
+    assert_eq!(app.lookup(last, CLIENT).await.x_cache(), "MISS");
+
+    let (code, body) = results(&app, &id, CLIENT, "ndjson").await;
+    assert_eq!(code, 200);
+    let lines: Vec<Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 8, "{body}");
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["status"], 200, "{line}");
+        assert_eq!(line["from_cache"], i == 7, "{line}");
+    }
+    let (_, done) = get_json(&app, &format!("/jobs/{id}?client_id={CLIENT}")).await;
+    assert_eq!(
+        (done["state"].as_str(), done["from_cache"].as_u64()),
+        (Some("done"), Some(1)),
+        "{done}"
+    );
+    let stats = app.assert_no_violations();
+    let calls_for_last = stats.arrivals.iter().filter(|a| &a.cpf == last).count();
+    assert_eq!(calls_for_last, 1, "the caller's call only");
+    assert_eq!(stats.calls, 8, "one call per CPF");
+    app.shutdown().await.unwrap();
+}
+
+/// The oldest open job's place in line counts the callers' lookups waiting ahead of its next
+/// item, and its age grows while it waits; both read 0 once no job is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_jobs_place_in_line_and_age_are_published() {
+    let app = spawn(Setup::default().arg("--rate", "2")).await;
+    assert_eq!(app.metric("score_proxy_job_oldest_position").await, 0.0);
+    // Callers keep the budget busy: ten lookups, some five seconds of calls.
+    let callers: Vec<_> = (300..310)
+        .map(|n| app.spawn_lookup(&cpf(n), "interactive"))
+        .collect();
+    let mut depth = app.app.scheduler.depth();
+    tokio::time::timeout(Duration::from_secs(20), depth.wait_for(|d| *d >= 8))
+        .await
+        .expect("the callers queue")
+        .unwrap();
+    let cpfs: Vec<String> = (320..323).map(cpf).collect();
+    let (status, job, _) = post_json(&app, &json!({ "client_id": CLIENT, "cpfs": cpfs })).await;
+    assert_eq!(status, 202);
+    let id = job["id"].as_str().unwrap().to_owned();
+    let position = app.metric("score_proxy_job_oldest_position").await;
+    assert!(
+        position >= 4.0,
+        "the callers waiting are ahead of the job's next item: {position}"
+    );
+    // The first line comes once the callers are served: the job has waited a while.
+    let mut stream = app
+        .client
+        .get(app.url(&format!("/jobs/{id}/results?client_id={CLIENT}")))
+        .send()
+        .await
+        .unwrap();
+    stream.chunk().await.unwrap().expect("a first line");
+    let age = app.metric("score_proxy_job_oldest_age_seconds").await;
+    assert!(age >= 1.0, "the job's age: {age}");
+    while stream.chunk().await.unwrap().is_some() {}
+    for caller in callers {
+        assert_eq!(caller.await.unwrap().status, 200);
+    }
+    // Published just after the last line is recorded (the stream may end first).
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while app.metric("score_proxy_job_oldest_age_seconds").await != 0.0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("no open job is left");
+    assert_eq!(app.metric("score_proxy_job_oldest_position").await, 0.0);
+    app.assert_no_violations();
+    app.shutdown().await.unwrap();
+}

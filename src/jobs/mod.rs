@@ -366,6 +366,7 @@ impl Jobs {
             started_ms: None,
             finished_ms: None,
             cancelled: false,
+            submitted: crate::telemetry::SubmissionLink::current(),
         };
         let job = self.build(JobId::generate(), client, record, BTreeMap::new(), true);
         if let Some(fleet) = &self.fleet {
@@ -523,6 +524,7 @@ impl Jobs {
             by_state[job.state() as usize] += 1;
         }
         self.metrics.set_jobs(by_state);
+        self.publish_oldest();
     }
 }
 

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::lookup::validation::LookupKey;
+use crate::telemetry::SubmissionLink;
 
 /// A job id: 128 random bits, written as 32 lower-case hex digits. Unguessable, so a job's
 /// URL is not a way to find another's.
@@ -60,6 +61,10 @@ pub(crate) struct JobRecord {
     pub(crate) started_ms: Option<u64>,
     pub(crate) finished_ms: Option<u64>,
     pub(crate) cancelled: bool,
+    /// The span of the `POST /jobs` request (when it was traced): each item's span links to
+    /// it, after a restart too. Absent from records stored before it existed.
+    #[serde(default)]
+    pub(crate) submitted: Option<SubmissionLink>,
 }
 
 /// One item's result, as its results line shows it and the store keeps it.
@@ -168,6 +173,14 @@ mod tests {
         assert_eq!(JobId::parse(&id.to_string()), Some(id));
         assert_eq!(JobId::parse("zz"), None);
         assert_eq!(JobId::parse(&"g".repeat(32)), None);
+    }
+
+    #[test]
+    fn a_record_stored_before_the_submission_link_still_loads() {
+        let old = r#"{"client_id":"c","cpfs":["1"],"created_ms":5,"started_ms":null,
+            "finished_ms":null,"cancelled":false}"#;
+        let record: JobRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(record.submitted, None);
     }
 
     #[test]

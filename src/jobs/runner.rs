@@ -8,8 +8,8 @@ use tokio::sync::{oneshot, watch};
 use super::model::{ItemResult, JobId, JobState};
 use super::{Jobs, passes};
 use crate::lookup::pacing::PacingMode;
-use crate::lookup::scheduler::FlightResult;
-use crate::lookup::validation::{ClientId, LookupKey};
+use crate::lookup::scheduler::{JobAnswer, JobItem};
+use crate::lookup::validation::ClientId;
 use crate::store::JobWrite;
 
 impl Jobs {
@@ -65,7 +65,7 @@ impl Jobs {
     ) -> Option<(
         JobId,
         usize,
-        LookupKey,
+        JobItem,
         watch::Receiver<bool>,
         Option<JobWrite>,
     )> {
@@ -102,8 +102,56 @@ impl Jobs {
             self.record_write_with(job, retention)
         });
         // A job's state is kept whole: no other lock is taken while this one is held.
-        let key = job.items[index].key.clone()?;
-        Some((id, index, key, job.cancelled.subscribe(), write.flatten()))
+        let item = JobItem {
+            key: job.items[index].key.clone()?,
+            job_id: id.to_string(),
+            index,
+            link: job.record.submitted,
+        };
+        Some((id, index, item, job.cancelled.subscribe(), write.flatten()))
+    }
+
+    /// Publishes the oldest open job's age and place in line: the lookups that start before
+    /// its next item (callers' lookups waiting, background lookups ahead of it in the lane or
+    /// queued, and one item for each other client the round-robin serves first). 0 when it
+    /// has no item left to ask for. Two locks, one after the other, never both.
+    pub(super) fn publish_oldest(&self) {
+        let (created_ms, clients_ahead) = {
+            let book = self.lock();
+            let Some(oldest) = book
+                .jobs
+                .values()
+                .filter(|j| j.open())
+                .min_by_key(|j| (j.record.created_ms, j.id))
+            else {
+                drop(book);
+                self.metrics.set_job_oldest(None, 0);
+                return;
+            };
+            // The round-robin serves the clients after the last one served, in order,
+            // wrapping around: those before the oldest job's client in that order go first.
+            let turn = |c: &ClientId| {
+                let served = book
+                    .last_client
+                    .as_ref()
+                    .is_some_and(|last| c.as_str() <= last.as_str());
+                (served, c.as_str().to_owned())
+            };
+            let mine = turn(&oldest.client);
+            let mut ahead: Vec<&ClientId> = book
+                .jobs
+                .values()
+                .filter(|j| j.open() && !j.todo.is_empty() && j.client != oldest.client)
+                .map(|j| &j.client)
+                .filter(|c| turn(c) < mine)
+                .collect();
+            ahead.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            ahead.dedup();
+            let waiting = !oldest.todo.is_empty();
+            (oldest.record.created_ms, waiting.then_some(ahead.len()))
+        };
+        let position = clients_ahead.map_or(0, |n| n + self.scheduler.lookups_before_job_item());
+        self.metrics.set_job_oldest(Some(created_ms), position);
     }
 
     /// Waits for an item's answer (or the job's cancellation) and records it.
@@ -111,20 +159,23 @@ impl Jobs {
         self: Arc<Self>,
         id: JobId,
         index: usize,
-        answer: oneshot::Receiver<FlightResult>,
+        answer: oneshot::Receiver<JobAnswer>,
         mut cancelled: watch::Receiver<bool>,
     ) {
+        // The item is in the lane now: the oldest job's place in line moved.
+        self.publish_oldest();
         let answer = tokio::select! {
             answer = answer => answer,
             _ = cancelled.wait_for(|c| *c) => return,
         };
-        let result = match answer {
-            Ok(Ok(score)) => ItemResult::ok(&score.body, false),
-            Ok(Err(e)) if !passes(&e) => {
+        let result = match answer.map(|a| (a.result, a.from_cache)) {
+            // From the cache when the item's turn came: no call was made for it.
+            Ok((Ok(score), from_cache)) => ItemResult::ok(&score.body, from_cache),
+            Ok((Err(e), _)) if !passes(&e) => {
                 ItemResult::failed(e.status().as_u16(), e.kind(), &e.to_string())
             }
             // Asked for again (after a restart, if the proxy is closing).
-            Ok(Err(_)) | Err(_) => {
+            Ok((Err(_), _)) | Err(_) => {
                 if let Some(job) = self.lock().jobs.get_mut(&id) {
                     job.in_flight -= 1;
                     job.todo.push_front(index);

@@ -24,6 +24,7 @@
 //! [`crate::telemetry::redact`] tags.
 
 mod access;
+mod job_span;
 mod log_writer;
 pub(crate) mod metrics;
 mod otlp;
@@ -44,6 +45,9 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
+pub(crate) use job_span::{
+    JobItemInfo, SubmissionLink, job_item_span, link_item_to_call, record_job_item,
+};
 pub use log_writer::{DEFAULT_BUFFER_LINES, lines_dropped};
 pub(crate) use request_span::{HeadStages, RequestSpan, record_response, server_span};
 pub use sampling::TraceSampler;

@@ -68,14 +68,15 @@ impl TraceSampler {
     }
 }
 
-/// Spans made with an explicit parent (or none: a background lookup's root), only ever for a
-/// traced request or a sampled background lookup (they are created on other tasks, where that
-/// request's span is not the current one).
-const DETACHED: [&str; 4] = [
+/// Spans made with an explicit parent (or none: a background lookup's or a job item's root),
+/// only ever for a traced request or a sampled background lookup or job item (they are
+/// created on other tasks, where that request's span is not the current one).
+const DETACHED: [&str; 5] = [
     "http.server",
     "http.client",
     "pacing.permit",
     "cache.refresh",
+    "job.item",
 ];
 
 /// The OpenTelemetry layer's filter: this crate's spans and `info` events, and of those only

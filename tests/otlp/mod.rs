@@ -198,6 +198,31 @@ impl Otel {
         })
     }
 
+    /// Waits until at least `n` spans received (of any trace) match `keep`, flushing the
+    /// exporter, and returns them all (for spans that are roots of traces of their own).
+    pub async fn spans_where(&'static self, n: usize, keep: impl Fn(&Span) -> bool) -> Vec<Span> {
+        let found = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let notified = self.received.notified();
+                self.flush().await;
+                let spans: Vec<Span> = self
+                    .spans
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|s| keep(s))
+                    .cloned()
+                    .collect();
+                if spans.len() >= n {
+                    return spans;
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("{n} matching spans never arrived"))
+    }
+
     /// Waits until a log line holds `needle` (lines are written a moment after their
     /// request), and returns it.
     pub async fn log_line(&'static self, needle: &str) -> String {

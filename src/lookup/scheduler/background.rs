@@ -19,6 +19,11 @@
 //! - a caller's lookup of the same key takes its place (and its start slot) before it
 //!   starts ([`Scheduler::join`]), and joins its call once it has started;
 //! - it is dropped before it becomes a flight if the entry was refreshed meanwhile.
+//!
+//! Each is a trace of its own: a refresh's root span is `cache.refresh`, a job item's is
+//! `job.item` (linked to its job's submission, made when the runner asks for it); either is
+//! its flight's origin, so the call's spans go under it. A job item's answer says whether
+//! the cache gave it when its turn came ([`JobAnswer`]): no call was made for it.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -31,7 +36,7 @@ use crate::lookup::breaker::BreakerState;
 use crate::lookup::cache::CacheLookup;
 use crate::lookup::error::ProxyError;
 use crate::lookup::validation::LookupKey;
-use crate::telemetry::{self, FlightOrigin};
+use crate::telemetry::{self, FlightOrigin, JobItemInfo, SubmissionLink, TraceIds};
 
 /// At most this many refreshes wait in the lane; more are dropped (and counted).
 const LANE_CAPACITY: usize = 4096;
@@ -86,11 +91,53 @@ struct Pending {
     /// already refreshed it).
     seen: Option<std::time::Instant>,
     /// A job's item: where its answer goes (from the cache, a call it joins, or its own).
-    deliver: Option<Delivery>,
+    item: Option<ItemCall>,
+}
+
+/// A job item the runner asks for: its key, and what its span says of it.
+pub(crate) struct JobItem {
+    pub(crate) key: LookupKey,
+    /// The job's id (random, not personal), for the span.
+    pub(crate) job_id: String,
+    pub(crate) index: usize,
+    /// The span of the request that submitted the job, which the item's span links to.
+    pub(crate) link: Option<SubmissionLink>,
+}
+
+/// A job item's answer: the lookup's result, and whether the cache gave it when its turn
+/// came (no call was made for it, and none joined).
+#[derive(Debug)]
+pub(crate) struct JobAnswer {
+    pub(crate) result: FlightResult,
+    pub(crate) from_cache: bool,
 }
 
 /// Where a job item's answer goes.
-pub(crate) type Delivery = oneshot::Sender<FlightResult>;
+pub(crate) type Delivery = oneshot::Sender<JobAnswer>;
+
+/// A job item in the lane: where its answer goes, and its span (`job.item`), which is the
+/// origin of its own call's spans and ends once the answer is handed on.
+struct ItemCall {
+    deliver: Delivery,
+    span: tracing::Span,
+    ids: TraceIds,
+}
+
+impl ItemCall {
+    /// Hands the answer on, with how it ended on the span (`ok` for a success, the error's
+    /// kind otherwise).
+    fn finish(self, result: FlightResult, from_cache: bool, ok: &'static str) {
+        match &result {
+            Ok(_) => telemetry::record_job_item(&self.span, ok, false),
+            Err(e) => telemetry::record_job_item(&self.span, e.kind(), true),
+        }
+        let _ = self.deliver.send(JobAnswer { result, from_cache });
+    }
+
+    fn cancelled(&self) {
+        telemetry::record_job_item(&self.span, "cancelled", false);
+    }
+}
 
 /// The refreshes asked for, in order of urgency then arrival, and the one in the queue.
 #[derive(Default)]
@@ -166,7 +213,7 @@ impl Scheduler {
                 Pending {
                     key: key.clone(),
                     seen,
-                    deliver: None,
+                    item: None,
                 },
             );
             self.metrics.set_refreshes_waiting(state.lane.len());
@@ -174,17 +221,30 @@ impl Scheduler {
         self.feed_background();
     }
 
-    /// Asks for a job item's lookup of `key`, answered through `deliver`: at once from the
+    /// Asks for a job item's lookup, answered through `deliver`: at once from the
     /// cache if it is fresh when its turn comes, by joining a lookup of the key already on
     /// its way, or by a call of its own in the background band. Errors are delivered too
     /// (the job decides what to retry); if the proxy closes first, `deliver` is dropped.
-    pub(crate) fn job_lookup(self: &Arc<Self>, key: &LookupKey, deliver: Delivery) {
+    /// The item's span starts here: it covers the wait in the lane and the queue too.
+    pub(crate) fn job_lookup(self: &Arc<Self>, item: &JobItem, deliver: Delivery) {
+        let (span, ids) = telemetry::job_item_span(&JobItemInfo {
+            job_id: &item.job_id,
+            index: item.index,
+            client: &item.key.client_id,
+            link: item.link,
+        });
+        let call = ItemCall { deliver, span, ids };
+        self.push_job(item.key.clone(), call);
+    }
+
+    /// Puts a job item in the lane (asked for, or back after a caller's lookup took its place).
+    fn push_job(self: &Arc<Self>, key: LookupKey, call: ItemCall) {
         {
             let mut state = self.lock();
             let pending = Pending {
-                key: key.clone(),
+                key,
                 seen: None,
-                deliver: Some(deliver),
+                item: Some(call),
             };
             state.lane.push(BackgroundReason::Job, pending);
             self.metrics.set_refreshes_waiting(state.lane.len());
@@ -199,6 +259,21 @@ impl Scheduler {
             .pending
             .keys()
             .any(|(why, _)| *why == BackgroundReason::Job)
+    }
+
+    /// How many lookups would start before a job item asked for now: callers' lookups
+    /// waiting in the queue, the background lookup admitted to the queue and not started,
+    /// and those waiting in the lane ahead of a job item (stale-while-revalidate's, and job
+    /// items asked for earlier; refresh-ahead's come after it).
+    pub(crate) fn lookups_before_job_item(&self) -> usize {
+        let state = self.lock();
+        let lane = &state.lane;
+        let in_lane = lane
+            .pending
+            .range(..(BackgroundReason::RefreshAhead, 0))
+            .count();
+        let head = lane.head.as_ref().is_some_and(|f| !f.has_started());
+        state.queue.interactive_len() + in_lane + usize::from(head)
     }
 
     /// The spacing between upstream calls now (for a job's estimate).
@@ -259,7 +334,7 @@ impl Scheduler {
             let Some(((why, _), pending)) = state.lane.pending.pop_first() else {
                 break None;
             };
-            let Some(deliver) = pending.deliver else {
+            let Some(call) = pending.item else {
                 state.lane.keys.remove(&pending.key);
                 // Someone fetched it since, or is fetching it now: nothing left to do.
                 if state.flights.contains_key(&pending.key)
@@ -272,27 +347,31 @@ impl Scheduler {
             };
             // A job's item: gone if its job was cancelled; else a fresh answer, or a lookup
             // already on its way, serves it.
-            if deliver.is_closed() {
+            if call.deliver.is_closed() {
+                call.cancelled();
                 continue;
             }
+            // Fetched since it was asked for (by a caller's lookup, say): no call for it.
             if let CacheLookup::Fresh(hit) = self.cache.get(&pending.key) {
-                let _ = deliver.send(Ok(hit));
+                call.finish(Ok(hit), true, "from_cache");
                 continue;
             }
             if let Some(flight) = state.flights.get(&pending.key) {
                 flight.add_waiter();
-                joined.push((Waiter::new(self.clone(), flight.clone()), deliver));
+                joined.push((Waiter::new(self.clone(), flight.clone()), call));
                 continue;
             }
-            break Some((why, pending.key, Some(deliver)));
+            break Some((why, pending.key, Some(call)));
         };
-        for (mut waiter, deliver) in joined {
+        for (mut waiter, call) in joined {
             tokio::spawn(async move {
-                let _ = deliver.send(waiter.wait().await);
+                let result = waiter.wait().await;
+                telemetry::link_item_to_call(&call.span, &waiter.flight().origin);
+                call.finish(result, false, "coalesced");
             });
         }
         self.lane_moved.notify_waiters();
-        let Some((why, key, deliver)) = next else {
+        let Some((why, key, item)) = next else {
             self.metrics.set_refreshes_waiting(state.lane.len());
             drop(state);
             for why in superseded {
@@ -301,7 +380,12 @@ impl Scheduler {
             return;
         };
         let deadline = self.deadline_for(&state, now, None);
-        let origin = refresh_origin(why);
+        // A job item's own call: its span is the flight's origin (the call's spans go under
+        // it); a refresh gets a root span of its own.
+        let origin = match &item {
+            Some(call) => FlightOrigin::new(call.span.clone(), call.ids),
+            None => refresh_origin(why),
+        };
         let flight = Arc::new(Flight::new(key.clone(), deadline, now, origin).for_background(why));
         state.flights.insert(key, flight.clone());
         state.lane.head = Some(flight.clone());
@@ -311,7 +395,7 @@ impl Scheduler {
         for why in superseded {
             self.metrics.refresh(why, BackgroundOutcome::Superseded);
         }
-        tokio::spawn(self.clone().follow_refresh(waiter, why, deliver));
+        tokio::spawn(self.clone().follow_refresh(waiter, why, item));
     }
 
     /// Waits for a background lookup's answer, counts how it ended, hands a job item's
@@ -321,18 +405,21 @@ impl Scheduler {
         self: Arc<Self>,
         mut waiter: Waiter,
         why: BackgroundReason,
-        mut deliver: Option<Delivery>,
+        mut item: Option<ItemCall>,
     ) {
         // A job's item whose job was cancelled stops waiting: if its call has not started,
         // the flight leaves the queue with its last waiter and is never made.
-        let result = match &mut deliver {
-            Some(d) => tokio::select! {
+        let result = match &mut item {
+            Some(call) => tokio::select! {
                 result = waiter.wait() => Some(result),
-                () = d.closed() => None,
+                () = call.deliver.closed() => None,
             },
             None => Some(waiter.wait().await),
         };
         let Some(result) = result else {
+            if let Some(call) = &item {
+                call.cancelled();
+            }
             drop(waiter);
             self.metrics.refresh(why, BackgroundOutcome::Refused);
             self.lane_moved.notify_waiters();
@@ -360,11 +447,9 @@ impl Scheduler {
         self.metrics.refresh(why, outcome);
         let key = waiter.flight().key.clone();
         drop(waiter);
-        match deliver {
-            Some(deliver) if superseded => self.job_lookup(&key, deliver),
-            Some(deliver) => {
-                let _ = deliver.send(result);
-            }
+        match item {
+            Some(call) if superseded => self.push_job(key, call),
+            Some(call) => call.finish(result, false, "fetched"),
             None => {}
         }
         self.lane_moved.notify_waiters();

@@ -46,7 +46,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use self::background::Lane;
-pub(crate) use self::background::{BackgroundOutcome, BackgroundReason};
+pub(crate) use self::background::{BackgroundOutcome, BackgroundReason, JobAnswer, JobItem};
 pub(crate) use self::flights::{
     Flight, FlightInfo, FlightResult, FlightState, Joined, Source, Waiter,
 };

@@ -16,7 +16,8 @@
 //! - `validation`, `cache`, `queue`, `pacing` (with the pacing mode), `upstream`, `breaker`;
 //! - `shared`: shared mode's Redis operations, shared cache tier and cross-replica flights;
 //! - `refresh`: background lookups (stale-while-revalidate, refresh-ahead, job items);
-//! - `jobs`: bulk jobs by state, their items by result;
+//! - `jobs`: bulk jobs by state, their items by result, the oldest open job's age and place
+//!   in line;
 //! - `store`: the persistent cache tier (loaded at start, size, writes, drops, errors);
 //! - `logs`: log lines dropped because the log buffer was full.
 //!
@@ -135,6 +136,7 @@ impl Metrics {
 
     /// The text exposition format (version 0.0.4).
     pub fn render(&self) -> String {
+        self.refresh_job_age();
         let mut out = Vec::with_capacity(16 * 1024);
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
