@@ -91,19 +91,22 @@ async fn a_refresh_starts_only_after_every_caller_queued_before_or_after_it() {
 async fn a_callers_lookup_takes_the_place_of_a_refresh_that_has_not_started() {
     let app = spawn(
         Setup::default()
-            .arg("--cache-ttl", "200ms")
-            .arg("--stale-while-revalidate", "300ms"),
+            .arg("--cache-ttl", "300ms")
+            .arg("--stale-while-revalidate", "1200ms"),
     )
     .await;
     assert_eq!(app.lookup(&cpf(2), "000").await.x_cache(), "MISS");
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    let fetched = tokio::time::Instant::now();
+    // Past the TTL, inside the stale window (0.3 s to 1.5 s after the fetch), which leaves
+    // a loaded machine over a second to place the callers below.
+    tokio::time::sleep(Duration::from_millis(350)).await;
     // Enough callers that the refresh cannot start before its window ends (about 2.8 s of
-    // calls at the test's 140 ms interval, against a 300 ms window).
+    // calls at the test's 140 ms interval, from 0.35 s, against a window ending at 1.5 s).
     let callers: Vec<_> = (20..40).map(|n| app.spawn_lookup(&cpf(n), "000")).collect();
     placed(&app, 21.0).await;
     assert_eq!(app.lookup(&cpf(2), "000").await.x_cache(), "STALE");
     // Past the window the entry is a miss: this caller's lookup takes the refresh's place.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep_until(fetched + Duration::from_millis(1600)).await;
     let miss = app.lookup(&cpf(2), "000").await;
     assert_eq!((miss.status, miss.x_cache()), (200, "MISS"));
     all(callers).await;

@@ -211,7 +211,10 @@ async fn a_store_sealed_with_another_key_is_moved_aside() {
 /// restart it resumes, and in the end every CPF has its line and was called exactly once.
 /// The window of possible loss is the one of the cache's answers (one batch commit): a
 /// result not yet on disk is recovered from the cached answer, which the writer committed
-/// first; so `kill -9` is sent once `score_proxy_store_writes_total` counts every call made.
+/// first; so `kill -9` is sent once `score_proxy_store_writes_total` counts every call made
+/// by then. A call the job makes between that count and the kill (the runner does not stop
+/// for the test) may be lost and made again: only a CPF first called in that window may be
+/// called twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_resumes_after_sigterm_and_kill_9_without_calling_twice() {
     let sim = simulator().await;
@@ -228,11 +231,13 @@ async fn a_job_resumes_after_sigterm_and_kill_9_without_calling_twice() {
     let resumed = proxy.job(&id, client).await;
     assert!(resumed["done"].as_u64().unwrap() >= 5, "{resumed}");
     proxy.job_reaches(&id, client, 15).await;
-    let calls = sim.stats().calls as f64;
+    let counted = sim.stats().calls;
     proxy
-        .metric_reaches("score_proxy_store_writes_total", calls)
+        .metric_reaches("score_proxy_store_writes_total", counted as f64)
         .await;
     proxy.kill();
+    // A call made between that count and the kill may not be on disk: the loss window.
+    let at_kill = sim.stats().calls;
 
     let proxy = start(&sim, dir.path(), &[]);
     let lines = proxy.job_lines(&id, client).await;
@@ -247,8 +252,14 @@ async fn a_job_resumes_after_sigterm_and_kill_9_without_calling_twice() {
     assert_eq!(proxy.job(&id, client).await["state"], "done");
     let stats = sim.stats();
     for cpf in &cpfs {
+        let first = stats.arrivals.iter().position(|a| &a.cpf == cpf);
         let calls = stats.arrivals.iter().filter(|a| &a.cpf == cpf).count();
-        assert_eq!(calls, 1, "a CPF was called {calls} times");
+        // Once, unless its first call was in the loss window (then twice at most).
+        let in_window = first.is_some_and(|i| (counted as usize..at_kill as usize).contains(&i));
+        assert!(
+            calls == 1 || (calls == 2 && in_window),
+            "a CPF was called {calls} times (first call at {first:?}; loss window {counted}..{at_kill})"
+        );
     }
     assert_eq!(stats.violations, 0);
     proxy.stop();
