@@ -90,6 +90,8 @@ async fn status_of(proxy: &Proxy, method: reqwest::Method, path: &str) -> u16 {
 async fn a_job_is_the_fleets_and_outlives_the_replica_running_it() {
     let mut fleet = Fleet::start().await;
     let cpfs: Vec<String> = (300..340).map(cpf).collect();
+    // The last CPF was looked up through another replica: its answer is in the shared cache.
+    assert_eq!(fleet.replica(1).lookup(339, CLIENT).await.0, 200);
     let id = fleet.replica(0).submit(CLIENT, &cpfs).await;
 
     let seen = fleet.replica(1).job(&id, CLIENT).await;
@@ -128,8 +130,10 @@ async fn a_job_is_the_fleets_and_outlives_the_replica_running_it() {
         );
         assert_eq!(line["cpf"], cpfs[i]);
     }
+    assert_eq!(lines[39]["from_cache"], true, "{}", lines[39]);
     let done = fleet.replica(1).job(&id, CLIENT).await;
     assert_eq!(done["state"], "done", "{done}");
+    assert_eq!(done["from_cache"], 1, "{done}");
     assert!(
         fleet.replica(1).logged("bulk job taken over")
             || fleet.replica(2).logged("bulk job taken over"),
@@ -138,6 +142,11 @@ async fn a_job_is_the_fleets_and_outlives_the_replica_running_it() {
     // Only a call under way at the kill may have been made again.
     let twice: Vec<_> = cpfs.iter().filter(|c| fleet.calls_for(c) > 1).collect();
     assert!(twice.len() <= 1, "called more than once: {twice:?}");
+    assert_eq!(
+        fleet.calls_for(&cpfs[39]),
+        1,
+        "the shared cache answered it"
+    );
     assert!(cpfs.iter().all(|c| fleet.calls_for(c) >= 1));
     assert_eq!(fleet.sim.stats().violations, 0);
 }

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::{Flight, FlightResult, Scheduler, State, Waiter};
+use super::{Flight, FlightResult, Scheduler, Source, State, Waiter};
 use crate::lookup::breaker::BreakerState;
 use crate::lookup::cache::CacheLookup;
 use crate::lookup::error::ProxyError;
@@ -446,10 +446,16 @@ impl Scheduler {
         );
         self.metrics.refresh(why, outcome);
         let key = waiter.flight().key.clone();
+        // Shared mode: another replica's answer, from the shared cache or its own call.
+        let source = waiter.flight().info().source;
         drop(waiter);
         match item {
             Some(call) if superseded => self.push_job(key, call),
-            Some(call) => call.finish(result, false, "fetched"),
+            Some(call) => match source {
+                Source::Upstream => call.finish(result, false, "fetched"),
+                Source::SharedCache => call.finish(result, true, "from_cache"),
+                Source::Replica => call.finish(result, false, "coalesced"),
+            },
             None => {}
         }
         self.lane_moved.notify_waiters();
