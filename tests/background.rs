@@ -203,3 +203,59 @@ async fn refresh_ahead_keeps_a_hot_key_from_missing_without_delaying_callers() {
     );
     app.shutdown().await.unwrap();
 }
+
+/// Refresh-ahead goes before a bulk job's items: a job using every slot callers leave free
+/// does not starve the refreshes that keep a hot key from missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_ahead_goes_before_a_bulk_jobs_items() {
+    let app = spawn(
+        Setup::default()
+            .arg("--rate", "2")
+            .arg("--cache-ttl", "3s")
+            .arg("--refresh-ahead", "2s"),
+    )
+    .await;
+    let hot = cpf(4);
+    assert_eq!(app.lookup(&hot, "000").await.x_cache(), "MISS");
+    // 30 CPFs at 2 calls a second: the job keeps an item waiting for the whole test.
+    let cpfs: Vec<String> = (700..730).map(cpf).collect();
+    let submitted = app
+        .client
+        .post(app.url("/jobs"))
+        .header("content-type", "application/json")
+        .body(serde_json::json!({ "client_id": "000", "cpfs": cpfs }).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(submitted.status(), 202);
+
+    // The hot key, for 7 s (more than two TTLs).
+    let until = tokio::time::Instant::now() + Duration::from_secs(7);
+    let mut lookups = 0;
+    while tokio::time::Instant::now() < until {
+        let reply = app.lookup(&hot, "000").await;
+        assert_eq!(
+            (reply.status, reply.x_cache()),
+            (200, "HIT"),
+            "the hot key missed after {lookups} lookups"
+        );
+        lookups += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let job_calls = app
+        .metric("score_proxy_background_lookups_total{outcome=\"fetched\",reason=\"job\"}")
+        .await;
+    assert!(
+        job_calls >= 5.0,
+        "the job went on meanwhile ({job_calls} items)"
+    );
+    assert!(
+        app.metric(
+            "score_proxy_background_lookups_total{outcome=\"fetched\",reason=\"refresh_ahead\"}"
+        )
+        .await
+            >= 2.0
+    );
+    app.assert_no_violations();
+    app.shutdown().await.unwrap();
+}

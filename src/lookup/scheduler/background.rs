@@ -3,7 +3,7 @@
 //! needs.
 //!
 //! A background lookup asked for waits in the [`Lane`], outside the queue, most urgent first
-//! (a stale answer already served, then a job's item, then a fresh entry about to expire;
+//! (a stale answer already served, then a hot entry about to expire, then a job's item;
 //! `jobs` keeps one item of its own waiting at a time, fair across client ids). At most one of them
 //! at a time, the lane's head, is a [`Flight`] in the queue's background band: admitted
 //! behind every caller's lookup, with a start slot booked like theirs, and moved back by
@@ -58,10 +58,13 @@ const LANE_CAPACITY: usize = 4096;
 pub(crate) enum BackgroundReason {
     /// A stale answer was served (`--stale-while-revalidate`).
     Revalidate,
+    /// A hot entry is about to expire (`--refresh-ahead`). Before a job's items: a job
+    /// keeps an item waiting for as long as it runs (hours, for a large one), and callers of
+    /// a hot key would miss at every TTL meanwhile; refresh-ahead asks for a few keys, each
+    /// once per TTL.
+    RefreshAhead,
     /// An item of a bulk job (`POST /jobs`).
     Job,
-    /// A hot entry is about to expire (`--refresh-ahead`).
-    RefreshAhead,
 }
 
 /// How a background lookup ended (the `outcome` label).
