@@ -291,7 +291,7 @@ impl Division {
 /// place, `i + 1` the first of the next `k`) that would need `m` to divide `count`.
 fn widening(index: u32, count: u32) -> (i64, i64) {
     let m = (2..)
-        .find(|m| count % m != 0)
+        .find(|m| !count.is_multiple_of(*m))
         .expect("some number does not divide count");
     let count = i64::from(count);
     let index = i64::from(index);

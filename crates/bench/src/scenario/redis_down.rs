@@ -490,8 +490,11 @@ fn body(n: usize, quick: bool, rows: &[Vec<String>], notes: &[String]) -> String
          crash), *restarted* a new one on the same port. Each case starts fresh replicas; \
          a burst is {n} distinct lookups sent at once, lookup i to replica i mod 3 (so {} \
          each). While Redis is gone a replica with a place calls only at its own positions of \
-         one grid on Redis's last known clock, positions `1/rate + ceiling` = 1.1 s apart, \
-         so the fleet's best is 1/1.1 = 90.9 % of the budget; a replica without a place \
+         one grid on Redis's last known clock, positions `1/rate` plus the fleet's guard as \
+         Redis last reported it plus a 30 ms margin (10 ms steps, at most the ceiling) = \
+         1.04 s apart, so the fleet's best is 1/1.04 = 96.2 % of the budget; case (e) is \
+         case (a) with each arrival counted after a seeded 0-30 ms delay (scenario 8's \
+         first network), to show the margin holds against a spread; a replica without a place \
          paces at `rate / 3` on its own clock (3.03 s between its calls), the fallback before \
          issue 17: case (d), the baseline, has no targets.{}\n\n\
          *Before* is each replica's place and mode (`/status` `replica_place`, \
