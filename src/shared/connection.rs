@@ -179,10 +179,11 @@ impl Shared {
         true
     }
 
-    /// Leases (or renews) this replica's place for time division; keeps the last one held
-    /// when Redis does not answer.
+    /// Leases (or renews) this replica's place for time division, and reads the fleet's
+    /// guard its grid would be laid with; keeps the last of both when Redis does not answer.
     pub(super) async fn renew_place(&self) {
         let key = self.members_key();
+        let guards = self.guards_key();
         let id = self.replica_id.as_str();
         let count = self.config.expected_replicas.max(1);
         let preferred = self
@@ -197,18 +198,24 @@ impl Shared {
             .op("member", |mut c| async move {
                 script
                     .key(&key)
+                    .key(&guards)
                     .arg(id)
                     .arg(count)
                     .arg(PLACE_LEASE.as_micros() as u64)
                     .arg(preferred)
-                    .invoke_async::<(i64, i64)>(&mut c)
+                    .arg(super::pacer::GUARD_HORIZON.as_micros() as u64)
+                    .invoke_async::<(i64, i64, i64)>(&mut c)
                     .await
             })
             .await;
-        let Some((place, now_us)) = reply else {
+        let Some((place, now_us, fleet_guard)) = reply else {
             return;
         };
         self.clock.sample(sent, Instant::now(), now_us);
+        // The fleet's guard as every replica reads it now: the grids agree even with a
+        // replica that has not booked lately.
+        self.division
+            .note_fleet_guard(Duration::from_micros(fleet_guard.max(0) as u64));
         match u32::try_from(place) {
             Ok(index) => self.division.set_member(Member { index, count }),
             Err(_) => tracing::warn!(

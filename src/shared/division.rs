@@ -3,19 +3,29 @@
 //! While Redis is healthy each replica leases a place among the expected replicas
 //! (`scripts/member.lua`, renewed with every health check) and keeps sampling Redis's clock.
 //! When Redis is lost, every replica lays the same grid on Redis's clock as it last
-//! estimated it: positions `period` apart from the epoch, `period` being `1/rate` plus the
-//! guard's ceiling (the same on every replica, so the grids agree without talking). Position
-//! `p` belongs to the replica whose place is `p mod count`; a replica starts calls only at its
-//! own positions, so two replicas' calls stay `period` apart give or take their clock errors,
-//! which the ceiling's margin covers.
+//! estimated it: positions `period` apart from the epoch. Position `p` belongs to the replica
+//! whose place is `p mod count`; a replica starts calls only at its own positions, so two
+//! replicas' calls stay `period` apart give or take their clock errors.
 //!
-//! The positions widen (each replica takes one position in two, so that an empty one lies
-//! between any two used) when the margin may no longer hold: after a `429` met in fallback
+//! The period is `1/rate` plus the grid's guard: the fleet's guard as Redis last reported it
+//! (with every booking and every health check, so every replica holds the same value) plus
+//! [`GRID_MARGIN`] for the replicas' clock errors, rounded up to [`GRID_STEP`] and at most the
+//! guard's ceiling (1.04 s at defaults). It is fixed for a fallback spell when the spell
+//! starts, and computed from values every replica shares, because grids with different
+//! periods would not line up at all: positions count from the epoch. A replica that never
+//! heard from Redis takes the fleet's guard to be the floor.
+//!
+//! The positions widen when the margin may no longer hold: after a `429` met in fallback
 //! (penalties are not shared without Redis, so the replica leaves room rather than
-//! retrying into one), after [`WIDEN_AFTER`] without Redis (the clocks have drifted since
-//! the last reading), or when two replicas' clock errors together exceed what the ceiling
-//! leaves above the guard in force (at least half the floor, which is there for our own
-//! clock against the wire).
+//! retrying into one), after [`WIDEN_AFTER`] without Redis, or when two replicas' clock
+//! errors together (each taken as this replica's: half its best reading's round trip plus
+//! the drift since, `clock.rs`) exceed what the grid's guard leaves above the guard in force
+//! (at least half the floor, which is there for our own clock against the wire): with the
+//! defaults' 30 ms that is about two and a half minutes of drift at the assumed 100 µs/s;
+//! and when the guard learned in fallback grows past the grid's own.
+//! A widened replica keeps only some of its own positions (see [`widening`]), never another
+//! replica's, so replicas need not widen together: those that widened and those that did
+//! not still never share a position, and once all have, no two used positions are adjacent.
 //!
 //! A replica entering fallback starts on the grid only after `settle` (a health check and a
 //! Redis timeout): by then every replica has noticed the loss and given up the slots it had
@@ -30,9 +40,23 @@ use tokio::time::Instant;
 
 use crate::lookup::pacing::BookError;
 
-/// Time without Redis after which the positions widen: ten minutes of drift at the assumed
-/// 100 µs/s is 60 ms, most of a 100 ms ceiling's margin for two replicas together.
+/// Time without Redis after which the positions widen whatever the clock errors say: five
+/// minutes of drift at the assumed 100 µs/s is 30 ms a replica, the whole of the grid's
+/// margin for two replicas together. (With the default margin the error rule widens first,
+/// after about two and a half minutes; this bounds a fleet with a larger guard as well.)
 pub(super) const WIDEN_AFTER: Duration = Duration::from_secs(300);
+
+/// What the grid's guard adds to the fleet's for the replicas' clock errors: two replicas'
+/// error bounds of 15 ms each, that is a Redis round trip's half (well under a millisecond
+/// on a LAN) plus 100 µs/s of drift for about 150 s, or two hosts whose system clocks agree
+/// to within the 10 ms assumed of NTP (a replica started while Redis was down). Past that,
+/// the replica widens.
+pub(super) const GRID_MARGIN: Duration = Duration::from_millis(30);
+
+/// The grid's guard is rounded up to a multiple of this, so that replicas holding slightly
+/// different reports of the fleet's guard (one changed it a moment before Redis went) still
+/// lay the same grid in most cases.
+pub(super) const GRID_STEP: Duration = Duration::from_millis(10);
 
 /// A replica's place in the fleet: `index` among `count`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,7 +71,7 @@ pub(super) struct Division {
     base: Duration,
     /// The guard's floor.
     floor: Duration,
-    /// The guard's ceiling: grid positions are `base + ceiling` apart.
+    /// The guard's ceiling: the grid's guard is at most this.
     ceiling: Duration,
     /// How long after entering fallback the grid starts.
     settle: Duration,
@@ -66,6 +90,10 @@ struct DivisionState {
     penalty_until: Option<Instant>,
     /// A `429` was met in this fallback spell.
     penalised: bool,
+    /// The fleet's guard as Redis last reported it; `None` before the first report.
+    fleet_guard: Option<Duration>,
+    /// The grid's guard, fixed when this fallback spell began; `None` in shared mode.
+    grid_guard: Option<Duration>,
 }
 
 /// How the grid is read at one booking: Redis's time at our instant (µs since the epoch)
@@ -98,9 +126,31 @@ impl Division {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The spacing of grid positions.
+    /// The spacing of grid positions: this spell's, or in shared mode the one a loss now
+    /// would lay.
     pub(super) fn period(&self) -> Duration {
-        self.base + self.ceiling
+        self.period_of(&self.lock())
+    }
+
+    fn period_of(&self, state: &DivisionState) -> Duration {
+        self.base
+            + state
+                .grid_guard
+                .unwrap_or_else(|| self.grid_guard(state.fleet_guard))
+    }
+
+    /// The grid's guard for a fleet's guard (the floor when Redis never reported one): see
+    /// the module docs. Every replica holding the same report computes the same.
+    fn grid_guard(&self, fleet: Option<Duration>) -> Duration {
+        let wanted = fleet.unwrap_or(self.floor).max(self.floor) + GRID_MARGIN;
+        let step = GRID_STEP.as_micros().max(1);
+        let stepped = Duration::from_micros((wanted.as_micros().div_ceil(step) * step) as u64);
+        stepped.min(self.ceiling)
+    }
+
+    /// The fleet's guard as a booking or a health check just returned it from Redis.
+    pub(super) fn note_fleet_guard(&self, fleet: Duration) {
+        self.lock().fleet_guard = Some(fleet);
     }
 
     pub(super) fn member(&self) -> Option<Member> {
@@ -119,6 +169,7 @@ impl Division {
         state.not_before = Some(now + self.settle);
         state.next_position = 0;
         state.penalised = false;
+        state.grid_guard = Some(self.grid_guard(state.fleet_guard));
     }
 
     /// Redis is back.
@@ -126,6 +177,7 @@ impl Division {
         let mut state = self.lock();
         state.since = None;
         state.not_before = None;
+        state.grid_guard = None;
     }
 
     /// How long this fallback spell has lasted; `None` in shared mode.
@@ -155,16 +207,17 @@ impl Division {
         let long = state
             .since
             .is_some_and(|since| now.saturating_duration_since(since) > WIDEN_AFTER);
-        let room = self.ceiling.saturating_sub(guard).max(self.floor / 2);
-        let widen = if state.penalised || long || error * 2 > room {
-            2
+        let grid_guard = state
+            .grid_guard
+            .unwrap_or_else(|| self.grid_guard(state.fleet_guard));
+        let room = grid_guard.saturating_sub(guard).max(self.floor / 2);
+        let count = member.count.max(1);
+        // A guard learned in fallback above the grid's (the wire's jitter grew): no margin.
+        if state.penalised || long || guard > grid_guard || error * 2 > room {
+            widening(member.index, count)
         } else {
-            1
-        };
-        (
-            i64::from(member.count.max(1)) * widen,
-            i64::from(member.index) * widen,
-        )
+            (i64::from(count), i64::from(member.index))
+        }
     }
 
     /// The spacing between this replica's own slots now (for admission's predictions and
@@ -178,7 +231,7 @@ impl Division {
         let state = self.lock();
         let member = state.member?;
         let (cycle, _) = self.cycle(&state, member, now, guard, error);
-        Some(self.period() * cycle as u32)
+        Some(self.period_of(&state) * cycle as u32)
     }
 
     /// Books this replica's next grid position at or after `now`; `None` without a place
@@ -195,7 +248,8 @@ impl Division {
         let member = state.member?;
         let (redis_now, error) = clock.redis_time(now);
         let (cycle, own) = self.cycle(&state, member, now, guard, error);
-        let period_us = self.period().as_micros().max(1) as i64;
+        let period = self.period_of(&state);
+        let period_us = period.as_micros().max(1) as i64;
         // Waiting starts after any penalty and the settle; slots from there are "ahead".
         let from = [Some(now), state.not_before, state.penalty_until]
             .into_iter()
@@ -207,7 +261,7 @@ impl Division {
         let mut position = first.max(state.next_position);
         position += (own - position.rem_euclid(cycle)).rem_euclid(cycle);
         let slot = clock.local_time(position * period_us).max(now);
-        let spacing = self.period() * cycle as u32;
+        let spacing = period * cycle as u32;
         let ahead =
             (slot.saturating_duration_since(from).as_nanos() / spacing.as_nanos().max(1)) as usize;
         if ahead >= capacity {
@@ -224,6 +278,24 @@ impl Division {
         state.next_position = position + 1;
         Some(Ok(slot))
     }
+}
+
+/// The widened cycle of place `index` among `count`: `(positions in one cycle, this place's
+/// position in it)`. The cycle is `m` of the narrow ones, `m` the least number from 2 up that
+/// does not divide `count`, and the place keeps its narrow positions `p = k·count + index`
+/// whose `k` is `index` modulo `m`. So a widened replica calls only at its own narrow
+/// positions (one in `m`): replicas widen each when their own reason says so, without
+/// agreeing on the moment, and never meet. And two adjacent positions are never both used
+/// once all have widened: positions `p` and `p + 1` of two places `i` and `i + 1` share their
+/// `k`, which cannot be both `i` and `i + 1` modulo `m`; across a cycle's end (`i` the last
+/// place, `i + 1` the first of the next `k`) that would need `m` to divide `count`.
+fn widening(index: u32, count: u32) -> (i64, i64) {
+    let m = (2..)
+        .find(|m| !count.is_multiple_of(*m))
+        .expect("some number does not divide count");
+    let count = i64::from(count);
+    let index = i64::from(index);
+    (count * i64::from(m), index + (index % i64::from(m)) * count)
 }
 
 #[cfg(test)]
@@ -297,20 +369,21 @@ mod tests {
                 // Nothing before the settle; each replica's own slots a cycle apart.
                 assert!(slot >= t0 + 700 * MS);
                 if let Some(last) = last {
-                    assert_eq!(slot - last, 3300 * MS);
+                    assert_eq!(slot - last, 3120 * MS);
                 }
                 last = Some(slot);
                 slots.push(slot);
             }
         }
         slots.sort();
-        // Any two slots of the fleet: the period less the clocks' disagreement.
+        // Any two slots of the fleet: the period (1 s, the floor, the margin: 1.04 s) less
+        // the clocks' disagreement.
         for pair in slots.windows(2) {
             let gap = pair[1] - pair[0];
-            assert!(gap >= 1097 * MS && gap <= 1103 * MS, "{gap:?}");
+            assert!(gap >= 1037 * MS && gap <= 1043 * MS, "{gap:?}");
         }
         // The fleet uses every position: 15 slots in 15 periods.
-        assert!(slots[14] - slots[0] < 1100 * MS * 15);
+        assert!(slots[14] - slots[0] < 1040 * MS * 15);
     }
 
     #[tokio::test(start_paused = true)]
@@ -321,27 +394,41 @@ mod tests {
         d.enter(t0);
         let first = d.book(t0, far(t0), 100, 10 * MS, &c).unwrap().unwrap();
         let second = d.book(t0, far(t0), 100, 10 * MS, &c).unwrap().unwrap();
-        assert_eq!(second - first, 3300 * MS);
+        assert_eq!(second - first, 3120 * MS);
         // A 429: nothing before it ends, and one position in two from then on.
         d.penalized(second + 2000 * MS);
         let third = d.book(t0, far(t0), 100, 10 * MS, &c).unwrap().unwrap();
         assert!(third >= second + 2000 * MS);
         let fourth = d.book(t0, far(t0), 100, 10 * MS, &c).unwrap().unwrap();
-        assert_eq!(fourth - third, 6600 * MS);
-        assert_eq!(d.own_spacing(t0, 10 * MS, MS), Some(6600 * MS));
+        assert_eq!(fourth - third, 6240 * MS);
+        assert_eq!(d.own_spacing(t0, 10 * MS, MS), Some(6240 * MS));
+        // Still its own positions of the narrow grid: place 1 of 3.
+        let position = |slot: Instant| {
+            let (us, _) = c.redis_time(slot);
+            assert_eq!(us.rem_euclid(1_040_000), 0, "{slot:?} is on the grid");
+            us.div_euclid(1_040_000)
+        };
+        assert_eq!(position(third).rem_euclid(3), 1);
+        assert_eq!(position(fourth).rem_euclid(3), 1);
 
         // A new spell: narrow again, until the outage has lasted too long...
         let later = t0 + Duration::from_secs(60);
         d.enter(later);
-        assert_eq!(d.own_spacing(later, 10 * MS, MS), Some(3300 * MS));
+        assert_eq!(d.own_spacing(later, 10 * MS, MS), Some(3120 * MS));
         let long = later + WIDEN_AFTER + MS;
-        assert_eq!(d.own_spacing(long, 10 * MS, MS), Some(6600 * MS));
-        // ...or two clock errors exceed what the ceiling leaves above the guard...
-        assert_eq!(d.own_spacing(later, 60 * MS, 19 * MS), Some(3300 * MS));
-        assert_eq!(d.own_spacing(later, 60 * MS, 21 * MS), Some(6600 * MS));
-        // ...which is at least half the floor, even with the guard at its ceiling.
-        assert_eq!(d.own_spacing(later, 100 * MS, 2 * MS), Some(3300 * MS));
-        assert_eq!(d.own_spacing(later, 100 * MS, 3 * MS), Some(6600 * MS));
+        assert_eq!(d.own_spacing(long, 10 * MS, MS), Some(6240 * MS));
+        // ...or two clock errors exceed what the grid's guard (40 ms) leaves above the guard
+        // in force (30 ms here)...
+        assert_eq!(d.own_spacing(later, 10 * MS, 15 * MS), Some(3120 * MS));
+        assert_eq!(d.own_spacing(later, 10 * MS, 16 * MS), Some(6240 * MS));
+        // ...which is at least half the floor, even with the guard at the grid's.
+        assert_eq!(d.own_spacing(later, 40 * MS, 2 * MS), Some(3120 * MS));
+        assert_eq!(d.own_spacing(later, 40 * MS, 3 * MS), Some(6240 * MS));
+        // ...or when the guard learned since outgrows the grid's.
+        assert_eq!(
+            d.own_spacing(later, 41 * MS, Duration::ZERO),
+            Some(6240 * MS)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -368,5 +455,60 @@ mod tests {
         let placeless = Division::new(1000 * MS, (10 * MS, 100 * MS), 700 * MS, None);
         placeless.enter(t0);
         assert!(placeless.book(t0, far(t0), 10, 10 * MS, &c).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_grid_is_the_fleets_guard_plus_the_margin_fixed_for_the_spell() {
+        let t0 = Instant::now();
+        let d = replica(0, 3);
+        // Never heard from Redis: the floor (10 ms) plus the margin (30 ms).
+        assert_eq!(d.period(), 1040 * MS);
+        // The fleet's guard as Redis reported it, plus the margin, up to a 10 ms step:
+        // replicas holding 12 ms and 20 ms lay the same grid.
+        d.note_fleet_guard(12 * MS);
+        assert_eq!(d.period(), 1050 * MS);
+        d.note_fleet_guard(20 * MS);
+        assert_eq!(d.period(), 1050 * MS);
+        // Never below the floor's, never above the ceiling's.
+        d.note_fleet_guard(MS);
+        assert_eq!(d.period(), 1040 * MS);
+        d.note_fleet_guard(80 * MS);
+        assert_eq!(d.period(), 1100 * MS);
+        // Fixed when the spell starts: a late report does not move the grid under the
+        // replicas' feet; the next spell takes it.
+        d.note_fleet_guard(10 * MS);
+        d.enter(t0);
+        let c = clock(t0, 0);
+        let a = d.book(t0, far(t0), 100, 10 * MS, &c).unwrap().unwrap();
+        d.note_fleet_guard(50 * MS);
+        assert_eq!(d.period(), 1040 * MS);
+        let b = d.book(t0, far(t0), 100, 10 * MS, &c).unwrap().unwrap();
+        assert_eq!(b - a, 3120 * MS);
+        d.leave();
+        assert_eq!(d.period(), 1080 * MS);
+        d.enter(t0);
+        assert_eq!(d.own_spacing(t0, 50 * MS, MS), Some(3240 * MS));
+    }
+
+    /// Widening keeps a subset of a place's own positions, so replicas that widened and
+    /// replicas that did not never share one; once all have, no two used positions touch.
+    #[test]
+    fn widened_places_keep_their_own_positions_and_leave_gaps() {
+        for count in 1..=12u32 {
+            let mut used = Vec::new();
+            for index in 0..count {
+                let (cycle, own) = widening(index, count);
+                assert!(cycle >= 2 * i64::from(count));
+                assert_eq!(cycle % i64::from(count), 0);
+                assert_eq!(own.rem_euclid(i64::from(count)), i64::from(index));
+                used.extend((0..4).map(|k| own + k * cycle));
+            }
+            used.sort();
+            for pair in used.windows(2) {
+                assert!(pair[1] - pair[0] >= 2, "count {count}: {used:?}");
+            }
+        }
+        // Three places: one position in two.
+        assert_eq!(widening(1, 3), (6, 4));
     }
 }

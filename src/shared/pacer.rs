@@ -3,8 +3,8 @@
 //! fleet's guard after the last one booked by any replica and after any penalty; the replica
 //! puts the slot on its own clock through its best clock sample. Each booking reports the
 //! guard this replica learned and returns the fleet's (the largest reported in the last
-//! minute), which the replica adopts. In fallback, a local pacer at a share of the rate books
-//! instead. Penalties and holds are the pause mechanism's (`pause.rs`).
+//! minute), which the replica adopts. In fallback, time division's grid (`division.rs`) books
+//! instead, or without a place a local pacer at a share of the rate. Penalties and holds are the pause mechanism's (`pause.rs`).
 
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ pub(super) const BOOK: &str = include_str!("scripts/book.lua");
 
 /// How long a replica's report of its guard counts towards the fleet's: a replica that
 /// stopped booking (idle, or gone) stops holding the others' spacing up after this.
-const GUARD_HORIZON: Duration = Duration::from_secs(60);
+pub(super) const GUARD_HORIZON: Duration = Duration::from_secs(60);
 
 impl Pacer for Shared {
     fn interval(&self) -> Duration {
@@ -152,8 +152,9 @@ impl Shared {
 
     /// The fleet's guard, as the latest booking returned it, becomes a lower bound of this
     /// replica's (the metrics follow at once: the dispatcher updates them only when a call
-    /// ends).
+    /// ends), and what time division would lay its grid with (`division.rs`).
     fn adopt_fleet_guard(&self, fleet: Duration) {
+        self.division.note_fleet_guard(fleet);
         self.guard.note_fleet(fleet);
         let (guard, reason) = self.guard.snapshot();
         self.metrics
