@@ -13,7 +13,7 @@
 //!   renewing it: the replica died), resuming from the results in Redis.
 //!
 //! A replica that does not run a job reads it from Redis for `GET /jobs/{id}` and
-//! `DELETE /jobs/{id}`, and polls it every [`POLL`] to stream its results.
+//! `DELETE /jobs/{id}`, and polls it to stream its results (`reader.rs`).
 //!
 //! While Redis is out of reach no job item is started (its result could not be kept where
 //! the fleet sees it): jobs pause, lookups go on in fallback. A replica that dies loses no
@@ -27,7 +27,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::model::{ItemResult, JobId, JobRecord};
-use super::reader::{Lines, Reader, lines_of};
 use super::{Job, JobError, JobStatus, Jobs};
 use crate::lookup::pacing::PacingMode;
 use crate::lookup::validation::ClientId;
@@ -39,8 +38,6 @@ use crate::store::JobWrite;
 pub(super) const LEASE: Duration = Duration::from_secs(5);
 /// How often leases are renewed and lapsed ones looked for.
 const TICK: Duration = Duration::from_secs(1);
-/// How often a reader on another replica than the job's looks for new results.
-pub(super) const POLL: Duration = Duration::from_millis(500);
 
 /// The results a job already has, as written to a store.
 pub(super) fn answered(job: &Job) -> Vec<(u32, Vec<u8>)> {
@@ -136,21 +133,6 @@ impl Jobs {
             }
         }
         Ok(self.status_of(&job))
-    }
-
-    /// The lines of a job another replica runs, from Redis; `None` if it is gone.
-    pub(super) async fn remote_lines(
-        &self,
-        reader: &mut Reader,
-        render: &impl Fn(usize, &str, &ItemResult) -> String,
-    ) -> Option<Lines> {
-        self.fleet.as_ref()?;
-        match self.snapshot(reader.id, &reader.client).await {
-            Ok(job) => Some(lines_of(&job, reader, render)),
-            // Redis is out of reach: the stream waits for it.
-            Err(JobError::Unavailable) => Some(Lines::Wait),
-            Err(_) => None,
-        }
     }
 
     /// Keeps this replica's part of the fleet's jobs: writes, leases, takeovers. Runs until

@@ -3,9 +3,12 @@
 //! a job another replica runs is read from Redis, polled (`fleet.rs`).
 
 use super::model::{ItemResult, JobId};
-use super::{Job, JobError, Jobs, fleet};
+use super::{Job, JobError, Jobs};
 use crate::lookup::validation::ClientId;
 use tokio::sync::watch;
+
+/// How often a reader on another replica than the job's looks for new results.
+const POLL: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Jobs {
     /// A results reader: the lines of the job in submission order, as far as done.
@@ -63,8 +66,23 @@ impl Jobs {
                         reader.progress = None;
                     }
                 }
-                None => tokio::time::sleep(fleet::POLL).await,
+                None => tokio::time::sleep(POLL).await,
             }
+        }
+    }
+
+    /// The lines of a job another replica runs, from Redis; `None` if it is gone.
+    async fn remote_lines(
+        &self,
+        reader: &mut Reader,
+        render: &impl Fn(usize, &str, &ItemResult) -> String,
+    ) -> Option<Lines> {
+        self.fleet.as_ref()?;
+        match self.snapshot(reader.id, &reader.client).await {
+            Ok(job) => Some(lines_of(&job, reader, render)),
+            // Redis is out of reach: the stream waits for it.
+            Err(JobError::Unavailable) => Some(Lines::Wait),
+            Err(_) => None,
         }
     }
 }
