@@ -162,18 +162,7 @@ async fn refresh_ahead_keeps_a_hot_key_from_missing_without_delaying_callers() {
         })
     };
     // The hot key, for 10 s (more than three TTLs).
-    let until = tokio::time::Instant::now() + Duration::from_secs(10);
-    let mut lookups = 0;
-    while tokio::time::Instant::now() < until {
-        let reply = app.lookup(&hot, "000").await;
-        assert_eq!(
-            (reply.status, reply.x_cache()),
-            (200, "HIT"),
-            "the hot key missed after {lookups} lookups"
-        );
-        lookups += 1;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    hits_for(&app, &hot, Duration::from_secs(10)).await;
     let sent = callers.await.unwrap();
 
     let stats = app.assert_no_violations();
@@ -230,18 +219,7 @@ async fn refresh_ahead_goes_before_a_bulk_jobs_items() {
     assert_eq!(submitted.status(), 202);
 
     // The hot key, for 7 s (more than two TTLs).
-    let until = tokio::time::Instant::now() + Duration::from_secs(7);
-    let mut lookups = 0;
-    while tokio::time::Instant::now() < until {
-        let reply = app.lookup(&hot, "000").await;
-        assert_eq!(
-            (reply.status, reply.x_cache()),
-            (200, "HIT"),
-            "the hot key missed after {lookups} lookups"
-        );
-        lookups += 1;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    hits_for(&app, &hot, Duration::from_secs(7)).await;
     let job_calls = app
         .metric("score_proxy_background_lookups_total{outcome=\"fetched\",reason=\"job\"}")
         .await;
@@ -258,4 +236,20 @@ async fn refresh_ahead_goes_before_a_bulk_jobs_items() {
     );
     app.assert_no_violations();
     app.shutdown().await.unwrap();
+}
+
+/// Looks `hot` up every 20 ms for `how_long`, and asserts that every lookup is a hit.
+async fn hits_for(app: &TestApp, hot: &str, how_long: Duration) {
+    let until = tokio::time::Instant::now() + how_long;
+    let mut lookups = 0;
+    while tokio::time::Instant::now() < until {
+        let reply = app.lookup(hot, "000").await;
+        assert_eq!(
+            (reply.status, reply.x_cache()),
+            (200, "HIT"),
+            "the hot key missed after {lookups} lookups"
+        );
+        lookups += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

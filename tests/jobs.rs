@@ -55,6 +55,18 @@ async fn results(app: &TestApp, id: &str, client: &str, format: &str) -> (u16, S
     (reply.status().as_u16(), reply.text().await.unwrap())
 }
 
+/// The whole NDJSON results stream of `CLIENT`'s job (it ends when the job does): its
+/// lines parsed, and the body as read.
+async fn ndjson_results(app: &TestApp, id: &str) -> (Vec<Value>, String) {
+    let (code, body) = results(app, id, CLIENT, "ndjson").await;
+    assert_eq!(code, 200, "{body}");
+    let lines = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (lines, body)
+}
+
 /// The acceptance test: 60 CPFs, 10 invalid, 5 duplicated, 5 already cached. Every
 /// line right, one upstream call per distinct valid uncached CPF, no violation, no slot left
 /// unused while the job runs (and the budget used at 95 % or more even on a loaded machine),
@@ -106,12 +118,7 @@ async fn a_job_answers_every_line_with_one_call_per_distinct_uncached_cpf() {
         })
     };
 
-    let (code, body) = results(&app, &id, CLIENT, "ndjson").await;
-    assert_eq!(code, 200);
-    let lines: Vec<Value> = body
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (lines, _) = ndjson_results(&app, &id).await;
     assert_eq!(lines.len(), 60, "one line per CPF");
     for (i, line) in lines.iter().enumerate() {
         assert_eq!(line["index"], i);
@@ -396,12 +403,7 @@ async fn a_job_waits_out_an_open_breaker_and_goes_on_by_itself() {
     app.metric_reaches("score_proxy_breaker_state{state=\"open\"}", 1.0)
         .await;
     app.sim.sim().set_fault(score_sim::Fault::None);
-    let (code, body) = results(&app, &id, CLIENT, "ndjson").await;
-    assert_eq!(code, 200);
-    let lines: Vec<Value> = body
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (lines, body) = ndjson_results(&app, &id).await;
     assert_eq!(lines.len(), 10, "the job ended with every line");
     let failed = lines.iter().filter(|l| l["status"] != 200).count();
     assert_eq!(failed, 2, "the two calls that opened the breaker: {body}");
@@ -430,12 +432,7 @@ async fn an_item_cached_before_its_turn_is_counted_from_the_cache() {
     let last = &cpfs[7];
     assert_eq!(app.lookup(last, CLIENT).await.x_cache(), "MISS");
 
-    let (code, body) = results(&app, &id, CLIENT, "ndjson").await;
-    assert_eq!(code, 200);
-    let lines: Vec<Value> = body
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (lines, body) = ndjson_results(&app, &id).await;
     assert_eq!(lines.len(), 8, "{body}");
     for (i, line) in lines.iter().enumerate() {
         assert_eq!(line["status"], 200, "{line}");

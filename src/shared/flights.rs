@@ -204,15 +204,16 @@ impl Shared {
 
     /// Deletes this replica's lease on `tag` (if it still holds it).
     async fn give_up_lease(&self, tag: &str) {
-        let lease = self.lease_key(tag);
+        self.release_lease("release", self.lease_key(tag)).await;
+    }
+
+    /// Deletes the lease `key` if this replica still holds it ([`RELEASE`]): a flight's, or
+    /// a bulk job's (`jobs.rs`).
+    pub(super) async fn release_lease(&self, op: &'static str, key: String) {
         let id = self.replica_id.clone();
         let release = &self.release;
-        self.op("release", |mut c| async move {
-            release
-                .key(&lease)
-                .arg(&id)
-                .invoke_async::<i64>(&mut c)
-                .await
+        self.op(op, |mut c| async move {
+            release.key(&key).arg(&id).invoke_async::<i64>(&mut c).await
         })
         .await;
     }

@@ -331,17 +331,8 @@ impl Shared {
 
     /// Gives up this replica's lease on a job (if it still holds it).
     pub(crate) async fn job_release(&self, id: &[u8; 16]) {
-        let key = self.job_lease_key(&hex(id));
-        let replica = self.replica_id.clone();
-        let release = &self.release;
-        self.op("job_lease", |mut c| async move {
-            release
-                .key(&key)
-                .arg(&replica)
-                .invoke_async::<i64>(&mut c)
-                .await
-        })
-        .await;
+        self.release_lease("job_lease", self.job_lease_key(&hex(id)))
+            .await;
     }
 
     /// Resolves when a job was announced ended on `<prefix>:jobs:news` (by any replica,

@@ -105,18 +105,15 @@ impl Proxy {
         (reply.status().as_u16(), x_cache)
     }
 
+    /// The body of `GET path` (read whole: a results stream until its job ends).
+    pub async fn text(&self, path: &str) -> String {
+        let url = format!("http://{}{path}", self.addr);
+        let reply = self.client.get(url).send().await.unwrap();
+        reply.text().await.unwrap()
+    }
+
     pub async fn metric(&self, series: &str) -> f64 {
-        let url = format!("http://{}/metrics?format=prometheus", self.addr);
-        let text = self
-            .client
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        metric_value(&text, series)
+        metric_value(&self.text("/metrics?format=prometheus").await, series)
     }
 
     /// Waits until `series` reaches `value` (the writer's commits are the event to await).
@@ -208,16 +205,9 @@ impl Proxy {
 
     /// The job's whole results stream (it ends when the job does).
     pub async fn job_lines(&self, id: &str, client: &str) -> Vec<serde_json::Value> {
-        let url = format!("http://{}/jobs/{id}/results?client_id={client}", self.addr);
         let text = self
-            .client
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+            .text(&format!("/jobs/{id}/results?client_id={client}"))
+            .await;
         text.lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
