@@ -10,8 +10,9 @@
 //!
 //! Shutdown, in order: report not-ready and admit only lookups that can start within
 //! `shutdown-grace`; let every open connection finish the request it is on (no reset), and
-//! answer new connections `503` meanwhile; when the grace period ends, answer whatever still
-//! waits with `503` and close.
+//! answer new connections `503` meanwhile, and let the upstream calls under way end (a
+//! background lookup's call holds no connection); when the grace period ends, answer
+//! whatever still waits with `503` and close.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -149,6 +150,7 @@ impl Server {
             }
         };
         tokio::pin!(drained);
+        let grace_ends = tokio::time::Instant::now() + grace;
         if tokio::time::timeout(grace, &mut drained).await.is_err() {
             tracing::info!("grace period over: answering what still waits with 503");
             app.close();
@@ -161,6 +163,12 @@ impl Server {
                     accept.abort();
                 }
             }
+        } else if tokio::time::timeout_at(grace_ends, app.scheduler.calls_under_way_done())
+            .await
+            .is_err()
+        {
+            // Calls no connection waits for (background lookups) had the rest of the grace.
+            tracing::info!("grace period over: upstream calls still under way are cut off");
         }
         app.close();
         dispatcher.abort();

@@ -189,6 +189,12 @@ impl Flight {
         matches!(*self.state.borrow(), FlightState::Done(_))
     }
 
+    /// Resolves once the flight has its answer.
+    pub(super) async fn done(&self) {
+        let mut state = self.state.subscribe();
+        let _ = state.wait_for(|s| matches!(s, FlightState::Done(_))).await;
+    }
+
     pub(super) fn is_admitting(&self) -> bool {
         matches!(*self.state.borrow(), FlightState::Admitting)
     }

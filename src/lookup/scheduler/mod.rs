@@ -228,6 +228,23 @@ impl Scheduler {
         self.lock().queue.next_deadline()
     }
 
+    /// Resolves once every upstream call under way now has ended. The drain waits for them
+    /// (within its grace): a background lookup (a refresh, a job's item) holds no connection
+    /// open, so without this its call would be cut off and its answer, budget already spent,
+    /// lost; a job would then call again for the item after the restart.
+    pub(crate) async fn calls_under_way_done(&self) {
+        let under_way: Vec<Arc<Flight>> = self
+            .lock()
+            .flights
+            .values()
+            .filter(|f| f.has_started() && !f.is_done())
+            .cloned()
+            .collect();
+        for flight in under_way {
+            flight.done().await;
+        }
+    }
+
     /// Shutdown has begun: from now on a lookup is admitted only if it can start by `until`.
     pub(crate) fn begin_drain(&self, until: Instant) {
         self.lock().draining_until = Some(until);
