@@ -146,6 +146,16 @@ impl App {
                 (None, Vec::new(), Vec::new())
             }
         };
+        // A restart right after a call: the first start keeps its spacing from that call.
+        if let Some((_, newest)) = warm.first()
+            && shared.is_none()
+        {
+            let since = newest.fetched_at.elapsed();
+            let interval = pacer.interval();
+            if since < interval {
+                pacer.start_after(Instant::now() + (interval - since));
+            }
+        }
         let cache = {
             let metrics = metrics.clone();
             let cache = LocalCache::revalidating(

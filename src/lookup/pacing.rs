@@ -95,6 +95,11 @@ pub trait Pacer: Send + Sync + 'static {
     /// The upstream penalised us: no start may be booked before `until`.
     fn penalize(&self, until: Instant) -> BoxFuture<'_, ()>;
 
+    /// No start before `until`: this process starts right after the one before it called
+    /// (the persistent store's newest answer says when), and its spacing could not be kept
+    /// otherwise. A shared schedule spans restarts already.
+    fn start_after(&self, _until: Instant) {}
+
     /// The end of the current penalty, as far as this process knows.
     fn penalty_until(&self) -> Option<Instant>;
 
@@ -226,6 +231,11 @@ fn ahead(wait: Duration, interval: Duration) -> u64 {
 }
 
 impl Pacer for LocalPacer {
+    fn start_after(&self, until: Instant) {
+        let mut state = self.lock();
+        state.next_free = Some(state.next_free.map_or(until, |n| n.max(until)));
+    }
+
     fn interval(&self) -> Duration {
         self.current_interval()
     }
